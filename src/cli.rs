@@ -1,0 +1,303 @@
+//! The command line (SPEC "Command line"): clap parses into `Cli`, `Paths::resolve` turns
+//! the path flags into a layout, each command runs, and `main` maps the result to an exit
+//! status in one place.
+
+use std::io::{BufReader, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::builder::FalseyValueParser;
+use clap::{Args, Parser, Subcommand};
+
+use crate::clock;
+use crate::config::{PathOverrides, Paths};
+use crate::db::{self, Synchronous};
+use crate::error::{Error, Result};
+use crate::foreman::{self, ForemanConfig};
+use crate::logging::{self, LogFormat};
+use crate::queue::{self, Catalog, Enqueuer, NewTask, When};
+use crate::registry::Registry;
+use crate::status;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "snapq",
+    version,
+    about = "Background tasks for one machine: a SQLite file is the queue, inotify wakes the foreman.",
+    after_help = "Every flag can also be set as SNAPQ_<FLAG> (e.g. SNAPQ_HOME, SNAPQ_WORKERS); \
+                  a flag wins over the environment.\n\
+                  Exit status: 0 success, 2 bad usage or input (nothing was written), 1 any other failure."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Directory holding the database, wake-up directory, pid file and telemetry
+    /// [default: $XDG_STATE_HOME/snapq, else ~/.local/state/snapq]
+    #[arg(long, env = "SNAPQ_HOME", global = true, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// The SQLite database (the queue) [default: HOME/snapq.sqlite3]
+    #[arg(long, env = "SNAPQ_DB", global = true, value_name = "FILE")]
+    pub db: Option<PathBuf>,
+    /// Directory whose new files wake the foreman; enqueuers must use the foreman's
+    /// (best on tmpfs, e.g. /run/snapq/wakeup) [default: HOME/wakeup]
+    #[arg(long, env = "SNAPQ_WAKEUP_DIR", global = true, value_name = "DIR")]
+    pub wakeup_dir: Option<PathBuf>,
+    /// The foreman's pid file [default: HOME/snapq.pid]
+    #[arg(long, env = "SNAPQ_PID_FILE", global = true, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+    /// Write no pid file (for supervisors that track the process themselves)
+    #[arg(long, env = "SNAPQ_NO_PID_FILE", global = true, value_parser = FalseyValueParser::new())]
+    pub no_pid_file: bool,
+    /// Directory for telemetry CSV files [default: HOME/telemetry]
+    #[arg(long, env = "SNAPQ_TELEMETRY_DIR", global = true, value_name = "DIR")]
+    pub telemetry_dir: Option<PathBuf>,
+    /// What a commit survives: `full` fsyncs every commit (survives power loss); `normal`
+    /// survives a crash of any process but power loss may roll back the last commits
+    #[arg(
+        long,
+        env = "SNAPQ_SYNCHRONOUS",
+        global = true,
+        value_enum,
+        default_value = "full"
+    )]
+    pub synchronous: Synchronous,
+    /// Log lines as text or JSON (for log shippers); filter with RUST_LOG
+    #[arg(
+        long,
+        env = "SNAPQ_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the foreman: claim due tasks and run them on a pool of worker threads
+    Run(RunArgs),
+    /// Add a task (or many, from JSON Lines) and wake the foreman; prints the id (or count)
+    Enqueue(EnqueueArgs),
+    /// Show whether a foreman is alive and what the queue holds
+    Status {
+        /// Print one JSON document
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the task names that can be enqueued, with their parameters
+    Tasks {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// At most this many tasks run at once
+    #[arg(long, env = "SNAPQ_WORKERS", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub workers: u16,
+    /// At most this many tasks claimed in one transaction
+    #[arg(long, env = "SNAPQ_BATCH", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
+    /// Seconds to wait for running tasks after SIGTERM/SIGINT before exiting anyway
+    #[arg(long, env = "SNAPQ_GRACEFUL_TIMEOUT", value_name = "SECS", default_value = "30",
+          value_parser = seconds, allow_negative_numbers = true)]
+    pub graceful_timeout: Duration,
+    /// Run every task that is due, wait for them, exit 0
+    #[arg(long)]
+    pub burst: bool,
+    /// Seconds between re-reads of the queue when no wake-up comes (tests raise it to
+    /// prove no wake-up is missed)
+    #[arg(long, env = "SNAPQ_SAFETY_INTERVAL", value_name = "SECS", hide = true,
+          default_value = "5", value_parser = seconds)]
+    pub safety_interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// The task's name (see `snapq tasks`)
+    #[arg(required_unless_present = "file")]
+    pub task: Option<String>,
+    /// Positional arguments, a JSON array: '[1, "a"]'
+    #[arg(long, value_name = "JSON_ARRAY", conflicts_with = "file")]
+    pub args: Option<String>,
+    /// Named arguments, a JSON object: '{"seconds": 2}'
+    #[arg(long, value_name = "JSON_OBJECT", conflicts_with = "file")]
+    pub kwargs: Option<String>,
+    /// Run no earlier than this many seconds from now (fractions allowed)
+    #[arg(long, value_name = "SECS", value_parser = seconds, allow_negative_numbers = true,
+          conflicts_with_all = ["at", "file"])]
+    pub delay: Option<Duration>,
+    /// Run no earlier than this RFC 3339 time (2026-11-23T18:00:00Z)
+    #[arg(long, value_name = "RFC3339", conflicts_with = "file")]
+    pub at: Option<String>,
+    /// Enqueue JSON Lines from a file (or - for stdin), all in one transaction:
+    /// {"task": "append", "args": [...], "kwargs": {...}, "delay": 1.5} a line
+    #[arg(long, value_name = "PATH|-", conflicts_with = "task")]
+    pub file: Option<String>,
+}
+
+fn seconds(text: &str) -> std::result::Result<Duration, String> {
+    clock::parse_seconds("duration", text).map_err(|e| e.to_string())
+}
+
+/// Parses the command line, runs the command, maps the outcome to an exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.global.log_format);
+    logging::log_panics();
+    match execute(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "snapq: error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+pub fn execute(cli: Cli) -> Result<()> {
+    let g = &cli.global;
+    let paths = Paths::resolve(&PathOverrides {
+        home: g.home.clone(),
+        db: g.db.clone(),
+        wakeup_dir: g.wakeup_dir.clone(),
+        pid_file: g.pid_file.clone(),
+        no_pid_file: g.no_pid_file,
+        telemetry_dir: g.telemetry_dir.clone(),
+    })?;
+    match cli.command {
+        Command::Run(args) => run(&paths, g.synchronous, &args),
+        Command::Enqueue(args) => enqueue(&paths, g.synchronous, &args),
+        Command::Status { json } => show_status(&paths, g.synchronous, json),
+        Command::Tasks { json } => tasks(&paths, g.synchronous, json),
+    }
+}
+
+fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
+    let config = ForemanConfig {
+        db: paths.db.clone(),
+        wakeup_dir: paths.wakeup_dir.clone(),
+        pid_file: paths.pid_file.clone(),
+        synchronous,
+        workers: usize::from(args.workers),
+        batch: args.batch as usize,
+        graceful_timeout: args.graceful_timeout,
+        burst: args.burst,
+        safety_interval: args.safety_interval.max(Duration::from_millis(10)),
+    };
+    foreman::run(&config, Registry::with_builtins()).map(drop)
+}
+
+fn enqueue(paths: &Paths, synchronous: Synchronous, args: &EnqueueArgs) -> Result<()> {
+    if let Some(file) = &args.file {
+        let count = if file == "-" {
+            let mut q = Enqueuer::open(&paths.db, &paths.wakeup_dir, synchronous)?;
+            q.enqueue_lines(std::io::stdin().lock(), "stdin")?
+        } else {
+            let handle = std::fs::File::open(file).map_err(|e| Error::BadPath {
+                role: "input file",
+                path: file.into(),
+                problem: format!("cannot be read ({e})"),
+            })?;
+            let mut q = Enqueuer::open(&paths.db, &paths.wakeup_dir, synchronous)?;
+            q.enqueue_lines(BufReader::new(handle), file)?
+        };
+        return print(&format!("{count}\n"));
+    }
+    let name = args
+        .task
+        .as_deref()
+        .ok_or_else(|| Error::bad_input("usage", "give a TASK name or --file"))?;
+    // Everything that can be checked without the database is checked first.
+    let task_args = match &args.args {
+        Some(text) => queue::parse_json_arg("--args", text)?,
+        None => serde_json::Value::Array(Vec::new()),
+    };
+    let kwargs = match &args.kwargs {
+        Some(text) => queue::parse_json_arg("--kwargs", text)?,
+        None => serde_json::Value::Object(Default::default()),
+    };
+    let when = match (&args.delay, &args.at) {
+        (Some(delay), _) => When::After(*delay),
+        (None, Some(at)) => When::At(clock::parse_rfc3339_micros("--at", at)?),
+        (None, None) => When::Now,
+    };
+    let task = NewTask {
+        task: name.to_owned(),
+        args: task_args,
+        kwargs,
+        when,
+    };
+    let mut q = Enqueuer::open(&paths.db, &paths.wakeup_dir, synchronous)?;
+    let id = q.enqueue(&task)?;
+    print(&format!("{id}\n"))
+}
+
+fn show_status(paths: &Paths, synchronous: Synchronous, json: bool) -> Result<()> {
+    let status = if paths.db.exists() {
+        let conn = db::open(&paths.db, synchronous)?;
+        status::read(&conn, &paths.db)?
+    } else {
+        status::empty(&paths.db)
+    };
+    if json {
+        let doc = serde_json::to_string_pretty(&status)
+            .map_err(|e| Error::Runtime(format!("serialising the status: {e}")))?;
+        print(&format!("{doc}\n"))
+    } else {
+        print(&status.render())
+    }
+}
+
+fn tasks(paths: &Paths, synchronous: Synchronous, json: bool) -> Result<()> {
+    let mut catalog = Catalog::from_registry(&Registry::with_builtins());
+    if paths.db.exists() {
+        let conn = db::open(&paths.db, synchronous)?;
+        catalog.add_recorded(&conn)?;
+    }
+    if json {
+        let specs: Vec<_> = catalog.specs().collect();
+        let doc = serde_json::to_string_pretty(&specs)
+            .map_err(|e| Error::Runtime(format!("serialising the task list: {e}")))?;
+        return print(&format!("{doc}\n"));
+    }
+    let width = catalog.specs().map(|s| s.name.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for spec in catalog.specs() {
+        out.push_str(&format!(
+            "{:width$}  {}  {}\n",
+            spec.name,
+            spec.signature(),
+            spec.summary
+        ));
+    }
+    print(&out)
+}
+
+/// Writes to stdout; a closed stdout (a pipe into `head`) is not an error.
+fn print(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Io {
+            context: "writing to",
+            path: "stdout".into(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Whether stderr is a terminal (colour in logs).
+pub(crate) fn stderr_is_terminal() -> bool {
+    std::io::stderr().is_terminal()
+}

@@ -1,0 +1,99 @@
+//! Where things live (SPEC "Files and configuration"): the home directory and the paths
+//! under it, each of which a flag or `SNAPQ_*` variable can move.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The resolved file layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    pub home: PathBuf,
+    pub db: PathBuf,
+    pub wakeup_dir: PathBuf,
+    /// `None` with `--no-pid-file`.
+    pub pid_file: Option<PathBuf>,
+    pub telemetry_dir: PathBuf,
+}
+
+/// Overrides from the command line or environment (clap merges the two).
+#[derive(Debug, Clone, Default)]
+pub struct PathOverrides {
+    pub home: Option<PathBuf>,
+    pub db: Option<PathBuf>,
+    pub wakeup_dir: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub no_pid_file: bool,
+    pub telemetry_dir: Option<PathBuf>,
+}
+
+impl Paths {
+    pub fn resolve(o: &PathOverrides) -> Result<Paths> {
+        let home = match &o.home {
+            Some(home) => home.clone(),
+            None => default_home(
+                std::env::var_os("XDG_STATE_HOME").map(PathBuf::from),
+                std::env::var_os("HOME").map(PathBuf::from),
+            )?,
+        };
+        let under = |given: &Option<PathBuf>, name: &str| {
+            given.clone().unwrap_or_else(|| home.join(name))
+        };
+        Ok(Paths {
+            db: under(&o.db, "snapq.sqlite3"),
+            wakeup_dir: under(&o.wakeup_dir, "wakeup"),
+            pid_file: (!o.no_pid_file).then(|| under(&o.pid_file, "snapq.pid")),
+            telemetry_dir: under(&o.telemetry_dir, "telemetry"),
+            home,
+        })
+    }
+}
+
+/// `$XDG_STATE_HOME/snapq`, else `~/.local/state/snapq`. The XDG spec says a relative
+/// value is invalid and must be ignored.
+fn default_home(xdg_state: Option<PathBuf>, home: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(state) = xdg_state.filter(|p| p.is_absolute()) {
+        return Ok(state.join("snapq"));
+    }
+    match home.filter(|p| !p.as_os_str().is_empty()) {
+        Some(home) => Ok(home.join(".local/state/snapq")),
+        None => Err(Error::BadPath {
+            role: "home",
+            path: Path::new("~").to_owned(),
+            problem: "is unknown (neither XDG_STATE_HOME nor HOME is set); give --home or \
+                      SNAPQ_HOME"
+                .into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_xdg() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        assert_eq!(default_home(p("/state"), p("/root")).unwrap(), PathBuf::from("/state/snapq"));
+        assert_eq!(
+            default_home(p("relative"), p("/root")).unwrap(),
+            PathBuf::from("/root/.local/state/snapq")
+        );
+        assert!(default_home(None, None).is_err());
+    }
+
+    #[test]
+    fn overrides_win() {
+        let paths = Paths::resolve(&PathOverrides {
+            home: Some("/h".into()),
+            db: Some("/elsewhere/q.db".into()),
+            no_pid_file: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(paths.db, PathBuf::from("/elsewhere/q.db"));
+        assert_eq!(paths.wakeup_dir, PathBuf::from("/h/wakeup"));
+        assert_eq!(paths.pid_file, None);
+        assert_eq!(paths.telemetry_dir, PathBuf::from("/h/telemetry"));
+    }
+}

@@ -1,0 +1,241 @@
+//! Opening the database: the one function that every connection goes through. It refuses
+//! what it must not touch (a directory, a corrupt file, a newer schema) before it writes
+//! anything, sets each pragma and reads it back (SQLite ignores a misspelt pragma in
+//! silence), and applies the embedded migrations in order by `PRAGMA user_version`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+use crate::error::{Error, Result};
+
+/// The schema, in order. The version of a database is the number of migrations applied.
+const MIGRATIONS: &[(&str, &str)] = &[("0001_queue", include_str!("../migrations/0001_queue.sql"))];
+
+/// The schema version this build writes and understands.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// How long a writer waits for the write lock before it reports the database as busy.
+/// Four enqueuer processes and a foreman never come near it (tests/it/race.rs).
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a commit survives; `--synchronous`. Both run in WAL mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Synchronous {
+    /// Every commit is fsynced to the WAL: a committed enqueue or claim survives power
+    /// loss and an OS crash.
+    #[default]
+    Full,
+    /// Commits reach the OS but are fsynced only at checkpoints: they survive a crash or
+    /// `kill -9` of any process, but power loss may roll back the last commits (an enqueue
+    /// may vanish; a claimed task may be claimed again after the reboot).
+    Normal,
+}
+
+impl Synchronous {
+    fn pragma_value(self) -> i64 {
+        match self {
+            Synchronous::Full => 2,
+            Synchronous::Normal => 1,
+        }
+    }
+}
+
+/// Opens (creating if needed) the snapq database at `path`, verified and migrated.
+pub fn open(path: &Path, synchronous: Synchronous) -> Result<Connection> {
+    if path.is_dir() {
+        return Err(Error::BadPath {
+            role: "database",
+            path: path.to_owned(),
+            problem: "is a directory; give --db a file path (e.g. DIR/snapq.sqlite3)".into(),
+        });
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::BadPath {
+            role: "database directory",
+            path: parent.to_owned(),
+            problem: format!("cannot be created ({e}); choose a writable --home or --db"),
+        })?;
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(|e| Error::BadPath {
+        role: "database",
+        path: path.to_owned(),
+        problem: format!("cannot be opened ({e}); check the path and its permissions"),
+    })?;
+    conn.busy_handler(Some(busy_wait))
+        .map_err(Error::sqlite("setting the busy handler"))?;
+
+    // A read first: a file that is not a database fails here, before any write could
+    // touch it.
+    let found: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| refuse(path, e))?;
+    if found > SCHEMA_VERSION {
+        return Err(Error::SchemaTooNew {
+            path: path.to_owned(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(|e| refuse(path, e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::BadDatabase {
+            path: path.to_owned(),
+            reason: format!(
+                "cannot switch to WAL mode (journal mode is {mode}); WAL needs a local \
+                 file system with shared memory, not a network share"
+            ),
+        });
+    }
+    set_and_verify(&conn, "synchronous", synchronous.pragma_value())?;
+    migrate(&conn, path, found)?;
+    Ok(conn)
+}
+
+/// SQLite's default busy handler sleeps in steps that grow to 100 ms, so a writer that
+/// just missed the lock waits far longer than the lock is held (MEASUREMENTS.md: 0.2–0.9 s
+/// for single inserts). The foreman's and an enqueuer's transactions last microseconds,
+/// so short sleeps find the lock free much sooner.
+fn busy_wait(attempt: i32) -> bool {
+    const STEP_CAP: Duration = Duration::from_millis(1);
+    let step = Duration::from_micros(50 << attempt.clamp(0, 5)).min(STEP_CAP);
+    // Past the first few attempts each sleep is STEP_CAP long, so this bounds the total.
+    let max_attempts = (BUSY_TIMEOUT.as_micros() / STEP_CAP.as_micros()) as i32;
+    if attempt >= max_attempts {
+        return false;
+    }
+    std::thread::sleep(step);
+    true
+}
+
+fn refuse(path: &Path, e: rusqlite::Error) -> Error {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) | Some(ErrorCode::DatabaseCorrupt) => Error::BadDatabase {
+            path: path.to_owned(),
+            reason: "is not a SQLite database or is corrupt; move it aside (snapq creates a \
+                     new one) or give --db another path"
+                .into(),
+        },
+        Some(ErrorCode::ReadOnly) | Some(ErrorCode::CannotOpen) => Error::BadPath {
+            role: "database",
+            path: path.to_owned(),
+            problem: format!("cannot be written ({e}); check its permissions"),
+        },
+        _ => Error::Sqlite {
+            context: format!("opening {}", path.display()),
+            source: e,
+        },
+    }
+}
+
+fn set_and_verify(conn: &Connection, pragma: &str, value: i64) -> Result<()> {
+    conn.execute_batch(&format!("PRAGMA {pragma} = {value}"))
+        .map_err(Error::sqlite(format!("setting PRAGMA {pragma}")))?;
+    let read: i64 = conn
+        .query_row(&format!("PRAGMA {pragma}"), [], |r| r.get(0))
+        .map_err(Error::sqlite(format!("reading PRAGMA {pragma}")))?;
+    if read != value {
+        return Err(Error::Runtime(format!(
+            "PRAGMA {pragma} reads {read} after setting it to {value}"
+        )));
+    }
+    Ok(())
+}
+
+fn migrate(conn: &Connection, path: &Path, found: i64) -> Result<()> {
+    if found == SCHEMA_VERSION {
+        return Ok(());
+    }
+    // Two processes may open a fresh database at once: the write lock taken by BEGIN
+    // IMMEDIATE orders them, and the version is read again under it.
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(Error::sqlite("starting the migration"))?;
+    let result = (|| {
+        let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        for (index, (_name, sql)) in MIGRATIONS.iter().enumerate() {
+            let version = index as i64 + 1;
+            if version > current {
+                conn.execute_batch(sql)?;
+                conn.execute_batch(&format!("PRAGMA user_version = {version}"))?;
+            }
+        }
+        Ok::<_, rusqlite::Error>(())
+    })();
+    match result {
+        Ok(()) => conn
+            .execute_batch("COMMIT")
+            .map_err(Error::sqlite("committing the migration")),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(Error::BadDatabase {
+                path: path.to_owned(),
+                reason: format!(
+                    "is not a snapq database, or one damaged by hand: applying the schema \
+                     failed ({e}); give --db another path"
+                ),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_file_gets_wal_sync_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite3");
+        let conn = open(&path, Synchronous::Normal).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 1);
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        drop(conn);
+        // Opening again is a no-op migration.
+        open(&path, Synchronous::Full).unwrap();
+    }
+
+    #[test]
+    fn garbage_and_newer_files_are_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("junk.sqlite3");
+        let junk = b"this is not a database, just some bytes\n".repeat(200);
+        std::fs::write(&path, &junk).unwrap();
+        let err = open(&path, Synchronous::Full).unwrap_err();
+        assert!(matches!(err, Error::BadDatabase { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), junk);
+
+        let newer = dir.path().join("newer.sqlite3");
+        {
+            let c = Connection::open(&newer).unwrap();
+            c.execute_batch("PRAGMA user_version = 999").unwrap();
+        }
+        let before = std::fs::read(&newer).unwrap();
+        let err = open(&newer, Synchronous::Full).unwrap_err();
+        assert!(matches!(err, Error::SchemaTooNew { found: 999, .. }), "{err}");
+        assert_eq!(std::fs::read(&newer).unwrap(), before);
+    }
+
+    #[test]
+    fn directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = open(dir.path(), Synchronous::Full).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+}

@@ -1,0 +1,402 @@
+//! The foreman: one loop that claims due tasks, hands them to the worker pool, sleeps on
+//! wake-ups and due times, and stops on signals.
+//!
+//! # Invariants (numbered as in SPEC.md) and why they hold
+//!
+//! 1. **At most once.** `queue::claim` deletes rows in the statement that returns them, and
+//!    the loop asks for no more rows than it has free slots (`workers - running.len()`),
+//!    so a claimed row is committed as gone before it is handed to a worker, and never
+//!    waits in memory. A `kill -9` loses at most the tasks handed out and not finished:
+//!    at most `--workers`. Two foremen on one database serialise their claims on SQLite's
+//!    write lock; a row deleted by one is not there for the other.
+//! 2. **Nothing lost that had not started.** The first signal sets `stopping`, and the loop
+//!    claims only when not stopping. Unclaimed rows are never touched.
+//! 3. **Graceful deadline.** After the first signal `shut_down` waits on the completion
+//!    channel with a deadline of `--graceful-timeout`, logs every task still running by id
+//!    and name when it passes, and returns. A second signal ends the wait at once. Either
+//!    way `run` returns to its caller, so the pid file's guard removes the file.
+//! 4. **Pid file.** Taken (`pidfile::PidFile`, an flock) before anything else is started,
+//!    held until `run` returns.
+//! 5. **Wake-ups.** The watch (src/wakeup.rs) is started before the old wake files are
+//!    cleared and before the first claim, so a row committed at any time is either seen by
+//!    that first claim or followed by an event. The inotify thread removes a wake file
+//!    before it posts a token and the loop claims after taking the token. When no token
+//!    comes the loop still re-reads the queue every `safety_interval` (5 s): a writer that
+//!    forgot the file, or a lost event, costs at most that.
+//! 6. **Bounded threads.** `--workers` pool threads, started once, plus the inotify thread,
+//!    the signal thread and this one: `workers + 3`, whatever the number of tasks.
+//! 7. **Failures are contained.** Workers run tasks under `catch_unwind` and a guard that
+//!    always reports back (src/pool.rs); a row that cannot run (unknown name, bad
+//!    arguments) is reported as rejected — it was deleted when claimed, so it is never
+//!    retried.
+//! 8. **Single-threaded loop.** Claiming, dispatching, signal handling, scheduling and the
+//!    heartbeat happen here, on the thread that called `run`. The other threads only post to
+//!    channels: wake tokens, signal numbers, completions. `next_event` is the one place
+//!    that blocks. No lock is shared between threads; the loop's state is its own.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, bounded, select, unbounded};
+use rusqlite::{Connection, params};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::{Handle, Signals};
+
+use crate::clock::now_micros;
+use crate::db::{self, Synchronous};
+use crate::error::{Error, Result};
+use crate::pidfile::PidFile;
+use crate::pool::{Done, Outcome, Pool, round_ms};
+use crate::queue;
+use crate::registry::Registry;
+use crate::wakeup::Watch;
+
+/// How often the foreman writes its heartbeat row (`snapq status`).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The longest the foreman sits idle without re-reading the queue (invariant 5).
+pub const SAFETY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Everything `snapq run` needs, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct ForemanConfig {
+    pub db: PathBuf,
+    pub wakeup_dir: PathBuf,
+    /// `None` with `--no-pid-file`.
+    pub pid_file: Option<PathBuf>,
+    pub synchronous: Synchronous,
+    /// At most this many tasks run at once (≥ 1).
+    pub workers: usize,
+    /// At most this many rows per claim transaction (≥ 1).
+    pub batch: usize,
+    pub graceful_timeout: Duration,
+    /// Run what is due, wait for it, return.
+    pub burst: bool,
+    pub safety_interval: Duration,
+}
+
+/// What the loop reacts to. `next_event` returns one of these; bursts of completions are
+/// drained in the same turn.
+enum Event {
+    /// A wake-up token: rows may have been committed.
+    Wake,
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+    /// A worker finished a task.
+    Done(Done),
+    /// The deadline passed: a delayed task is due, a heartbeat or the safety re-read.
+    Timeout,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// `--burst`: nothing due was left.
+    Drained,
+    /// A signal, and every running task finished in time.
+    Gracefully,
+    /// A signal, and tasks were still running at the deadline or a second signal.
+    Abandoned { tasks: usize },
+}
+
+/// Counters over one run, for logs and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub succeeded: u64,
+    pub failed: u64,
+}
+
+/// Runs the foreman until a signal (or, with `burst`, until nothing is due).
+pub fn run(config: &ForemanConfig, registry: Registry) -> Result<(Stopped, Totals)> {
+    if config.workers == 0 || config.batch == 0 {
+        return Err(Error::bad_input("--workers/--batch", "must be at least 1"));
+    }
+    // Signals first: from here on SIGTERM is ours to handle, never the default death.
+    let signals = SignalThread::start()?;
+    let conn = db::open(&config.db, config.synchronous)?;
+    let _pid_file = config.pid_file.as_deref().map(PidFile::acquire).transpose()?;
+    let (watch, wake_rx) = Watch::start(&config.wakeup_dir)?;
+    watch.clear_backlog()?;
+    queue::record_task_types(&conn, &registry)?;
+    let started_at = now_micros();
+    let pid = std::process::id();
+    conn.execute(
+        "INSERT INTO foremen (pid, started_at, beat_at, workers, running) VALUES (?1, ?2, ?2, ?3, 0) \
+         ON CONFLICT (pid) DO UPDATE SET started_at = ?2, beat_at = ?2, workers = ?3, running = 0",
+        params![pid, started_at, config.workers as i64],
+    )
+    .map_err(Error::sqlite("recording the foreman"))?;
+
+    // Capacity = workers: each slot has at most one report outstanding (src/pool.rs).
+    let (done_tx, done_rx) = bounded::<Done>(config.workers);
+    let pool = Pool::start(config.workers, Arc::new(registry), done_tx)?;
+    tracing::info!(
+        pid,
+        workers = config.workers,
+        db = %config.db.display(),
+        wakeup_dir = %config.wakeup_dir.display(),
+        burst = config.burst,
+        "foreman ready"
+    );
+
+    let mut foreman = Foreman {
+        config,
+        conn,
+        pool: Some(pool),
+        wake_rx,
+        signal_rx: signals.rx.clone(),
+        done_rx,
+        running: HashMap::with_capacity(config.workers),
+        maybe_due: true,
+        next_due: None,
+        last_read: Instant::now(),
+        next_beat: Instant::now() + HEARTBEAT_INTERVAL,
+        totals: Totals::default(),
+    };
+    let result = foreman.run_loop();
+    if let Err(e) = foreman.conn.execute("DELETE FROM foremen WHERE pid = ?1", [pid]) {
+        tracing::warn!("could not remove this foreman's heartbeat row: {e}");
+    }
+    let totals = foreman.totals;
+    if let Some(pool) = foreman.pool.take() {
+        match result {
+            Ok(Stopped::Abandoned { .. }) => pool.abandon(),
+            _ => pool.join(),
+        }
+    }
+    drop(watch);
+    drop(signals);
+    let stopped = result?;
+    tracing::info!(?stopped, succeeded = totals.succeeded, failed = totals.failed, "foreman stopped");
+    Ok((stopped, totals))
+}
+
+struct Foreman<'a> {
+    config: &'a ForemanConfig,
+    /// The foreman's own connection: only this thread claims (invariant 8).
+    conn: Connection,
+    pool: Option<Pool>,
+    wake_rx: Receiver<()>,
+    signal_rx: Receiver<i32>,
+    done_rx: Receiver<Done>,
+    /// Tasks handed to workers and not yet reported: id → (name, start). Its length is
+    /// the number of busy slots.
+    running: HashMap<i64, (String, Instant)>,
+    /// False only after a claim came back short (no more due rows) and nothing since
+    /// suggested new ones: then completions need no claim query.
+    maybe_due: bool,
+    /// The due time of the earliest row not yet due, read when a claim came back short.
+    next_due: Option<i64>,
+    /// When the queue was last read (safety re-read, invariant 5).
+    last_read: Instant,
+    next_beat: Instant,
+    totals: Totals,
+}
+
+impl Foreman<'_> {
+    fn run_loop(&mut self) -> Result<Stopped> {
+        loop {
+            if self.maybe_due && self.running.len() < self.config.workers {
+                self.claim_and_dispatch()?;
+            }
+            if self.config.burst && !self.maybe_due && self.running.is_empty() {
+                return Ok(Stopped::Drained);
+            }
+            if Instant::now() >= self.next_beat {
+                self.beat();
+            }
+            match self.next_event(self.deadline()) {
+                Event::Wake => self.maybe_due = true,
+                Event::Done(done) => self.finished(done),
+                Event::Signal(signal) => return self.shut_down(signal),
+                Event::Timeout => {
+                    let due = self.next_due.is_some_and(|t| t <= now_micros());
+                    if due || self.last_read.elapsed() >= self.config.safety_interval {
+                        self.maybe_due = true;
+                    }
+                }
+            }
+            // Completions that arrived meanwhile free their slots before the next claim,
+            // so one claim fills them all.
+            while let Ok(done) = self.done_rx.try_recv() {
+                self.finished(done);
+            }
+        }
+    }
+
+    /// When the loop must wake up even if no event comes.
+    fn deadline(&self) -> Instant {
+        let now = Instant::now();
+        if self.maybe_due && self.running.len() < self.config.workers {
+            // There is work to claim: do not sleep.
+            return now;
+        }
+        let mut deadline = self.next_beat.min(self.last_read + self.config.safety_interval);
+        if let Some(due) = self.next_due {
+            let wait = Duration::from_micros(due.saturating_sub(now_micros()).max(0) as u64);
+            deadline = deadline.min(now + wait);
+        }
+        deadline
+    }
+
+    /// The one place that blocks.
+    fn next_event(&self, deadline: Instant) -> Event {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        select! {
+            recv(self.signal_rx) -> sig => sig.map_or(Event::Timeout, Event::Signal),
+            recv(self.done_rx) -> done => done.map_or(Event::Timeout, Event::Done),
+            recv(self.wake_rx) -> token => token.map_or(Event::Timeout, |()| Event::Wake),
+            default(timeout) => Event::Timeout,
+        }
+    }
+
+    fn claim_and_dispatch(&mut self) -> Result<()> {
+        let free = self.config.workers - self.running.len();
+        let asked = free.min(self.config.batch);
+        self.last_read = Instant::now();
+        let claimed = match queue::claim(&self.conn, now_micros(), asked) {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                // A busy or failing database: say so and try again shortly rather than die
+                // with tasks running.
+                tracing::error!("claiming tasks failed, retrying in 1 s: {e}");
+                self.maybe_due = false;
+                self.next_due = Some(now_micros() + 1_000_000);
+                return Ok(());
+            }
+        };
+        if claimed.len() < asked {
+            self.maybe_due = false;
+            self.next_due = queue::next_due(&self.conn).unwrap_or_else(|e| {
+                tracing::error!("reading the next due time failed: {e}");
+                Some(now_micros() + 1_000_000)
+            });
+        }
+        let Some(pool) = self.pool.as_ref() else {
+            return Err(Error::Runtime("the worker pool is gone".into()));
+        };
+        for task in claimed {
+            self.running
+                .insert(task.id, (task.task_name.clone(), Instant::now()));
+            pool.submit(task)?;
+        }
+        Ok(())
+    }
+
+    fn finished(&mut self, done: Done) {
+        self.running.remove(&done.id);
+        match done.outcome {
+            Outcome::Succeeded => self.totals.succeeded += 1,
+            _ => self.totals.failed += 1,
+        }
+    }
+
+    fn beat(&mut self) {
+        self.next_beat = Instant::now() + HEARTBEAT_INTERVAL;
+        let result = self
+            .conn
+            .prepare_cached("UPDATE foremen SET beat_at = ?1, running = ?2 WHERE pid = ?3")
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    now_micros(),
+                    self.running.len() as i64,
+                    std::process::id()
+                ])
+            });
+        if let Err(e) = result {
+            tracing::warn!("could not write the heartbeat: {e}");
+        }
+    }
+
+    /// Invariants 2 and 3: no more claims; wait for running tasks up to the deadline.
+    fn shut_down(&mut self, signal: i32) -> Result<Stopped> {
+        let deadline = Instant::now() + self.config.graceful_timeout;
+        tracing::info!(
+            signal,
+            running = self.running.len(),
+            "stopping: no new task starts; waiting up to {:.1} s for the running ones \
+             (a second signal stops at once)",
+            self.config.graceful_timeout.as_secs_f64()
+        );
+        while !self.running.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(self.abandon("the graceful timeout passed"));
+            }
+            if now >= self.next_beat {
+                self.beat();
+            }
+            let wait = deadline.min(self.next_beat).saturating_duration_since(now);
+            select! {
+                recv(self.done_rx) -> done => match done {
+                    Ok(done) => self.finished(done),
+                    Err(_) => return Err(Error::Runtime("every worker thread died".into())),
+                },
+                recv(self.signal_rx) -> _ => return Ok(self.abandon("a second signal came")),
+                default(wait) => {}
+            }
+        }
+        Ok(Stopped::Gracefully)
+    }
+
+    fn abandon(&self, why: &str) -> Stopped {
+        for (id, (task, started)) in &self.running {
+            tracing::warn!(
+                id,
+                task = task.as_str(),
+                running_ms = round_ms(started.elapsed()),
+                "{why}: exiting with this task unfinished"
+            );
+        }
+        Stopped::Abandoned {
+            tasks: self.running.len(),
+        }
+    }
+}
+
+/// The signal path only records and pokes (STYLE 3): signal-hook's handler writes to a
+/// self-pipe, this thread reads it and forwards the number to the loop's channel.
+struct SignalThread {
+    rx: Receiver<i32>,
+    handle: Handle,
+    /// Joined on drop, after `handle.close()` ends its iteration.
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SignalThread {
+    fn start() -> Result<SignalThread> {
+        let mut signals = Signals::new([SIGTERM, SIGINT])
+            .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;
+        let handle = signals.handle();
+        // Unbounded, but it carries one message per signal received.
+        let (tx, rx) = unbounded();
+        let thread = std::thread::Builder::new()
+            .name("snapq-signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    if tx.send(signal).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| Error::Runtime(format!("cannot start the signal thread: {e}")))?;
+        Ok(SignalThread {
+            rx,
+            handle,
+            thread: Some(thread),
+        })
+    }
+
+}
+
+impl Drop for SignalThread {
+    fn drop(&mut self) {
+        self.handle.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! snapq: background tasks for one machine. A SQLite file is the queue; a single-threaded
+//! foreman claims due tasks and runs them on a bounded pool of worker threads, woken
+//! through inotify by whoever enqueues. See ARCHITECTURE.md for the map.
+//!
+//! A program with tasks of its own registers them and runs a foreman with them:
+//!
+//! ```no_run
+//! use snapq::registry::{Kind, Param, Registry, TaskSpec};
+//! let mut registry = Registry::with_builtins();
+//! registry.register(
+//!     TaskSpec {
+//!         name: "greet".into(),
+//!         summary: "prints a greeting".into(),
+//!         params: vec![Param::required("who", Kind::String)],
+//!     },
+//!     |_ctx, args| {
+//!         println!("hello, {}", args.str("who").unwrap_or("world"));
+//!         Ok(())
+//!     },
+//! );
+//! ```
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod foreman;
+pub mod logging;
+pub mod pidfile;
+pub mod pool;
+pub mod queue;
+pub mod registry;
+pub mod status;
+pub mod wakeup;
+
+pub use error::{Error, Result};
+pub use foreman::{ForemanConfig, Stopped};
+pub use queue::{Enqueuer, NewTask, When};
+pub use registry::Registry;

@@ -1,0 +1,196 @@
+//! The worker pool: a fixed set of named threads, started once (invariant 6).
+//!
+//! The foreman sends a claimed task only when it counts a free slot, so the job channel
+//! never fills. Each task runs inside `catch_unwind` under a `Slot` guard whose `Drop`
+//! reports the outcome back to the foreman: a panic never leaks a slot (invariant 7).
+//! Workers never touch the queue (invariant 8): they get rows already claimed.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use serde_json::Value;
+
+use crate::clock::now_micros;
+use crate::error::{Error, Result};
+use crate::queue::Claimed;
+use crate::registry::{Registry, TaskContext};
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded,
+    /// The task returned an error.
+    Failed(String),
+    /// The task panicked.
+    Panicked(String),
+    /// The row could not be run: unknown name or arguments that do not bind.
+    Rejected(String),
+}
+
+/// A finished task, as reported to the foreman.
+#[derive(Debug)]
+pub struct Done {
+    pub id: i64,
+    pub outcome: Outcome,
+    pub duration: Duration,
+}
+
+pub(crate) struct Pool {
+    /// Claimed tasks to the workers. Capacity = worker count; the foreman sends only when
+    /// it has a free slot, so a send never blocks. `None` once the pool is shutting down.
+    jobs: Option<Sender<Claimed>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    /// Starts `workers` threads named `snapq-worker-N`; each reports finished tasks on
+    /// `done` (whose capacity must be at least `workers`, one outstanding report a slot).
+    pub fn start(workers: usize, registry: Arc<Registry>, done: Sender<Done>) -> Result<Pool> {
+        let (jobs_tx, jobs_rx) = bounded::<Claimed>(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for n in 0..workers {
+            let jobs = jobs_rx.clone();
+            let registry = Arc::clone(&registry);
+            let done = done.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("snapq-worker-{n}"))
+                .spawn(move || work(&jobs, &registry, &done))
+                .map_err(|e| Error::Runtime(format!("cannot start worker thread {n}: {e}")))?;
+            handles.push(handle);
+        }
+        Ok(Pool {
+            jobs: Some(jobs_tx),
+            handles,
+        })
+    }
+
+    /// Hands a claimed task to a free worker. The caller guarantees a free slot.
+    pub fn submit(&self, task: Claimed) -> Result<()> {
+        let jobs = self
+            .jobs
+            .as_ref()
+            .ok_or_else(|| Error::Runtime("the worker pool is shut down".into()))?;
+        jobs.try_send(task).map_err(|e| {
+            let why = e.to_string();
+            Error::Runtime(format!(
+                "no free worker for task {} although a slot was counted free: {why}",
+                e.into_inner().id
+            ))
+        })
+    }
+
+    /// Closes the job channel and joins every worker. Call it only when no task runs.
+    pub fn join(mut self) {
+        self.jobs = None;
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
+    }
+
+    /// Leaves the workers running (tasks past the graceful deadline); they end with the
+    /// process.
+    pub fn abandon(mut self) {
+        self.jobs = None;
+        self.handles.clear();
+    }
+}
+
+fn work(jobs: &Receiver<Claimed>, registry: &Registry, done: &Sender<Done>) {
+    while let Ok(task) = jobs.recv() {
+        let mut slot = Slot {
+            done,
+            id: task.id,
+            name: None,
+            started: Instant::now(),
+            // Stays Panicked only if something below unwinds past catch_unwind.
+            outcome: Outcome::Panicked("the worker unwound outside the task".into()),
+        };
+        slot.outcome = run_one(&task, registry, &mut slot.name);
+    }
+}
+
+fn run_one(task: &Claimed, registry: &Registry, name: &mut Option<Arc<str>>) -> Outcome {
+    let Some(entry) = registry.entry(&task.task_name) else {
+        return Outcome::Rejected(format!(
+            "unknown task {:?}; this foreman knows: {}",
+            task.task_name,
+            registry.names()
+        ));
+    };
+    *name = Some(Arc::clone(&entry.name));
+    let parse = |what: &str, text: &str| {
+        serde_json::from_str::<Value>(text)
+            .map_err(|e| format!("{what} {text:?} is not valid JSON: {e}"))
+    };
+    let bound = parse("args", &task.args)
+        .and_then(|args| Ok((args, parse("kwargs", &task.kwargs)?)))
+        .and_then(|(args, kwargs)| entry.spec.bind(&args, &kwargs).map_err(|e| e.to_string()));
+    let args = match bound {
+        Ok(args) => args,
+        Err(message) => return Outcome::Rejected(message),
+    };
+    let ctx = TaskContext {
+        id: task.id,
+        name: Arc::clone(&entry.name),
+    };
+    let wait_ms = round_ms(Duration::from_micros(
+        now_micros().saturating_sub(task.created_at).max(0) as u64,
+    ));
+    tracing::info!(id = task.id, task = %entry.name, wait_ms, "task started");
+    match catch_unwind(AssertUnwindSafe(|| (entry.run)(&ctx, &args))) {
+        Ok(Ok(())) => Outcome::Succeeded,
+        Ok(Err(e)) => Outcome::Failed(e.to_string()),
+        Err(payload) => Outcome::Panicked(panic_message(payload.as_ref())),
+    }
+}
+
+/// Milliseconds to the microsecond, so log lines read `ms=0.183`, not `0.18254900000000002`.
+pub(crate) fn round_ms(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1e3
+}
+
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-text payload".into()
+    }
+}
+
+/// A worker slot in use. Dropping it — after the task, or while unwinding — logs the
+/// outcome and frees the slot by reporting to the foreman.
+struct Slot<'a> {
+    done: &'a Sender<Done>,
+    id: i64,
+    name: Option<Arc<str>>,
+    started: Instant,
+    outcome: Outcome,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let duration = self.started.elapsed();
+        let ms = round_ms(duration);
+        let id = self.id;
+        let task = self.name.as_deref().unwrap_or("?");
+        match &self.outcome {
+            Outcome::Succeeded => tracing::info!(id, task, ms, "task finished"),
+            Outcome::Failed(error) => tracing::warn!(id, task, ms, error, "task failed"),
+            Outcome::Panicked(error) => tracing::error!(id, task, ms, error, "task panicked"),
+            Outcome::Rejected(error) => {
+                tracing::error!(id, task, error, "task rejected and deleted, not retried")
+            }
+        }
+        // The foreman is gone only if it abandoned us at its deadline.
+        let _ = self.done.send(Done {
+            id,
+            outcome: std::mem::replace(&mut self.outcome, Outcome::Succeeded),
+            duration,
+        });
+    }
+}

@@ -1,0 +1,354 @@
+//! The task registry: names, declared parameters and the functions that run them.
+//!
+//! Arguments are bound against the declared parameters twice: by the enqueuer, before
+//! anything is written (so bad input exits 2 and stores nothing), and by the worker that
+//! runs the task (a row written by another program may carry anything, invariant 7).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// The JSON type a parameter accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Any JSON number.
+    Number,
+    /// A JSON string.
+    String,
+    /// `true` or `false`.
+    Bool,
+    /// Anything at all.
+    Any,
+}
+
+impl Kind {
+    fn accepts(self, value: &Value) -> bool {
+        match self {
+            Kind::Number => value.is_number(),
+            Kind::String => value.is_string(),
+            Kind::Bool => value.is_boolean(),
+            Kind::Any => true,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Number => "number",
+            Kind::String => "string",
+            Kind::Bool => "bool",
+            Kind::Any => "any",
+        })
+    }
+}
+
+/// One declared parameter of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Param {
+    pub name: String,
+    pub kind: Kind,
+    pub required: bool,
+}
+
+impl Param {
+    pub fn required(name: &str, kind: Kind) -> Param {
+        Param {
+            name: name.to_owned(),
+            kind,
+            required: true,
+        }
+    }
+
+    pub fn optional(name: &str, kind: Kind) -> Param {
+        Param {
+            name: name.to_owned(),
+            kind,
+            required: false,
+        }
+    }
+}
+
+/// What a task is: its name, one line for `snapq tasks`, and its parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub name: String,
+    pub summary: String,
+    pub params: Vec<Param>,
+}
+
+impl TaskSpec {
+    /// Binds positional `args` (a JSON array) and `kwargs` (a JSON object) to the declared
+    /// parameters, checking count, names and types.
+    pub fn bind(&self, args: &Value, kwargs: &Value) -> Result<Args> {
+        let bad = |message: String| Error::BadArguments {
+            task: self.name.clone(),
+            message,
+        };
+        let positional = args
+            .as_array()
+            .ok_or_else(|| bad(format!("args must be a JSON array, not {args}")))?;
+        let named = kwargs
+            .as_object()
+            .ok_or_else(|| bad(format!("kwargs must be a JSON object, not {kwargs}")))?;
+        if positional.len() > self.params.len() {
+            return Err(bad(format!(
+                "{} positional arguments given, it takes at most {} ({})",
+                positional.len(),
+                self.params.len(),
+                self.signature()
+            )));
+        }
+        let mut bound = Map::new();
+        for (param, value) in self.params.iter().zip(positional) {
+            bound.insert(param.name.clone(), value.clone());
+        }
+        for (name, value) in named {
+            if !self.params.iter().any(|p| &p.name == name) {
+                return Err(bad(format!(
+                    "no parameter named {name:?} (it takes {})",
+                    self.signature()
+                )));
+            }
+            if bound.insert(name.clone(), value.clone()).is_some() {
+                return Err(bad(format!("{name:?} is given both by position and by name")));
+            }
+        }
+        for param in &self.params {
+            match bound.get(&param.name) {
+                None if param.required => {
+                    return Err(bad(format!(
+                        "missing required parameter {:?} (it takes {})",
+                        param.name,
+                        self.signature()
+                    )));
+                }
+                Some(value) if !param.kind.accepts(value) => {
+                    return Err(bad(format!(
+                        "{:?} must be a {}, not {value}",
+                        param.name, param.kind
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(Args(bound))
+    }
+
+    /// `{"seconds": number}` style, for messages and `snapq tasks`.
+    pub fn signature(&self) -> String {
+        let fields: Vec<String> = self
+            .params
+            .iter()
+            .map(|p| {
+                let optional = if p.required { "" } else { "?" };
+                format!("\"{}\"{optional}: {}", p.name, p.kind)
+            })
+            .collect();
+        format!("{{{}}}", fields.join(", "))
+    }
+}
+
+/// Arguments bound to a task's parameters, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Args(Map<String, Value>);
+
+impl Args {
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name)
+    }
+
+    pub fn f64(&self, name: &str) -> Option<f64> {
+        self.get(name).and_then(Value::as_f64)
+    }
+
+    pub fn str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(Value::as_str)
+    }
+}
+
+/// What a running task knows about itself.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    pub id: i64,
+    pub name: Arc<str>,
+}
+
+/// The error a task returns; any error type converts into it.
+pub type TaskError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The function that runs a task.
+pub type TaskFn = dyn Fn(&TaskContext, &Args) -> Result<(), TaskError> + Send + Sync;
+
+pub(crate) struct Entry {
+    pub spec: TaskSpec,
+    /// The name shared with every context and log line, allocated once.
+    pub name: Arc<str>,
+    pub run: Box<TaskFn>,
+}
+
+/// The tasks a foreman can run and an enqueuer may name.
+pub struct Registry {
+    entries: BTreeMap<String, Entry>,
+}
+
+impl Registry {
+    /// An empty registry, for programs that want none of the built-in tasks.
+    pub fn empty() -> Registry {
+        Registry {
+            entries: BTreeMap::new(),
+        }
+    }
+
+    /// The built-in tasks of SPEC: `noop`, `sleep`, `append`, `fail`, `panic`.
+    pub fn with_builtins() -> Registry {
+        let mut r = Registry::empty();
+        r.register(spec("noop", "does nothing (benchmarks, smoke checks)", vec![]), |_, _| Ok(()));
+        r.register(
+            spec(
+                "sleep",
+                "sleeps for the given seconds",
+                vec![Param::required("seconds", Kind::Number)],
+            ),
+            |_, args| {
+                let seconds = args.f64("seconds").unwrap_or(0.0);
+                let d = Duration::try_from_secs_f64(seconds)
+                    .map_err(|_| format!("cannot sleep {seconds} seconds"))?;
+                std::thread::sleep(d);
+                Ok(())
+            },
+        );
+        r.register(
+            spec(
+                "append",
+                "appends one line to a file, creating it if needed",
+                vec![
+                    Param::required("path", Kind::String),
+                    Param::required("line", Kind::String),
+                ],
+            ),
+            |_, args| {
+                let path = args.str("path").unwrap_or_default();
+                let line = args.str("line").unwrap_or_default();
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| format!("cannot open {path} for appending: {e}"))?;
+                // One write of the whole line: O_APPEND makes it land in one piece even
+                // when several workers append to the same file.
+                let mut buf = String::with_capacity(line.len() + 1);
+                buf.push_str(line);
+                buf.push('\n');
+                file.write_all(buf.as_bytes())
+                    .map_err(|e| format!("cannot append to {path}: {e}"))?;
+                Ok(())
+            },
+        );
+        r.register(
+            spec(
+                "fail",
+                "returns an error with the given message",
+                vec![Param::optional("message", Kind::String)],
+            ),
+            |_, args| Err(args.str("message").unwrap_or("failed on purpose").into()),
+        );
+        r.register(
+            spec(
+                "panic",
+                "panics with the given message (tests that a panic is contained)",
+                vec![Param::optional("message", Kind::String)],
+            ),
+            |_, args| panic!("{}", args.str("message").unwrap_or("panicked on purpose")),
+        );
+        r
+    }
+
+    /// Registers (or replaces) a task.
+    pub fn register<F>(&mut self, spec: TaskSpec, run: F)
+    where
+        F: Fn(&TaskContext, &Args) -> Result<(), TaskError> + Send + Sync + 'static,
+    {
+        let name: Arc<str> = Arc::from(spec.name.as_str());
+        self.entries.insert(
+            spec.name.clone(),
+            Entry {
+                spec,
+                name,
+                run: Box::new(run),
+            },
+        );
+    }
+
+    pub(crate) fn entry(&self, name: &str) -> Option<&Entry> {
+        self.entries.get(name)
+    }
+
+    pub fn spec(&self, name: &str) -> Option<&TaskSpec> {
+        self.entries.get(name).map(|e| &e.spec)
+    }
+
+    pub fn specs(&self) -> impl Iterator<Item = &TaskSpec> {
+        self.entries.values().map(|e| &e.spec)
+    }
+
+    pub fn names(&self) -> String {
+        let names: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+        names.join(", ")
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::with_builtins()
+    }
+}
+
+fn spec(name: &str, summary: &str, params: Vec<Param>) -> TaskSpec {
+    TaskSpec {
+        name: name.to_owned(),
+        summary: summary.to_owned(),
+        params,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn binding_checks_names_types_and_counts() {
+        let r = Registry::with_builtins();
+        let append = r.spec("append").unwrap();
+        let ok = append
+            .bind(&json!(["/tmp/x"]), &json!({"line": "hello"}))
+            .unwrap();
+        assert_eq!(ok.str("line"), Some("hello"));
+        assert!(append.bind(&json!([]), &json!({"path": "/tmp/x"})).is_err());
+        assert!(append.bind(&json!([1, "a"]), &json!({})).is_err());
+        assert!(append.bind(&json!(["a", "b", "c"]), &json!({})).is_err());
+        assert!(
+            append
+                .bind(&json!([]), &json!({"path": "a", "line": "b", "colour": 1}))
+                .is_err()
+        );
+        assert!(
+            append
+                .bind(&json!(["a"]), &json!({"path": "a", "line": "b"}))
+                .is_err()
+        );
+        assert!(append.bind(&json!({}), &json!({})).is_err());
+        let sleep = r.spec("sleep").unwrap();
+        assert!(sleep.bind(&json!(["1"]), &json!({})).is_err());
+        assert!(sleep.bind(&json!([0.5]), &json!({})).is_ok());
+    }
+}

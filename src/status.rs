@@ -1,0 +1,144 @@
+//! `snapq status`: what the queue holds and whether a foreman is alive, read from the
+//! database (the foremen's heartbeat rows) without talking to any foreman.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+use serde::Serialize;
+
+use crate::clock::{format_micros, now_micros};
+use crate::error::{Error, Result};
+use crate::pidfile::process_exists;
+use crate::queue;
+
+/// A heartbeat older than this means the foreman is gone (it beats every second).
+pub const STALE_AFTER_MICROS: i64 = 3_000_000;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub db: String,
+    pub foreman: Option<ForemanStatus>,
+    /// Every live foreman on this database (normally one).
+    pub foremen: Vec<ForemanStatus>,
+    pub tasks: TaskStatus,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ForemanStatus {
+    pub alive: bool,
+    pub pid: i64,
+    pub started_at: String,
+    pub uptime_seconds: f64,
+    pub last_beat_age_seconds: f64,
+    pub workers: i64,
+    pub running: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskStatus {
+    pub due: i64,
+    pub delayed: i64,
+    pub running: i64,
+    pub oldest_due_age_seconds: Option<f64>,
+    pub next_delayed_in_seconds: Option<f64>,
+}
+
+pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
+    let now = now_micros();
+    let counts = queue::counts(conn, now)?;
+    let mut stmt = conn
+        .prepare("SELECT pid, started_at, beat_at, workers, running FROM foremen ORDER BY started_at")
+        .map_err(Error::sqlite("reading foremen"))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })
+        .map_err(Error::sqlite("reading foremen"))?;
+    let mut foremen = Vec::new();
+    for row in rows {
+        let (pid, started_at, beat_at, workers, running) =
+            row.map_err(Error::sqlite("reading foremen"))?;
+        let alive = now - beat_at < STALE_AFTER_MICROS
+            && i32::try_from(pid).is_ok_and(process_exists);
+        if alive {
+            foremen.push(ForemanStatus {
+                alive,
+                pid,
+                started_at: format_micros(started_at),
+                uptime_seconds: seconds(now - started_at),
+                last_beat_age_seconds: seconds(now - beat_at),
+                workers,
+                running,
+            });
+        }
+    }
+    Ok(Status {
+        db: db_path.display().to_string(),
+        foreman: foremen.first().cloned(),
+        tasks: TaskStatus {
+            due: counts.due,
+            delayed: counts.delayed,
+            running: foremen.iter().map(|f| f.running).sum(),
+            oldest_due_age_seconds: counts.oldest_due.map(|t| seconds(now - t)),
+            next_delayed_in_seconds: counts.next_delayed.map(|t| seconds(t - now)),
+        },
+        foremen,
+    })
+}
+
+/// The status of a home where nothing was ever enqueued (no database file yet).
+pub fn empty(db_path: &Path) -> Status {
+    Status {
+        db: db_path.display().to_string(),
+        foreman: None,
+        foremen: Vec::new(),
+        tasks: TaskStatus {
+            due: 0,
+            delayed: 0,
+            running: 0,
+            oldest_due_age_seconds: None,
+            next_delayed_in_seconds: None,
+        },
+    }
+}
+
+fn seconds(micros: i64) -> f64 {
+    micros.max(0) as f64 / 1e6
+}
+
+impl Status {
+    /// The text `snapq status` prints.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        match &self.foreman {
+            Some(f) => out.push_str(&format!(
+                "foreman: running (pid {}, {} workers, up {:.0} s, last heartbeat {:.1} s ago)\n",
+                f.pid, f.workers, f.uptime_seconds, f.last_beat_age_seconds
+            )),
+            None => out.push_str("foreman: not running (start it with `snapq run`)\n"),
+        }
+        for other in self.foremen.iter().skip(1) {
+            out.push_str(&format!("also running: pid {}\n", other.pid));
+        }
+        let t = &self.tasks;
+        out.push_str(&format!("tasks due: {}\n", t.due));
+        out.push_str(&format!("tasks delayed: {}", t.delayed));
+        if let Some(next) = t.next_delayed_in_seconds {
+            out.push_str(&format!(" (next due in {next:.1} s)"));
+        }
+        out.push('\n');
+        out.push_str(&format!("tasks running: {}\n", t.running));
+        match t.oldest_due_age_seconds {
+            Some(age) => out.push_str(&format!("oldest due task: due {age:.3} s ago\n")),
+            None => out.push_str("oldest due task: none\n"),
+        }
+        out.push_str(&format!("database: {}\n", self.db));
+        out
+    }
+}
