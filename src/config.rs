@@ -36,9 +36,8 @@ impl Paths {
                 std::env::var_os("HOME").map(PathBuf::from),
             )?,
         };
-        let under = |given: &Option<PathBuf>, name: &str| {
-            given.clone().unwrap_or_else(|| home.join(name))
-        };
+        let under =
+            |given: &Option<PathBuf>, name: &str| given.clone().unwrap_or_else(|| home.join(name));
         Ok(Paths {
             db: under(&o.db, "snapq.sqlite3"),
             wakeup_dir: under(&o.wakeup_dir, "wakeup"),
@@ -74,7 +73,10 @@ mod tests {
     #[test]
     fn defaults_follow_xdg() {
         let p = |s: &str| Some(PathBuf::from(s));
-        assert_eq!(default_home(p("/state"), p("/root")).unwrap(), PathBuf::from("/state/snapq"));
+        assert_eq!(
+            default_home(p("/state"), p("/root")).unwrap(),
+            PathBuf::from("/state/snapq")
+        );
         assert_eq!(
             default_home(p("relative"), p("/root")).unwrap(),
             PathBuf::from("/root/.local/state/snapq")

@@ -135,7 +135,7 @@ fn refuse(path: &Path, e: rusqlite::Error) -> Error {
     }
 }
 
-fn set_and_verify(conn: &Connection, pragma: &str, value: i64) -> Result<()> {
+pub(crate) fn set_and_verify(conn: &Connection, pragma: &str, value: i64) -> Result<()> {
     conn.execute_batch(&format!("PRAGMA {pragma} = {value}"))
         .map_err(Error::sqlite(format!("setting PRAGMA {pragma}")))?;
     let read: i64 = conn
@@ -228,7 +228,10 @@ mod tests {
         }
         let before = std::fs::read(&newer).unwrap();
         let err = open(&newer, Synchronous::Full).unwrap_err();
-        assert!(matches!(err, Error::SchemaTooNew { found: 999, .. }), "{err}");
+        assert!(
+            matches!(err, Error::SchemaTooNew { found: 999, .. }),
+            "{err}"
+        );
         assert_eq!(std::fs::read(&newer).unwrap(), before);
     }
 

@@ -60,6 +60,18 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest the foreman sits idle without re-reading the queue (invariant 5).
 pub const SAFETY_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The foreman's SQLite page cache, in SQLite's unit (negative: KiB). Claims touch only
+/// the front of one index and the table, a few pages; the default 2 MiB filled up during a
+/// 50,000-task drain and was a third of the process's RSS (BENCHMARKS.md).
+const FOREMAN_CACHE_SIZE: i64 = -256;
+
+/// How long the loop polls for a completion before it sleeps, while it has a backlog and
+/// tasks running (see `WORKER_SPIN` in src/pool.rs for why polling pays here).
+const SPIN: Duration = Duration::from_micros(100);
+
+/// The longest `gather_completions` waits, whatever a claim costs.
+const MAX_GATHER: Duration = Duration::from_millis(2);
+
 /// Everything `snapq run` needs, resolved and validated.
 #[derive(Debug, Clone)]
 pub struct ForemanConfig {
@@ -117,7 +129,12 @@ pub fn run(config: &ForemanConfig, registry: Registry) -> Result<(Stopped, Total
     // Signals first: from here on SIGTERM is ours to handle, never the default death.
     let signals = SignalThread::start()?;
     let conn = db::open(&config.db, config.synchronous)?;
-    let _pid_file = config.pid_file.as_deref().map(PidFile::acquire).transpose()?;
+    db::set_and_verify(&conn, "cache_size", FOREMAN_CACHE_SIZE)?;
+    let _pid_file = config
+        .pid_file
+        .as_deref()
+        .map(PidFile::acquire)
+        .transpose()?;
     let (watch, wake_rx) = Watch::start(&config.wakeup_dir)?;
     watch.clear_backlog()?;
     queue::record_task_types(&conn, &registry)?;
@@ -154,10 +171,14 @@ pub fn run(config: &ForemanConfig, registry: Registry) -> Result<(Stopped, Total
         next_due: None,
         last_read: Instant::now(),
         next_beat: Instant::now() + HEARTBEAT_INTERVAL,
+        claim_cost: Duration::ZERO,
         totals: Totals::default(),
     };
     let result = foreman.run_loop();
-    if let Err(e) = foreman.conn.execute("DELETE FROM foremen WHERE pid = ?1", [pid]) {
+    if let Err(e) = foreman
+        .conn
+        .execute("DELETE FROM foremen WHERE pid = ?1", [pid])
+    {
         tracing::warn!("could not remove this foreman's heartbeat row: {e}");
     }
     let totals = foreman.totals;
@@ -170,7 +191,12 @@ pub fn run(config: &ForemanConfig, registry: Registry) -> Result<(Stopped, Total
     drop(watch);
     drop(signals);
     let stopped = result?;
-    tracing::info!(?stopped, succeeded = totals.succeeded, failed = totals.failed, "foreman stopped");
+    tracing::info!(
+        ?stopped,
+        succeeded = totals.succeeded,
+        failed = totals.failed,
+        "foreman stopped"
+    );
     Ok((stopped, totals))
 }
 
@@ -193,6 +219,8 @@ struct Foreman<'a> {
     /// When the queue was last read (safety re-read, invariant 5).
     last_read: Instant,
     next_beat: Instant,
+    /// What a claim transaction costs lately; bounds `gather_completions`.
+    claim_cost: Duration,
     totals: Totals,
 }
 
@@ -210,7 +238,12 @@ impl Foreman<'_> {
             }
             match self.next_event(self.deadline()) {
                 Event::Wake => self.maybe_due = true,
-                Event::Done(done) => self.finished(done),
+                Event::Done(done) => {
+                    self.finished(done);
+                    if self.maybe_due {
+                        self.gather_completions();
+                    }
+                }
                 Event::Signal(signal) => return self.shut_down(signal),
                 Event::Timeout => {
                     let due = self.next_due.is_some_and(|t| t <= now_micros());
@@ -234,7 +267,9 @@ impl Foreman<'_> {
             // There is work to claim: do not sleep.
             return now;
         }
-        let mut deadline = self.next_beat.min(self.last_read + self.config.safety_interval);
+        let mut deadline = self
+            .next_beat
+            .min(self.last_read + self.config.safety_interval);
         if let Some(due) = self.next_due {
             let wait = Duration::from_micros(due.saturating_sub(now_micros()).max(0) as u64);
             deadline = deadline.min(now + wait);
@@ -244,6 +279,15 @@ impl Foreman<'_> {
 
     /// The one place that blocks.
     fn next_event(&self, deadline: Instant) -> Event {
+        if self.maybe_due && !self.running.is_empty() {
+            let until = (Instant::now() + SPIN).min(deadline);
+            while Instant::now() < until {
+                if let Ok(done) = self.done_rx.try_recv() {
+                    return Event::Done(done);
+                }
+                std::thread::yield_now();
+            }
+        }
         let timeout = deadline.saturating_duration_since(Instant::now());
         select! {
             recv(self.signal_rx) -> sig => sig.map_or(Event::Timeout, Event::Signal),
@@ -253,11 +297,33 @@ impl Foreman<'_> {
         }
     }
 
+    /// With a backlog, every claim is a transaction (with `full`, an fsync), so claiming
+    /// for each freed slot alone wastes most of it on fixed cost. Wait for more completions,
+    /// but no longer than one claim costs: then the waiting never costs more than the
+    /// claim it saves (ski rental), and a slow task never holds up a free slot for long.
+    fn gather_completions(&mut self) {
+        let want = self.config.batch.min(self.config.workers);
+        let until = Instant::now() + self.claim_cost;
+        while !self.running.is_empty()
+            && self.config.workers - self.running.len() < want
+            && Instant::now() < until
+        {
+            match self.done_rx.try_recv() {
+                Ok(done) => self.finished(done),
+                Err(_) => std::thread::yield_now(),
+            }
+        }
+    }
+
     fn claim_and_dispatch(&mut self) -> Result<()> {
         let free = self.config.workers - self.running.len();
         let asked = free.min(self.config.batch);
-        self.last_read = Instant::now();
-        let claimed = match queue::claim(&self.conn, now_micros(), asked) {
+        let started = Instant::now();
+        self.last_read = started;
+        let claimed = queue::claim(&self.conn, now_micros(), asked);
+        // An exponentially weighted mean over the last ~8 claims.
+        self.claim_cost = (self.claim_cost * 7 + started.elapsed().min(MAX_GATHER)) / 8;
+        let claimed = match claimed {
             Ok(claimed) => claimed,
             Err(e) => {
                 // A busy or failing database: say so and try again shortly rather than die
@@ -268,6 +334,12 @@ impl Foreman<'_> {
                 return Ok(());
             }
         };
+        // A full claim means more is due: idle workers poll for their next job rather
+        // than sleep (src/pool.rs, WORKER_SPIN).
+        let Some(pool) = self.pool.as_ref() else {
+            return Err(Error::Runtime("the worker pool is gone".into()));
+        };
+        pool.set_backlog(claimed.len() == asked);
         if claimed.len() < asked {
             self.maybe_due = false;
             self.next_due = queue::next_due(&self.conn).unwrap_or_else(|e| {
@@ -275,9 +347,6 @@ impl Foreman<'_> {
                 Some(now_micros() + 1_000_000)
             });
         }
-        let Some(pool) = self.pool.as_ref() else {
-            return Err(Error::Runtime("the worker pool is gone".into()));
-        };
         for task in claimed {
             self.running
                 .insert(task.id, (task.task_name.clone(), Instant::now()));
@@ -389,7 +458,6 @@ impl SignalThread {
             thread: Some(thread),
         })
     }
-
 }
 
 impl Drop for SignalThread {

@@ -119,7 +119,9 @@ impl TaskSpec {
                 )));
             }
             if bound.insert(name.clone(), value.clone()).is_some() {
-                return Err(bad(format!("{name:?} is given both by position and by name")));
+                return Err(bad(format!(
+                    "{name:?} is given both by position and by name"
+                )));
             }
         }
         for param in &self.params {
@@ -211,7 +213,10 @@ impl Registry {
     /// The built-in tasks of SPEC: `noop`, `sleep`, `append`, `fail`, `panic`.
     pub fn with_builtins() -> Registry {
         let mut r = Registry::empty();
-        r.register(spec("noop", "does nothing (benchmarks, smoke checks)", vec![]), |_, _| Ok(()));
+        r.register(
+            spec("noop", "does nothing (benchmarks, smoke checks)", vec![]),
+            |_, _| Ok(()),
+        );
         r.register(
             spec(
                 "sleep",

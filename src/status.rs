@@ -47,7 +47,9 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
     let now = now_micros();
     let counts = queue::counts(conn, now)?;
     let mut stmt = conn
-        .prepare("SELECT pid, started_at, beat_at, workers, running FROM foremen ORDER BY started_at")
+        .prepare(
+            "SELECT pid, started_at, beat_at, workers, running FROM foremen ORDER BY started_at",
+        )
         .map_err(Error::sqlite("reading foremen"))?;
     let rows = stmt
         .query_map([], |r| {
@@ -64,8 +66,8 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
     for row in rows {
         let (pid, started_at, beat_at, workers, running) =
             row.map_err(Error::sqlite("reading foremen"))?;
-        let alive = now - beat_at < STALE_AFTER_MICROS
-            && i32::try_from(pid).is_ok_and(process_exists);
+        let alive =
+            now - beat_at < STALE_AFTER_MICROS && i32::try_from(pid).is_ok_and(process_exists);
         if alive {
             foremen.push(ForemanStatus {
                 alive,

@@ -1,0 +1,301 @@
+//! The core benchmark (issue 2): `cargo bench --bench core`.
+//!
+//! Reports, in one run:
+//! - drain rate of 50,000 `noop` tasks by the real binary (`snapq run --burst`, 4 workers)
+//!   with `--synchronous full` and `normal` (the median of three runs), its peak RSS and
+//!   peak thread count;
+//! - beside each, the raw SQLite claim rate with the same batch size and durability (the
+//!   limit the foreman's loop can approach);
+//! - wake-up latency (enqueue call → task start) p50/p99 over 200 single enqueues into an
+//!   idle foreman, with the wake-up directory on disk and on tmpfs.
+//!
+//! Each figure is printed beside its target, with the gap when a target is missed.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use snapq::db::{self, Synchronous};
+use snapq::foreman::{self, ForemanConfig};
+use snapq::registry::{Registry, TaskSpec};
+use snapq::{Enqueuer, NewTask};
+
+const BIN: &str = env!("CARGO_BIN_EXE_snapq");
+const TASKS: usize = 50_000;
+const WORKERS: usize = 4;
+const WAKEUPS: usize = 200;
+
+fn main() {
+    // `cargo bench` passes --bench; a filter argument is not supported.
+    let scratch = scratch_dir();
+    println!("snapq core benchmark ({} tasks, {WORKERS} workers)", TASKS);
+    println!("scratch: {} (disk), /dev/shm (tmpfs)", scratch.display());
+    println!();
+
+    let mut peak_rss_kib = 0;
+    for sync in [Synchronous::Normal, Synchronous::Full] {
+        let target = match sync {
+            Synchronous::Normal => 60_000.0,
+            Synchronous::Full => 20_000.0,
+        };
+        let drain = drain(&scratch, sync, "warn");
+        let limit = raw_claim_rate(&scratch, sync, WORKERS);
+        peak_rss_kib = peak_rss_kib.max(drain.peak_rss_kib);
+        println!(
+            "drain {sync:?}: {:>9.0} tasks/s  (raw claim limit, batch {WORKERS}: {:>9.0}/s, {:.0}% of it)  {}",
+            drain.rate,
+            limit,
+            100.0 * drain.rate / limit,
+            verdict(drain.rate, target, true, "tasks/s")
+        );
+        println!(
+            "      peak RSS {:.1} MiB, peak threads {}, wall {:.3} s",
+            drain.peak_rss_kib as f64 / 1024.0,
+            drain.max_threads,
+            drain.wall.as_secs_f64()
+        );
+    }
+    let logged = drain(&scratch, Synchronous::Normal, "info");
+    println!(
+        "drain Normal with default logging (info, one line per start and finish, to a pipe): {:.0} tasks/s",
+        logged.rate
+    );
+    println!(
+        "peak RSS over the drains: {:.1} MiB  {}",
+        peak_rss_kib as f64 / 1024.0,
+        verdict(peak_rss_kib as f64 / 1024.0, 8.0, false, "MiB")
+    );
+    println!();
+
+    for (place, wake_root) in [
+        ("disk", scratch.clone()),
+        ("tmpfs", PathBuf::from("/dev/shm")),
+    ] {
+        for sync in [Synchronous::Full, Synchronous::Normal] {
+            let mut lat = wakeup_latency(&scratch, &wake_root, sync);
+            lat.sort();
+            let p50 = percentile(&lat, 0.50);
+            let p99 = percentile(&lat, 0.99);
+            println!(
+                "wake-up {sync:?}, wake dir on {place}: p50 {:.3} ms {}, p99 {:.3} ms {}, max {:.3} ms",
+                ms(p50),
+                verdict(ms(p50), 1.0, false, "ms"),
+                ms(p99),
+                verdict(ms(p99), 2.5, false, "ms"),
+                ms(*lat.last().unwrap())
+            );
+        }
+    }
+}
+
+fn scratch_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-core");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn fresh_home(root: &Path, name: &str) -> PathBuf {
+    let home = root.join(name);
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).unwrap();
+    home
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((sorted.len() as f64) * p).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// "met" or "MISSED by N%".
+fn verdict(value: f64, target: f64, higher_is_better: bool, unit: &str) -> String {
+    let met = if higher_is_better {
+        value >= target
+    } else {
+        value <= target
+    };
+    let sign = if higher_is_better { "≥" } else { "≤" };
+    if met {
+        format!("[target {sign} {target} {unit}: met]")
+    } else {
+        let gap = 100.0 * (value - target).abs() / target;
+        format!("[target {sign} {target} {unit}: MISSED by {gap:.0}%]")
+    }
+}
+
+fn enqueue_noops(db: &Path, wakeup: &Path, count: usize) {
+    let mut q = Enqueuer::open(db, wakeup, Synchronous::Normal).unwrap();
+    let tasks = vec![NewTask::new("noop"); count];
+    assert_eq!(q.enqueue_many(&tasks).unwrap(), count);
+}
+
+struct Drain {
+    rate: f64,
+    wall: Duration,
+    peak_rss_kib: u64,
+    max_threads: u64,
+}
+
+/// The median-rate run of three.
+fn drain(scratch: &Path, sync: Synchronous, log: &str) -> Drain {
+    let mut runs: Vec<Drain> = (0..3).map(|_| drain_once(scratch, sync, log)).collect();
+    runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    runs.swap_remove(1)
+}
+
+/// Spawns `snapq run --burst` over TASKS pre-enqueued noops; the wall time includes the
+/// process start (a few ms). Peak RSS is the kernel's high-water mark (VmHWM), read every
+/// 2 ms while the process lives (wait4's ru_maxrss would count the benchmark's own pages
+/// shared with the child before exec).
+fn drain_once(scratch: &Path, sync: Synchronous, log: &str) -> Drain {
+    let home = fresh_home(scratch, "drain");
+    let db = home.join("snapq.sqlite3");
+    enqueue_noops(&db, &home.join("wakeup"), TASKS);
+    let sync_name = match sync {
+        Synchronous::Full => "full",
+        Synchronous::Normal => "normal",
+    };
+    let started = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["--home", home.to_str().unwrap(), "--synchronous", sync_name])
+        .args(["run", "--burst", "--workers", &WORKERS.to_string()])
+        .env("RUST_LOG", log)
+        .stdout(Stdio::null())
+        .stderr(if log == "warn" {
+            Stdio::inherit()
+        } else {
+            Stdio::piped()
+        })
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Drain a piped stderr so the child never blocks on it.
+    let drain_pipe = child.stderr.take().map(|mut stderr| {
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()))
+    });
+    // Relaxed: each has one writer (the sampler); the reader joins the sampler first.
+    let peaks = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let sampler = {
+        let peaks = Arc::clone(&peaks);
+        std::thread::spawn(move || {
+            while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                let field = |name: &str| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+                };
+                if let (Some(hwm), Some(threads)) = (field("VmHWM:"), field("Threads:")) {
+                    peaks.0.fetch_max(hwm, Ordering::Relaxed);
+                    peaks.1.fetch_max(threads, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let status = child.wait().unwrap();
+    let wall = started.elapsed();
+    assert!(status.success(), "the drain failed: {status}");
+    sampler.join().unwrap();
+    if let Some(t) = drain_pipe {
+        t.join().unwrap().unwrap();
+    }
+    let conn = db::open(&db, Synchronous::Normal).unwrap();
+    let left: i64 = conn
+        .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0, "the drain left tasks behind");
+    Drain {
+        rate: TASKS as f64 / wall.as_secs_f64(),
+        wall,
+        peak_rss_kib: peaks.0.load(Ordering::Relaxed),
+        max_threads: peaks.1.load(Ordering::Relaxed),
+    }
+}
+
+/// Claims TASKS rows in batches of `batch` with nothing else going on: the ceiling (the
+/// best of three runs).
+fn raw_claim_rate(scratch: &Path, sync: Synchronous, batch: usize) -> f64 {
+    (0..3)
+        .map(|_| raw_claim_once(scratch, sync, batch))
+        .fold(0.0, f64::max)
+}
+
+fn raw_claim_once(scratch: &Path, sync: Synchronous, batch: usize) -> f64 {
+    let home = fresh_home(scratch, "claim");
+    let db = home.join("snapq.sqlite3");
+    enqueue_noops(&db, &home.join("wakeup"), TASKS);
+    let conn = db::open(&db, sync).unwrap();
+    let now = snapq::clock::now_micros();
+    let started = Instant::now();
+    let mut claimed = 0;
+    while claimed < TASKS {
+        let got = snapq::queue::claim(&conn, now, batch).unwrap();
+        assert!(!got.is_empty());
+        claimed += got.len();
+    }
+    TASKS as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Runs a foreman in this process with a task that reports when it starts, enqueues one
+/// task at a time into it while it is idle, and returns enqueue-call → start latencies.
+fn wakeup_latency(scratch: &Path, wake_root: &Path, sync: Synchronous) -> Vec<Duration> {
+    let home = fresh_home(scratch, "wakeup");
+    let wakeup_dir = fresh_home(wake_root, "snapq-bench-wakeup");
+    let db = home.join("snapq.sqlite3");
+    let (started_tx, started_rx) = crossbeam_channel::unbounded::<Instant>();
+    let mut registry = Registry::with_builtins();
+    registry.register(
+        TaskSpec {
+            name: "stamp".into(),
+            summary: "reports its start time to the benchmark".into(),
+            params: vec![],
+        },
+        move |_, _| {
+            started_tx.send(Instant::now()).map_err(|e| e.to_string())?;
+            Ok(())
+        },
+    );
+    let config = ForemanConfig {
+        db: db.clone(),
+        wakeup_dir: wakeup_dir.clone(),
+        pid_file: None,
+        synchronous: sync,
+        workers: WORKERS,
+        batch: 100,
+        graceful_timeout: Duration::from_secs(5),
+        burst: false,
+        safety_interval: foreman::SAFETY_INTERVAL,
+    };
+    let foreman = std::thread::spawn(move || foreman::run(&config, registry));
+    // The foreman opens the database and records its task types; wait for that.
+    let mut q = loop {
+        if let Ok(q) = Enqueuer::open(&db, &wakeup_dir, sync) {
+            if q.catalog().specs().any(|s| s.name == "stamp") {
+                break q;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut latencies = Vec::with_capacity(WAKEUPS);
+    for _ in 0..WAKEUPS {
+        // Idle: the foreman is blocked waiting for an event.
+        std::thread::sleep(Duration::from_millis(5));
+        let before = Instant::now();
+        q.enqueue(&NewTask::new("stamp")).unwrap();
+        let started = started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        latencies.push(started - before);
+    }
+    // SAFETY: raise(3) sends SIGTERM to this process; the foreman's signal-hook handler
+    // (installed by foreman::run) turns it into a graceful stop instead of death.
+    unsafe { libc::raise(libc::SIGTERM) };
+    foreman.join().unwrap().unwrap();
+    latencies
+}

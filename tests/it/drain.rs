@@ -1,0 +1,79 @@
+//! At most once under `kill -9`, and bounded threads however many tasks pass.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use crate::support::{Home, append_lines, read_lines, wait_until};
+
+const WORKERS: usize = 4;
+
+/// Invariant 1: a drain of 20,000 `append` tasks, killed with SIGKILL again and again.
+/// No line may appear twice; at most `workers` tasks are lost per kill; a final `--burst`
+/// empties the queue.
+#[test]
+fn kill_9_during_a_drain_never_runs_a_task_twice() {
+    let home = Home::new();
+    let out = home.file("out.txt");
+    let total = 20_000;
+    assert_eq!(
+        home.enqueue_lines(&append_lines(&out, "t", 0..total)),
+        total
+    );
+    let line_len = "t-000000\n".len() as u64;
+    let lines_now = || std::fs::metadata(&out).map_or(0, |m| m.len() / line_len);
+
+    let mut kills = 0;
+    while lines_now() < (total as u64) * 9 / 10 && kills < 8 {
+        let before = lines_now();
+        let mut foreman = home.start(&["--workers", &WORKERS.to_string()]);
+        // Let it run tasks, then kill it in the middle of the drain.
+        assert!(
+            wait_until(Duration::from_secs(30), || lines_now() >= before + 1_500),
+            "the foreman ran no tasks:\n{}",
+            foreman.log_text()
+        );
+        foreman.kill9();
+        kills += 1;
+    }
+    assert!(kills >= 4, "only {kills} kills happened mid-drain");
+
+    let burst = home.ok(&["run", "--burst", "--workers", &WORKERS.to_string()]);
+    assert_eq!(burst, "");
+    assert_eq!(home.queued(), 0, "the queue is not empty after --burst");
+
+    let lines = read_lines(&out);
+    let unique: HashSet<&String> = lines.iter().collect();
+    assert_eq!(unique.len(), lines.len(), "a task ran twice");
+    let lost = total - unique.len();
+    assert!(
+        lost <= WORKERS * kills,
+        "{lost} tasks lost in {kills} kills; at most {} may be",
+        WORKERS * kills
+    );
+}
+
+/// Invariant 6: the thread count stays at most workers + 4 through 100,000 tasks.
+#[test]
+fn threads_stay_bounded_through_100k_tasks() {
+    let home = Home::new();
+    let total = 100_000;
+    let lines: String = "{\"task\":\"noop\"}\n".repeat(total);
+    assert_eq!(home.enqueue_lines(&lines), total);
+    let mut cmd = home.cmd();
+    cmd.env("RUST_LOG", "warn")
+        .args(["run", "--burst", "--workers", &WORKERS.to_string()]);
+    let mut foreman = crate::support::Foreman::spawn_unready(cmd);
+    let mut max_threads = 0;
+    let exited = wait_until(Duration::from_secs(120), || {
+        max_threads = max_threads.max(foreman.threads());
+        foreman.try_exit().is_some()
+    });
+    assert!(exited, "the burst did not finish");
+    assert!(foreman.exit.unwrap().success(), "{}", foreman.log_text());
+    assert_eq!(home.queued(), 0);
+    assert!(max_threads > 0, "never saw the process");
+    assert!(
+        max_threads <= WORKERS + 4,
+        "{max_threads} threads with {WORKERS} workers"
+    );
+}

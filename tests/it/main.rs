@@ -1,0 +1,11 @@
+//! Integration tests: the real `snapq` binary on a real SQLite file, real inotify and real
+//! signals. One crate, one binary to link (STYLE 12).
+#![allow(clippy::unwrap_used)]
+
+mod bad_input;
+mod delay;
+mod drain;
+mod pidfile;
+mod race;
+mod shutdown;
+mod support;
