@@ -339,18 +339,20 @@ impl Foreman<'_> {
         let Some(pool) = self.pool.as_ref() else {
             return Err(Error::Runtime("the worker pool is gone".into()));
         };
-        pool.set_backlog(claimed.len() == asked);
-        if claimed.len() < asked {
+        let short = claimed.len() < asked;
+        pool.set_backlog(!short);
+        for task in claimed {
+            self.running
+                .insert(task.id, (task.task_name.clone(), Instant::now()));
+            pool.submit(task)?;
+        }
+        // Read after dispatching, so the tasks already claimed do not wait for it.
+        if short {
             self.maybe_due = false;
             self.next_due = queue::next_due(&self.conn).unwrap_or_else(|e| {
                 tracing::error!("reading the next due time failed: {e}");
                 Some(now_micros() + 1_000_000)
             });
-        }
-        for task in claimed {
-            self.running
-                .insert(task.id, (task.task_name.clone(), Instant::now()));
-            pool.submit(task)?;
         }
         Ok(())
     }

@@ -77,3 +77,34 @@ fn threads_stay_bounded_through_100k_tasks() {
         "{max_threads} threads with {WORKERS} workers"
     );
 }
+
+/// Invariant 1 across processes: two foremen on one database (each with its own pid file)
+/// split a drain without running any task twice.
+#[test]
+fn two_foremen_on_one_database_never_share_a_task() {
+    let home = Home::new();
+    let out = home.file("out.txt");
+    let total = 5_000;
+    let start = |pid_file: &str| {
+        let mut cmd = home.cmd();
+        cmd.args(["--pid-file", home.file(pid_file).to_str().unwrap()])
+            .args(["run", "--workers", "2", "--log-format", "json"]);
+        crate::support::Foreman::spawn(cmd)
+    };
+    let a = start("a.pid");
+    let b = start("b.pid");
+    // Enqueued once both are ready, so both are woken by it.
+    home.enqueue_lines(&append_lines(&out, "t", 0..total));
+    assert!(
+        wait_until(Duration::from_secs(60), || read_lines(&out).len() >= total),
+        "{} of {total} ran",
+        read_lines(&out).len()
+    );
+    let lines = read_lines(&out);
+    let unique: HashSet<&String> = lines.iter().collect();
+    assert_eq!(lines.len(), total, "a task ran twice");
+    assert_eq!(unique.len(), total);
+    // Both took part.
+    assert!(!a.events("task finished").is_empty());
+    assert!(!b.events("task finished").is_empty());
+}

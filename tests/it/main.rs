@@ -6,6 +6,7 @@ mod bad_input;
 mod delay;
 mod drain;
 mod pidfile;
+mod protocol;
 mod race;
 mod shutdown;
 mod support;

@@ -1,0 +1,67 @@
+//! The wake-up protocol as README documents it for other languages: README's own Python
+//! and shell examples, run against a foreman that does not re-read the queue by itself.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::{Foreman, Home, read_lines, wait_until};
+
+/// The first fenced block of `lang` in README.md that contains `needle`.
+fn readme_block(lang: &str, needle: &str) -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let fence = format!("```{lang}\n");
+    readme
+        .split(&fence)
+        .skip(1)
+        .filter_map(|rest| rest.split("```").next())
+        .find(|block| block.contains(needle))
+        .unwrap_or_else(|| panic!("README.md has no ```{lang} block with {needle:?}"))
+        .to_owned()
+}
+
+/// A foreman on `HOME/.local/state/snapq`, the default home the examples write to, with
+/// the safety re-read out of reach so only the wake-up can start the task.
+fn foreman_on_default_home(home: &Home) -> Foreman {
+    let mut cmd = home.cmd();
+    cmd.env_remove("SNAPQ_HOME")
+        .env_remove("XDG_STATE_HOME")
+        .env("HOME", home.path())
+        .args(["run", "--log-format", "json", "--safety-interval", "600"]);
+    Foreman::spawn(cmd)
+}
+
+/// Runs README's `lang` example (found by `needle`) with `interpreter -c`, writing to a
+/// file of the test's own, and waits for the task it enqueued to write `line`.
+fn run_example(lang: &str, needle: &str, interpreter: &str, line: &str) {
+    let home = Home::new();
+    let foreman = foreman_on_default_home(&home);
+    let out = home.file("out.txt");
+    let code = readme_block(lang, needle).replace("/tmp/out.txt", out.to_str().unwrap());
+    let status = Command::new(interpreter)
+        .args(["-c", &code])
+        .env("HOME", home.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "README's {lang} example failed");
+    assert!(
+        wait_until(Duration::from_secs(5), || read_lines(&out) == [line]),
+        "the task did not run:\n{}",
+        foreman.log_text()
+    );
+}
+
+#[test]
+fn readme_python_example_enqueues_and_wakes() {
+    run_example("python", "O_EXCL", "python3", "from python");
+}
+
+#[test]
+fn readme_shell_example_enqueues_and_wakes() {
+    if Command::new("sqlite3").arg("--version").output().is_err() {
+        eprintln!("skipped: no sqlite3 command on this machine (apt-get install sqlite3)");
+        return;
+    }
+    run_example("sh", "touch", "bash", "from sh");
+}
