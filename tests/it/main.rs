@@ -5,6 +5,7 @@
 mod bad_input;
 mod delay;
 mod drain;
+mod library;
 mod pidfile;
 mod protocol;
 mod race;

@@ -65,3 +65,31 @@ fn readme_shell_example_enqueues_and_wakes() {
     }
     run_example("sh", "touch", "bash", "from sh");
 }
+
+/// Any file created in the wake-up directory wakes the foreman, and is removed.
+#[test]
+fn any_new_file_in_the_wakeup_directory_wakes_the_foreman() {
+    let home = Home::new();
+    let mut cmd = home.cmd();
+    cmd.args(["run", "--log-format", "json", "--safety-interval", "600"]);
+    let foreman = Foreman::spawn(cmd);
+    let out = home.file("out.txt");
+    let conn = home.conn();
+    for (i, name) in ["x-1", "another.name", "wake"].iter().enumerate() {
+        let line = format!("line-{i}");
+        conn.execute(
+            "INSERT INTO tasks (task_name, kwargs) VALUES ('append', ?1)",
+            [serde_json::json!({"path": out, "line": line}).to_string()],
+        )
+        .unwrap();
+        std::fs::write(home.file("wakeup").join(name), "").unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || read_lines(&out).len() == i + 1),
+            "a file named {name:?} did not wake the foreman:\n{}",
+            foreman.log_text()
+        );
+    }
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::fs::read_dir(home.file("wakeup")).unwrap().count() == 0
+    }));
+}

@@ -1,0 +1,96 @@
+//! A Rust program embedding snapq: its own task, enqueued through the library and through
+//! the CLI (which learns the task's parameters from what the foreman recorded).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use snapq::db::Synchronous;
+use snapq::foreman::{self, ForemanConfig, Stopped};
+use snapq::registry::{Kind, Param, Registry, TaskSpec};
+use snapq::{Enqueuer, NewTask};
+
+use crate::support::Home;
+
+#[test]
+fn a_program_runs_its_own_tasks() {
+    let home = Home::new();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let registry = || {
+        let mut registry = Registry::with_builtins();
+        let seen = Arc::clone(&seen);
+        registry.register(
+            TaskSpec {
+                name: "double".into(),
+                summary: "records twice its argument".into(),
+                params: vec![Param::required("n", Kind::Number)],
+            },
+            move |ctx, args| {
+                let n = args.f64("n").ok_or("n is missing")?;
+                seen.lock().unwrap().push((ctx.id, n * 2.0));
+                Ok(())
+            },
+        );
+        registry
+    };
+    let config = ForemanConfig {
+        db: home.db_path(),
+        wakeup_dir: home.file("wakeup"),
+        pid_file: None,
+        synchronous: Synchronous::Normal,
+        workers: 2,
+        batch: 10,
+        graceful_timeout: Duration::from_secs(5),
+        burst: true,
+        safety_interval: foreman::SAFETY_INTERVAL,
+    };
+
+    let mut q = Enqueuer::with_registry(
+        &config.db,
+        &config.wakeup_dir,
+        Synchronous::Normal,
+        &registry(),
+    )
+    .unwrap();
+    let id = q
+        .enqueue(&NewTask {
+            args: serde_json::json!([21]),
+            ..NewTask::new("double")
+        })
+        .unwrap();
+    let bad = q.enqueue(&NewTask {
+        args: serde_json::json!(["x"]),
+        ..NewTask::new("double")
+    });
+    assert!(bad.is_err(), "a string was accepted for a number");
+
+    let (stopped, totals) = foreman::run(&config, registry()).unwrap();
+    assert_eq!(stopped, Stopped::Drained);
+    assert_eq!((totals.succeeded, totals.failed), (1, 0));
+    assert_eq!(*seen.lock().unwrap(), vec![(id, 42.0)]);
+
+    // The foreman recorded its tasks: the CLI now knows `double` and its parameters.
+    let listed = home.ok(&["tasks"]);
+    assert!(
+        listed.contains("double") && listed.contains("\"n\": number"),
+        "{listed}"
+    );
+    home.ok(&["enqueue", "double", "--kwargs", "{\"n\": 5}"]);
+    let out = home.snapq(&["enqueue", "double", "--kwargs", "{\"n\": \"five\"}"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(home.queued(), 1);
+
+    // A `snapq run` without the task logs the row as rejected and deletes it (invariant 7).
+    let burst = home
+        .cmd()
+        .args(["run", "--burst", "--log-format", "json"])
+        .output()
+        .unwrap();
+    assert!(burst.status.success());
+    let log = String::from_utf8_lossy(&burst.stderr);
+    assert!(
+        log.contains("task rejected and deleted, not retried"),
+        "{log}"
+    );
+    assert!(log.contains("unknown task \\\"double\\\""), "{log}");
+    assert_eq!(home.queued(), 0);
+}
