@@ -6,6 +6,7 @@
 //!   peak thread count;
 //! - beside each, the raw SQLite claim rate with the same batch size and durability (the
 //!   limit the foreman's loop can approach);
+//! - the `normal` drain with telemetry on (the default) and `--no-telemetry`;
 //! - wake-up latency (enqueue call → task start) p50/p99 over 200 single enqueues into an
 //!   idle foreman, with the wake-up directory on disk and on tmpfs.
 //!
@@ -41,7 +42,7 @@ fn main() {
             Synchronous::Normal => 60_000.0,
             Synchronous::Full => 20_000.0,
         };
-        let drain = drain(&scratch, sync, "warn");
+        let drain = drain(&scratch, sync, "warn", &[]);
         let limit = raw_claim_rate(&scratch, sync, WORKERS);
         peak_rss_kib = peak_rss_kib.max(drain.peak_rss_kib);
         println!(
@@ -58,10 +59,24 @@ fn main() {
             drain.wall.as_secs_f64()
         );
     }
-    let logged = drain(&scratch, Synchronous::Normal, "info");
+    let logged = drain(&scratch, Synchronous::Normal, "info", &[]);
     println!(
         "drain Normal with default logging (info, one line per start and finish, to a pipe): {:.0} tasks/s",
         logged.rate
+    );
+    // Interleaved, so that the machine's drift hits both alike; medians of seven each.
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        on.push(drain_once(&scratch, Synchronous::Normal, "warn", &[]).rate);
+        off.push(drain_once(&scratch, Synchronous::Normal, "warn", &["--no-telemetry"]).rate);
+    }
+    on.sort_by(f64::total_cmp);
+    off.sort_by(f64::total_cmp);
+    let (on, off) = (on[3], off[3]);
+    let slower = 100.0 * (1.0 - on / off);
+    println!(
+        "drain Normal with telemetry {on:.0} tasks/s, with --no-telemetry {off:.0} tasks/s (medians of 7, interleaved): {slower:.1}% slower with it  {}",
+        verdict(slower, 5.0, false, "% slower")
     );
     println!(
         "peak RSS over the drains: {:.1} MiB  {}",
@@ -150,8 +165,10 @@ struct Drain {
 }
 
 /// The median-rate run of three.
-fn drain(scratch: &Path, sync: Synchronous, log: &str) -> Drain {
-    let mut runs: Vec<Drain> = (0..3).map(|_| drain_once(scratch, sync, log)).collect();
+fn drain(scratch: &Path, sync: Synchronous, log: &str, extra: &[&str]) -> Drain {
+    let mut runs: Vec<Drain> = (0..3)
+        .map(|_| drain_once(scratch, sync, log, extra))
+        .collect();
     runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
     runs.swap_remove(1)
 }
@@ -160,7 +177,7 @@ fn drain(scratch: &Path, sync: Synchronous, log: &str) -> Drain {
 /// process start (a few ms). Peak RSS is the kernel's high-water mark (VmHWM), read every
 /// 2 ms while the process lives (wait4's ru_maxrss would count the benchmark's own pages
 /// shared with the child before exec).
-fn drain_once(scratch: &Path, sync: Synchronous, log: &str) -> Drain {
+fn drain_once(scratch: &Path, sync: Synchronous, log: &str, extra: &[&str]) -> Drain {
     let home = fresh_home(scratch, "drain");
     let db = home.join("snapq.sqlite3");
     enqueue_noops(&db, &home.join("wakeup"), TASKS);
@@ -172,6 +189,7 @@ fn drain_once(scratch: &Path, sync: Synchronous, log: &str) -> Drain {
     let mut child = Command::new(BIN)
         .args(["--home", home.to_str().unwrap(), "--synchronous", sync_name])
         .args(["run", "--burst", "--workers", &WORKERS.to_string()])
+        .args(extra)
         .env("RUST_LOG", log)
         .stdout(Stdio::null())
         .stderr(if log == "warn" {
@@ -278,6 +296,7 @@ fn wakeup_latency(
         db: db.clone(),
         wakeup_dir: wakeup_dir.clone(),
         pid_file: None,
+        telemetry_dir: None,
         synchronous: sync,
         workers: WORKERS,
         batch: 100,

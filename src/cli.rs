@@ -18,6 +18,7 @@ use crate::foreman::{self, ForemanConfig};
 use crate::logging::{self, LogFormat};
 use crate::queue::{self, Catalog, Enqueuer, NewTask, When};
 use crate::registry::Registry;
+use crate::stats;
 use crate::status;
 
 #[derive(Debug, Parser)]
@@ -97,6 +98,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Summarise the telemetry: count, mean, p50, p95, p99, max per label, and the latest
+    /// resource figures
+    Stats {
+        /// Print one JSON document
+        #[arg(long)]
+        json: bool,
+        /// Only samples from this recent past: seconds, or with a unit (90s, 15m, 2h, 1d)
+        #[arg(long, value_name = "DURATION", value_parser = recent)]
+        since: Option<Duration>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +127,10 @@ pub struct RunArgs {
     /// Run every task that is due, wait for them, exit 0
     #[arg(long)]
     pub burst: bool,
+    /// Record no telemetry (task durations and waits, resource use) in the telemetry
+    /// directory
+    #[arg(long, env = "SNAPQ_NO_TELEMETRY", value_parser = FalseyValueParser::new())]
+    pub no_telemetry: bool,
     /// Seconds between re-reads of the queue when no wake-up comes (tests raise it to
     /// prove no wake-up is missed)
     #[arg(long, env = "SNAPQ_SAFETY_INTERVAL", value_name = "SECS", hide = true,
@@ -145,6 +160,16 @@ pub struct EnqueueArgs {
     /// {"task": "append", "args": [...], "kwargs": {...}, "delay": 1.5} a line
     #[arg(long, value_name = "PATH|-", conflicts_with = "task")]
     pub file: Option<String>,
+}
+
+/// `--since`: plain seconds, or a humantime duration (`15m`, `2h 30m`).
+fn recent(text: &str) -> std::result::Result<Duration, String> {
+    if let Ok(d) = clock::parse_seconds("--since", text) {
+        return Ok(d);
+    }
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("{text:?} is not a duration ({e}); write seconds (90) or e.g. 15m, 2h, 1d")
+    })
 }
 
 fn seconds(text: &str) -> std::result::Result<Duration, String> {
@@ -180,6 +205,7 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Enqueue(args) => enqueue(&paths, g.synchronous, &args),
         Command::Status { json } => show_status(&paths, g.synchronous, json),
         Command::Tasks { json } => tasks(&paths, g.synchronous, json),
+        Command::Stats { json, since } => show_stats(&paths, json, since),
     }
 }
 
@@ -188,6 +214,7 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         db: paths.db.clone(),
         wakeup_dir: paths.wakeup_dir.clone(),
         pid_file: paths.pid_file.clone(),
+        telemetry_dir: (!args.no_telemetry).then(|| paths.telemetry_dir.clone()),
         synchronous,
         workers: usize::from(args.workers),
         batch: args.batch as usize,
@@ -251,11 +278,18 @@ fn show_status(paths: &Paths, synchronous: Synchronous, json: bool) -> Result<()
         status::empty(&paths.db)
     };
     if json {
-        let doc = serde_json::to_string_pretty(&status)
-            .map_err(|e| Error::Runtime(format!("serialising the status: {e}")))?;
-        print(&format!("{doc}\n"))
+        print_json(&status)
     } else {
         print(&status.render())
+    }
+}
+
+fn show_stats(paths: &Paths, json: bool, since: Option<Duration>) -> Result<()> {
+    let stats = stats::read(&paths.telemetry_dir, since)?;
+    if json {
+        print_json(&stats)
+    } else {
+        print(&stats.render())
     }
 }
 
@@ -266,10 +300,7 @@ fn tasks(paths: &Paths, synchronous: Synchronous, json: bool) -> Result<()> {
         catalog.add_recorded(&conn)?;
     }
     if json {
-        let specs: Vec<_> = catalog.specs().collect();
-        let doc = serde_json::to_string_pretty(&specs)
-            .map_err(|e| Error::Runtime(format!("serialising the task list: {e}")))?;
-        return print(&format!("{doc}\n"));
+        return print_json(&catalog.specs().collect::<Vec<_>>());
     }
     let width = catalog.specs().map(|s| s.name.len()).max().unwrap_or(0);
     let mut out = String::new();
@@ -282,6 +313,13 @@ fn tasks(paths: &Paths, synchronous: Synchronous, json: bool) -> Result<()> {
         ));
     }
     print(&out)
+}
+
+/// Prints one pretty JSON document.
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    let doc = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Runtime(format!("serialising the output: {e}")))?;
+    print(&format!("{doc}\n"))
 }
 
 /// Writes to stdout; a closed stdout (a pipe into `head`) is not an error.

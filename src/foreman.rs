@@ -24,7 +24,8 @@
 //!    comes the loop still re-reads the queue every `safety_interval` (5 s): a writer that
 //!    forgot the file, or a lost event, costs at most that.
 //! 6. **Bounded threads.** `--workers` pool threads, started once, plus the inotify thread,
-//!    the signal thread and this one: `workers + 3`, whatever the number of tasks.
+//!    the signal thread, the telemetry thread (unless `--no-telemetry`) and this one:
+//!    `workers + 4`, whatever the number of tasks.
 //! 7. **Failures are contained.** Workers run tasks under `catch_unwind` and a guard that
 //!    always reports back (src/pool.rs); a row that cannot run (unknown name, bad
 //!    arguments) is reported as rejected — it was deleted when claimed, so it is never
@@ -52,6 +53,7 @@ use crate::pidfile::PidFile;
 use crate::pool::{Done, Outcome, Pool, round_ms};
 use crate::queue;
 use crate::registry::Registry;
+use crate::telemetry::{self, DUE_COUNT_CAP, QueueProbe};
 use crate::wakeup::Watch;
 
 /// How often the foreman writes its heartbeat row (`snapq status`).
@@ -60,9 +62,10 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest the foreman sits idle without re-reading the queue (invariant 5).
 pub const SAFETY_INTERVAL: Duration = Duration::from_secs(5);
 
-/// The foreman's SQLite page cache, in SQLite's unit (negative: KiB). Claims touch only
-/// the front of one index and the table, a few pages; the default 2 MiB filled up during a
-/// 50,000-task drain and was a third of the process's RSS (BENCHMARKS.md).
+/// The page cache of the foreman's connections (the loop's and the telemetry sampler's),
+/// in SQLite's unit (negative: KiB). Claims touch only the front of one index and the
+/// table, a few pages; the default 2 MiB filled up during a 50,000-task drain and was a
+/// third of the process's RSS (BENCHMARKS.md).
 const FOREMAN_CACHE_SIZE: i64 = -256;
 
 /// How long the loop polls for a completion before it sleeps, while it has a backlog and
@@ -79,6 +82,8 @@ pub struct ForemanConfig {
     pub wakeup_dir: PathBuf,
     /// `None` with `--no-pid-file`.
     pub pid_file: Option<PathBuf>,
+    /// Where telemetry CSV files go; `None` with `--no-telemetry`.
+    pub telemetry_dir: Option<PathBuf>,
     pub synchronous: Synchronous,
     /// At most this many tasks run at once (≥ 1).
     pub workers: usize,
@@ -147,9 +152,24 @@ pub fn run(config: &ForemanConfig, registry: Registry) -> Result<(Stopped, Total
     )
     .map_err(Error::sqlite("recording the foreman"))?;
 
+    let telemetry = match &config.telemetry_dir {
+        Some(dir) => {
+            let conn = db::open(&config.db, config.synchronous)?;
+            db::set_and_verify(&conn, "cache_size", FOREMAN_CACHE_SIZE)?;
+            let probe = QueueCounts { conn, pid };
+            Some(telemetry::Running::start(dir, Some(Box::new(probe)))?)
+        }
+        None => None,
+    };
+
     // Capacity = workers: each slot has at most one report outstanding (src/pool.rs).
     let (done_tx, done_rx) = bounded::<Done>(config.workers);
-    let pool = Pool::start(config.workers, Arc::new(registry), done_tx)?;
+    let pool = Pool::start(
+        config.workers,
+        Arc::new(registry),
+        done_tx,
+        telemetry.as_ref().map(|t| Arc::clone(t.telemetry())),
+    )?;
     tracing::info!(
         pid,
         workers = config.workers,
@@ -187,6 +207,11 @@ pub fn run(config: &ForemanConfig, registry: Registry) -> Result<(Stopped, Total
             Ok(Stopped::Abandoned { .. }) => pool.abandon(),
             _ => pool.join(),
         }
+    }
+    // After the pool is joined, so every finished task's samples are in (invariant 3's
+    // graceful path flushes them all).
+    if let Some(telemetry) = telemetry {
+        telemetry.stop();
     }
     drop(watch);
     drop(signals);
@@ -425,6 +450,28 @@ impl Foreman<'_> {
         Stopped::Abandoned {
             tasks: self.running.len(),
         }
+    }
+}
+
+/// The telemetry sampler's view of the queue, through a connection of its own (it runs on
+/// the telemetry thread): tasks due, and the running count this foreman's heartbeat wrote.
+struct QueueCounts {
+    conn: Connection,
+    pid: u32,
+}
+
+impl QueueProbe for QueueCounts {
+    fn due_and_running(&mut self) -> Option<(i64, i64)> {
+        let due = queue::count_due_capped(&self.conn, now_micros(), DUE_COUNT_CAP).ok()?;
+        let running = self
+            .conn
+            .query_row(
+                "SELECT running FROM foremen WHERE pid = ?1",
+                [self.pid],
+                |r| r.get(0),
+            )
+            .ok()?;
+        Some((due, running))
     }
 }
 

@@ -31,7 +31,9 @@ pub mod pidfile;
 pub mod pool;
 pub mod queue;
 pub mod registry;
+pub mod stats;
 pub mod status;
+pub mod telemetry;
 pub mod wakeup;
 
 pub use error::{Error, Result};

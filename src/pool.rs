@@ -18,6 +18,7 @@ use crate::clock::now_micros;
 use crate::error::{Error, Result};
 use crate::queue::Claimed;
 use crate::registry::{Registry, TaskContext};
+use crate::telemetry::{Label, Series, Telemetry};
 
 /// How a task ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,19 +60,29 @@ const WORKER_SPIN: Duration = Duration::from_millis(1);
 
 impl Pool {
     /// Starts `workers` threads named `snapq-worker-N`; each reports finished tasks on
-    /// `done` (whose capacity must be at least `workers`, one outstanding report a slot).
-    pub fn start(workers: usize, registry: Arc<Registry>, done: Sender<Done>) -> Result<Pool> {
+    /// `done` (whose capacity must be at least `workers`, one outstanding report a slot)
+    /// and records each task's wait and duration in `telemetry`, if given.
+    pub fn start(
+        workers: usize,
+        registry: Arc<Registry>,
+        done: Sender<Done>,
+        telemetry: Option<Arc<Telemetry>>,
+    ) -> Result<Pool> {
         let (jobs_tx, jobs_rx) = bounded::<Claimed>(workers);
         let mut handles = Vec::with_capacity(workers);
         let backlog = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared {
+            timing: telemetry.map(|t| Timing::new(t, &registry)),
+            registry,
+            done,
+            backlog: Arc::clone(&backlog),
+        });
         for n in 0..workers {
             let jobs = jobs_rx.clone();
-            let registry = Arc::clone(&registry);
-            let done = done.clone();
-            let backlog = Arc::clone(&backlog);
+            let shared = Arc::clone(&shared);
             let handle = std::thread::Builder::new()
                 .name(format!("snapq-worker-{n}"))
-                .spawn(move || work(&jobs, &registry, &done, &backlog))
+                .spawn(move || work(&jobs, &shared))
                 .map_err(|e| Error::Runtime(format!("cannot start worker thread {n}: {e}")))?;
             handles.push(handle);
         }
@@ -118,6 +129,43 @@ impl Pool {
     }
 }
 
+/// What every worker shares, read-only.
+struct Shared {
+    registry: Arc<Registry>,
+    done: Sender<Done>,
+    /// See `Pool::backlog`.
+    backlog: Arc<AtomicBool>,
+    timing: Option<Timing>,
+}
+
+/// Telemetry labels for each registered task, interned once at startup so that recording
+/// a sample costs no lookup or allocation.
+struct Timing {
+    telemetry: Arc<Telemetry>,
+    /// Indexed by `Entry::id`: (`task:<name>`, `wait:<name>`).
+    labels: Vec<(Label, Label)>,
+}
+
+impl Timing {
+    fn new(telemetry: Arc<Telemetry>, registry: &Registry) -> Timing {
+        let mut labels = vec![None; registry.len()];
+        for entry in registry.entries() {
+            labels[entry.id] = Some((
+                telemetry.label(&format!("task:{}", entry.name), Series::Duration),
+                telemetry.label(&format!("wait:{}", entry.name), Series::Duration),
+            ));
+        }
+        let fallback = telemetry.label("task:?", Series::Duration);
+        Timing {
+            labels: labels
+                .into_iter()
+                .map(|l| l.unwrap_or((fallback, fallback)))
+                .collect(),
+            telemetry,
+        }
+    }
+}
+
 /// The next job: polled for (yielding the CPU) while there is a backlog, then waited for.
 fn next_job(jobs: &Receiver<Claimed>, backlog: &AtomicBool) -> Option<Claimed> {
     let until = Instant::now() + WORKER_SPIN;
@@ -130,21 +178,23 @@ fn next_job(jobs: &Receiver<Claimed>, backlog: &AtomicBool) -> Option<Claimed> {
     jobs.recv().ok()
 }
 
-fn work(jobs: &Receiver<Claimed>, registry: &Registry, done: &Sender<Done>, backlog: &AtomicBool) {
-    while let Some(task) = next_job(jobs, backlog) {
+fn work(jobs: &Receiver<Claimed>, shared: &Shared) {
+    while let Some(task) = next_job(jobs, &shared.backlog) {
         let mut slot = Slot {
-            done,
+            done: &shared.done,
             id: task.id,
             name: None,
             started: Instant::now(),
             // Stays Panicked only if something below unwinds past catch_unwind.
             outcome: Outcome::Panicked("the worker unwound outside the task".into()),
+            timing: None,
         };
-        slot.outcome = run_one(&task, registry, &mut slot.name);
+        slot.outcome = run_one(&task, shared, &mut slot);
     }
 }
 
-fn run_one(task: &Claimed, registry: &Registry, name: &mut Option<Arc<str>>) -> Outcome {
+fn run_one<'a>(task: &Claimed, shared: &'a Shared, slot: &mut Slot<'a>) -> Outcome {
+    let registry = &shared.registry;
     let Some(entry) = registry.entry(&task.task_name) else {
         return Outcome::Rejected(format!(
             "unknown task {:?}; this foreman knows: {}",
@@ -152,7 +202,7 @@ fn run_one(task: &Claimed, registry: &Registry, name: &mut Option<Arc<str>>) -> 
             registry.names()
         ));
     };
-    *name = Some(Arc::clone(&entry.name));
+    slot.name = Some(Arc::clone(&entry.name));
     let parse = |what: &str, text: &str| {
         serde_json::from_str::<Value>(text)
             .map_err(|e| format!("{what} {text:?} is not valid JSON: {e}"))
@@ -170,8 +220,16 @@ fn run_one(task: &Claimed, registry: &Registry, name: &mut Option<Arc<str>>) -> 
     };
     // How long after its due time the task starts: the foreman's lateness, which is
     // what an operator watches (the wait since creation includes any --delay).
-    let late_ms = (now_micros() - task.due) as f64 / 1e3;
+    let now = now_micros();
+    let late_ms = (now - task.due) as f64 / 1e3;
     tracing::info!(id = task.id, task = %entry.name, late_ms, "task started");
+    if let Some(timing) = &shared.timing {
+        let (duration, wait) = timing.labels[entry.id];
+        let waited = (now - task.created_at).max(0) as f64 / 1e6;
+        timing.telemetry.record(wait, waited);
+        slot.timing = Some((&timing.telemetry, duration));
+    }
+    slot.started = Instant::now();
     match catch_unwind(AssertUnwindSafe(|| (entry.run)(&ctx, &args))) {
         Ok(Ok(())) => Outcome::Succeeded,
         Ok(Err(e)) => Outcome::Failed(e.to_string()),
@@ -202,11 +260,16 @@ struct Slot<'a> {
     name: Option<Arc<str>>,
     started: Instant,
     outcome: Outcome,
+    /// Where to record the task's duration, once it has started running.
+    timing: Option<(&'a Telemetry, Label)>,
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         let duration = self.started.elapsed();
+        if let Some((telemetry, label)) = self.timing {
+            telemetry.record(label, duration.as_secs_f64());
+        }
         let ms = round_ms(duration);
         let id = self.id;
         let task = self.name.as_deref().unwrap_or("?");

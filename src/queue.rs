@@ -313,6 +313,8 @@ pub struct Claimed {
     pub task_name: String,
     pub args: String,
     pub kwargs: String,
+    /// When it was enqueued (Unix µs): the start of its wait.
+    pub created_at: i64,
     /// When it became due: `run_at`, or `created_at` if that is NULL.
     pub due: i64,
 }
@@ -337,7 +339,8 @@ pub fn claim(conn: &Connection, now: i64, limit: usize) -> Result<Vec<Claimed>> 
                 task_name: r.get(1)?,
                 args: r.get(2)?,
                 kwargs: r.get(3)?,
-                due: r.get(4)?,
+                created_at: r.get(4)?,
+                due: r.get(5)?,
             })
         })
         .map_err(Error::sqlite("claiming tasks"))?;
@@ -349,12 +352,12 @@ pub fn claim(conn: &Connection, now: i64, limit: usize) -> Result<Vec<Claimed>> 
 const CLAIM_ONE: &str = "DELETE FROM tasks WHERE id = (SELECT id FROM tasks \
      WHERE coalesce(run_at, created_at) <= ?1 \
      ORDER BY coalesce(run_at, created_at), id LIMIT ?2) \
-     RETURNING id, task_name, args, kwargs, coalesce(run_at, created_at)";
+     RETURNING id, task_name, args, kwargs, created_at, coalesce(run_at, created_at)";
 
 const CLAIM_MANY: &str = "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks \
      WHERE coalesce(run_at, created_at) <= ?1 \
      ORDER BY coalesce(run_at, created_at), id LIMIT ?2) \
-     RETURNING id, task_name, args, kwargs, coalesce(run_at, created_at)";
+     RETURNING id, task_name, args, kwargs, created_at, coalesce(run_at, created_at)";
 
 /// The due time of the next task, if any (Unix microseconds).
 pub(crate) fn next_due(conn: &Connection) -> Result<Option<i64>> {
@@ -366,6 +369,17 @@ pub(crate) fn next_due(conn: &Connection) -> Result<Option<i64>> {
     stmt.query_row([], |r| r.get(0))
         .optional()
         .map_err(Error::sqlite("reading the next due time"))
+}
+
+/// Tasks due now, counted up to `cap` rows (a bounded cost for periodic samples).
+pub fn count_due_capped(conn: &Connection, now: i64, cap: i64) -> Result<i64> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE {DUE} <= ?1 LIMIT ?2)"
+        ))
+        .map_err(Error::sqlite("preparing the due count"))?;
+    stmt.query_row(params![now, cap], |r| r.get(0))
+        .map_err(Error::sqlite("counting due tasks"))
 }
 
 /// Queue figures for `status`.

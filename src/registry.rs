@@ -191,6 +191,8 @@ pub type TaskError = Box<dyn std::error::Error + Send + Sync>;
 pub type TaskFn = dyn Fn(&TaskContext, &Args) -> Result<(), TaskError> + Send + Sync;
 
 pub(crate) struct Entry {
+    /// Dense, from 0 in registration order: lets the pool keep per-task data in a Vec.
+    pub id: usize,
     pub spec: TaskSpec,
     /// The name shared with every context and log line, allocated once.
     pub name: Arc<str>,
@@ -283,14 +285,28 @@ impl Registry {
         F: Fn(&TaskContext, &Args) -> Result<(), TaskError> + Send + Sync + 'static,
     {
         let name: Arc<str> = Arc::from(spec.name.as_str());
+        let id = self
+            .entries
+            .get(&spec.name)
+            .map_or(self.entries.len(), |old| old.id);
         self.entries.insert(
             spec.name.clone(),
             Entry {
+                id,
                 spec,
                 name,
                 run: Box::new(run),
             },
         );
+    }
+
+    /// The number of entry ids in use (`Entry::id` is below it).
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
     }
 
     pub(crate) fn entry(&self, name: &str) -> Option<&Entry> {

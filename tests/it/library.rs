@@ -36,6 +36,7 @@ fn a_program_runs_its_own_tasks() {
         db: home.db_path(),
         wakeup_dir: home.file("wakeup"),
         pid_file: None,
+        telemetry_dir: None,
         synchronous: Synchronous::Normal,
         workers: 2,
         batch: 10,

@@ -11,3 +11,4 @@ mod protocol;
 mod race;
 mod shutdown;
 mod support;
+mod telemetry;
