@@ -297,6 +297,7 @@ fn wakeup_latency(
         wakeup_dir: wakeup_dir.clone(),
         pid_file: None,
         telemetry_dir: None,
+        results_file: home.join("results.jsonl"),
         synchronous: sync,
         workers: WORKERS,
         batch: 100,

@@ -20,6 +20,7 @@ use crate::queue::{self, Catalog, Enqueuer, NewTask, When};
 use crate::registry::Registry;
 use crate::stats;
 use crate::status;
+use crate::wakeup::WakeDir;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -98,6 +99,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Add, change, remove and list monitors (periodic checks run by the foreman)
+    #[command(subcommand)]
+    Monitor(MonitorCommand),
     /// Summarise the telemetry: count, mean, p50, p95, p99, max per label, and the latest
     /// resource figures
     Stats {
@@ -108,6 +112,43 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", value_parser = recent)]
         since: Option<Duration>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MonitorCommand {
+    /// Add a monitor; its first round starts within a second. Kinds: chainlink_node,
+    /// http, system
+    Add {
+        /// chainlink_node, http or system
+        kind: String,
+        /// A name of letters, digits, '_', '-' and '.'
+        name: String,
+        /// The kind's config, a JSON object, e.g. '{"node_prometheus_urls":
+        /// ["http://127.0.0.1:6688/metrics"]}'
+        #[arg(long, value_name = "JSON")]
+        config: String,
+        /// Seconds between rounds (fractions allowed)
+        #[arg(long, value_name = "SECS", default_value = "10", value_parser = seconds,
+              allow_negative_numbers = true)]
+        interval: Duration,
+    },
+    /// Change a monitor's config or interval; the next round (within a second) uses it
+    Update {
+        name: String,
+        #[arg(long, value_name = "JSON")]
+        config: Option<String>,
+        #[arg(long, value_name = "SECS", value_parser = seconds, allow_negative_numbers = true)]
+        interval: Option<Duration>,
+    },
+    /// Remove a monitor: no further rounds; a running round's result is discarded
+    Remove { name: String },
+    /// List monitors with their last status, value summary, error and run time
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one monitor in full (JSON)
+    Show { name: String },
 }
 
 #[derive(Debug, Args)]
@@ -206,6 +247,7 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Status { json } => show_status(&paths, g.synchronous, json),
         Command::Tasks { json } => tasks(&paths, g.synchronous, json),
         Command::Stats { json, since } => show_stats(&paths, json, since),
+        Command::Monitor(command) => monitor_command(&paths, g.synchronous, command),
     }
 }
 
@@ -215,6 +257,7 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         wakeup_dir: paths.wakeup_dir.clone(),
         pid_file: paths.pid_file.clone(),
         telemetry_dir: (!args.no_telemetry).then(|| paths.telemetry_dir.clone()),
+        results_file: paths.results_file.clone(),
         synchronous,
         workers: usize::from(args.workers),
         batch: args.batch as usize,
@@ -281,6 +324,98 @@ fn show_status(paths: &Paths, synchronous: Synchronous, json: bool) -> Result<()
         print_json(&status)
     } else {
         print(&status.render())
+    }
+}
+
+fn monitor_command(paths: &Paths, synchronous: Synchronous, command: MonitorCommand) -> Result<()> {
+    use crate::monitor::store;
+    let parse_config = |text: &str| queue::parse_json_arg("--config", text);
+    // Writers wake the foreman so the change takes effect within a second.
+    let writer = || -> Result<(rusqlite::Connection, WakeDir)> {
+        let wake = WakeDir::prepare(&paths.wakeup_dir)?;
+        Ok((db::open(&paths.db, synchronous)?, wake))
+    };
+    match command {
+        MonitorCommand::Add {
+            kind,
+            name,
+            config,
+            interval,
+        } => {
+            let config = parse_config(&config)?;
+            // Checked before the database is opened: bad input changes nothing.
+            store::check_new(&kind, &name, &config, interval)?;
+            let (conn, wake) = writer()?;
+            store::add(&conn, &kind, &name, &config, interval)?;
+            wake.wake()?;
+            print(&format!("added {kind} monitor {name:?}\n"))
+        }
+        MonitorCommand::Update {
+            name,
+            config,
+            interval,
+        } => {
+            if config.is_none() && interval.is_none() {
+                return Err(Error::bad_input(
+                    "usage",
+                    "give --config, --interval or both",
+                ));
+            }
+            let config = config.as_deref().map(parse_config).transpose()?;
+            let (mut conn, wake) = writer()?;
+            let version = store::update(&mut conn, &name, config.as_ref(), interval)?;
+            wake.wake()?;
+            print(&format!("updated monitor {name:?} to version {version}\n"))
+        }
+        MonitorCommand::Remove { name } => {
+            let (conn, wake) = writer()?;
+            store::remove(&conn, &name)?;
+            wake.wake()?;
+            print(&format!("removed monitor {name:?}\n"))
+        }
+        MonitorCommand::List { json } => {
+            let monitors = if paths.db.exists() {
+                store::list(&db::open(&paths.db, synchronous)?)?
+            } else {
+                Vec::new()
+            };
+            if json {
+                return print_json(&monitors);
+            }
+            if monitors.is_empty() {
+                return print(
+                    "no monitors (add one with `snapq monitor add KIND NAME --config JSON`)\n",
+                );
+            }
+            let mut out = String::new();
+            for m in &monitors {
+                let status = m.last_status.as_deref().unwrap_or("pending");
+                let detail = match (&m.last_error, &m.last_summary) {
+                    (Some(e), _) if status == "error" => e.clone(),
+                    (_, Some(s)) => s.clone(),
+                    _ => String::new(),
+                };
+                out.push_str(&format!(
+                    "{:20} {:15} every {:>6.1} s  {:7}  last run {}  {}\n",
+                    m.name,
+                    m.kind,
+                    m.interval_seconds,
+                    status,
+                    m.last_run_at.as_deref().unwrap_or("never"),
+                    detail
+                ));
+            }
+            print(&out)
+        }
+        MonitorCommand::Show { name } => {
+            if !paths.db.exists() {
+                return Err(Error::bad_input(
+                    "monitor name",
+                    format!("there is no monitor named {name:?}"),
+                ));
+            }
+            print_json(&store::show(&db::open(&paths.db, synchronous)?, &name)?)
+        }
     }
 }
 

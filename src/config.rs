@@ -14,6 +14,8 @@ pub struct Paths {
     /// `None` with `--no-pid-file`.
     pub pid_file: Option<PathBuf>,
     pub telemetry_dir: PathBuf,
+    /// Monitor results, one JSON object a line (the default sink).
+    pub results_file: PathBuf,
 }
 
 /// Overrides from the command line or environment (clap merges the two).
@@ -43,6 +45,7 @@ impl Paths {
             wakeup_dir: under(&o.wakeup_dir, "wakeup"),
             pid_file: (!o.no_pid_file).then(|| under(&o.pid_file, "snapq.pid")),
             telemetry_dir: under(&o.telemetry_dir, "telemetry"),
+            results_file: home.join("results.jsonl"),
             home,
         })
     }

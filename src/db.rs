@@ -11,7 +11,13 @@ use rusqlite::{Connection, ErrorCode, OpenFlags};
 use crate::error::{Error, Result};
 
 /// The schema, in order. The version of a database is the number of migrations applied.
-const MIGRATIONS: &[(&str, &str)] = &[("0001_queue", include_str!("../migrations/0001_queue.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_queue", include_str!("../migrations/0001_queue.sql")),
+    (
+        "0002_monitors",
+        include_str!("../migrations/0002_monitors.sql"),
+    ),
+];
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -46,13 +46,16 @@ use rusqlite::{Connection, params};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
 
+use crate::clock::format_micros;
 use crate::clock::now_micros;
 use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
+use crate::monitor::{self, Probe, RoundResult};
 use crate::pidfile::PidFile;
-use crate::pool::{Done, Outcome, Pool, round_ms};
+use crate::pool::{Done, Job, JobKey, Outcome, Pool, RoundDone, RoundJob, round_ms};
 use crate::queue;
 use crate::registry::Registry;
+use crate::sink::{FileSink, Sink};
 use crate::telemetry::{self, DUE_COUNT_CAP, QueueProbe};
 use crate::wakeup::Watch;
 
@@ -84,6 +87,8 @@ pub struct ForemanConfig {
     pub pid_file: Option<PathBuf>,
     /// Where telemetry CSV files go; `None` with `--no-telemetry`.
     pub telemetry_dir: Option<PathBuf>,
+    /// Where monitor results go when no other sink is given (`results.jsonl`).
+    pub results_file: PathBuf,
     pub synchronous: Synchronous,
     /// At most this many tasks run at once (≥ 1).
     pub workers: usize,
@@ -126,8 +131,19 @@ pub struct Totals {
     pub failed: u64,
 }
 
-/// Runs the foreman until a signal (or, with `burst`, until nothing is due).
+/// Runs the foreman until a signal (or, with `burst`, until nothing is due), publishing
+/// monitor results to `config.results_file`.
 pub fn run(config: &ForemanConfig, registry: Registry) -> Result<(Stopped, Totals)> {
+    let sink = FileSink::open(&config.results_file)?;
+    run_with_sink(config, registry, Box::new(sink))
+}
+
+/// Runs the foreman with monitor results going to `sink`.
+pub fn run_with_sink(
+    config: &ForemanConfig,
+    registry: Registry,
+    sink: Box<dyn Sink>,
+) -> Result<(Stopped, Totals)> {
     if config.workers == 0 || config.batch == 0 {
         return Err(Error::bad_input("--workers/--batch", "must be at least 1"));
     }
@@ -193,6 +209,11 @@ pub fn run(config: &ForemanConfig, registry: Registry) -> Result<(Stopped, Total
         next_beat: Instant::now() + HEARTBEAT_INTERVAL,
         claim_cost: Duration::ZERO,
         totals: Totals::default(),
+        // Monitors run in a long-lived foreman only; `--burst` is for tasks.
+        monitors_maybe_due: !config.burst,
+        next_round: None,
+        probes: HashMap::new(),
+        sink,
     };
     let result = foreman.run_loop();
     if let Err(e) = foreman
@@ -233,9 +254,9 @@ struct Foreman<'a> {
     wake_rx: Receiver<()>,
     signal_rx: Receiver<i32>,
     done_rx: Receiver<Done>,
-    /// Tasks handed to workers and not yet reported: id → (name, start). Its length is
+    /// Jobs handed to workers and not yet reported: key → (name, start). Its length is
     /// the number of busy slots.
-    running: HashMap<i64, (String, Instant)>,
+    running: HashMap<JobKey, (String, Instant)>,
     /// False only after a claim came back short (no more due rows) and nothing since
     /// suggested new ones: then completions need no claim query.
     maybe_due: bool,
@@ -247,11 +268,23 @@ struct Foreman<'a> {
     /// What a claim transaction costs lately; bounds `gather_completions`.
     claim_cost: Duration,
     totals: Totals,
+    /// Whether a monitor round may be due: set by wake-ups (add, update, remove), by the
+    /// next round's time, and by the safety re-read; cleared when the due rounds are read.
+    monitors_maybe_due: bool,
+    /// The earliest next round of any enabled monitor (Unix µs).
+    next_round: Option<i64>,
+    /// Validated configs by monitor name, with their version, so a round does not parse
+    /// and check its config again.
+    probes: HashMap<String, (i64, Arc<dyn Probe>)>,
+    sink: Box<dyn Sink>,
 }
 
 impl Foreman<'_> {
     fn run_loop(&mut self) -> Result<Stopped> {
         loop {
+            if self.monitors_maybe_due && self.running.len() < self.config.workers {
+                self.start_due_rounds()?;
+            }
             if self.maybe_due && self.running.len() < self.config.workers {
                 self.claim_and_dispatch()?;
             }
@@ -262,7 +295,10 @@ impl Foreman<'_> {
                 self.beat();
             }
             match self.next_event(self.deadline()) {
-                Event::Wake => self.maybe_due = true,
+                Event::Wake => {
+                    self.maybe_due = true;
+                    self.monitors_maybe_due = !self.config.burst;
+                }
                 Event::Done(done) => {
                     self.finished(done);
                     if self.maybe_due {
@@ -271,9 +307,13 @@ impl Foreman<'_> {
                 }
                 Event::Signal(signal) => return self.shut_down(signal),
                 Event::Timeout => {
-                    let due = self.next_due.is_some_and(|t| t <= now_micros());
-                    if due || self.last_read.elapsed() >= self.config.safety_interval {
+                    let now = now_micros();
+                    let safety = self.last_read.elapsed() >= self.config.safety_interval;
+                    if safety || self.next_due.is_some_and(|t| t <= now) {
                         self.maybe_due = true;
+                    }
+                    if !self.config.burst && (safety || self.next_round.is_some_and(|t| t <= now)) {
+                        self.monitors_maybe_due = true;
                     }
                 }
             }
@@ -295,7 +335,7 @@ impl Foreman<'_> {
         let mut deadline = self
             .next_beat
             .min(self.last_read + self.config.safety_interval);
-        if let Some(due) = self.next_due {
+        for due in [self.next_due, self.next_round].into_iter().flatten() {
             let wait = Duration::from_micros(due.saturating_sub(now_micros()).max(0) as u64);
             deadline = deadline.min(now + wait);
         }
@@ -367,9 +407,11 @@ impl Foreman<'_> {
         let short = claimed.len() < asked;
         pool.set_backlog(!short);
         for task in claimed {
-            self.running
-                .insert(task.id, (task.task_name.clone(), Instant::now()));
-            pool.submit(task)?;
+            self.running.insert(
+                JobKey::Task(task.id),
+                (task.task_name.clone(), Instant::now()),
+            );
+            pool.submit(Job::Task(task))?;
         }
         // Read after dispatching, so the tasks already claimed do not wait for it.
         if short {
@@ -383,11 +425,152 @@ impl Foreman<'_> {
     }
 
     fn finished(&mut self, done: Done) {
-        self.running.remove(&done.id);
-        match done.outcome {
-            Outcome::Succeeded => self.totals.succeeded += 1,
+        self.running.remove(&done.key);
+        match (done.key, done.outcome) {
+            (JobKey::Round(name, version), Outcome::Round(round)) => {
+                if let Err(e) = self.record_round(name, version, *round, done.duration) {
+                    tracing::error!("recording a monitor round failed: {e}");
+                }
+            }
+            (_, Outcome::Succeeded) => self.totals.succeeded += 1,
             _ => self.totals.failed += 1,
         }
+    }
+
+    /// Starts the rounds that are due, as far as free slots allow. A monitor whose round
+    /// of the same version is still running skips this one (an overrun is logged, not
+    /// queued up); a round of an older version does not block a newer one, whose update
+    /// must take effect within a second (its older result is discarded in `record_round`).
+    fn start_due_rounds(&mut self) -> Result<()> {
+        self.monitors_maybe_due = false;
+        let now = now_micros();
+        let free = self.config.workers - self.running.len();
+        let running_rounds = self
+            .running
+            .keys()
+            .filter(|k| matches!(k, JobKey::Round(..)))
+            .count();
+        let due = match monitor::store::due(&self.conn, now, free + running_rounds) {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::error!("reading due monitors failed, retrying in 1 s: {e}");
+                self.next_round = Some(now + 1_000_000);
+                return Ok(());
+            }
+        };
+        let mut started = 0;
+        for row in due {
+            if started == free {
+                // More may be due: look again when a slot frees.
+                self.monitors_maybe_due = true;
+                break;
+            }
+            let key = JobKey::Round(row.name.clone(), row.version);
+            monitor::store::reschedule(&self.conn, &row, now)?;
+            if self.running.contains_key(&key) {
+                tracing::warn!(
+                    monitor = %row.name,
+                    interval_s = row.interval_us as f64 / 1e6,
+                    "the previous round is still running after a whole interval; skipping this one"
+                );
+                continue;
+            }
+            let probe = match self.probe(&row) {
+                Ok(probe) => probe,
+                Err(message) => {
+                    tracing::error!(monitor = %row.name, "cannot run the monitor: {message}");
+                    continue;
+                }
+            };
+            let job = RoundJob {
+                name: row.name.clone(),
+                kind: row.kind,
+                version: row.version,
+                probe,
+                state: serde_json::from_str(&row.state).unwrap_or(serde_json::Value::Null),
+            };
+            self.running
+                .insert(key, (format!("monitor:{}", row.name), Instant::now()));
+            let Some(pool) = self.pool.as_ref() else {
+                return Err(Error::Runtime("the worker pool is gone".into()));
+            };
+            pool.submit(Job::Round(job))?;
+            started += 1;
+        }
+        self.next_round = monitor::store::next_due(&self.conn).unwrap_or_else(|e| {
+            tracing::error!("reading the next monitor round failed: {e}");
+            Some(now + 1_000_000)
+        });
+        Ok(())
+    }
+
+    /// The validated config of a due monitor, from the cache when its version is current.
+    fn probe(&mut self, row: &monitor::store::Due) -> Result<Arc<dyn Probe>, String> {
+        if let Some((version, probe)) = self.probes.get(&row.name) {
+            if *version == row.version {
+                return Ok(Arc::clone(probe));
+            }
+        }
+        let kind = monitor::kind(&row.kind)
+            .ok_or_else(|| format!("unknown kind {:?} (a newer snapq wrote it?)", row.kind))?;
+        let config: serde_json::Value = serde_json::from_str(&row.config)
+            .map_err(|e| format!("the stored config is not JSON: {e}"))?;
+        let probe = kind.prepare(&config)?;
+        self.probes
+            .insert(row.name.clone(), (row.version, Arc::clone(&probe)));
+        Ok(probe)
+    }
+
+    /// Records a round's result and hands it to the sink, in one transaction, if the
+    /// monitor still exists at that version; otherwise the result is discarded.
+    fn record_round(
+        &mut self,
+        name: String,
+        version: i64,
+        done: RoundDone,
+        duration: Duration,
+    ) -> Result<()> {
+        let (data, error) = match done.round.outcome {
+            Ok(data) => (Some(data), None),
+            Err(e) => (None, Some(e)),
+        };
+        let result = RoundResult {
+            monitor: name,
+            kind: done.kind,
+            version,
+            ok: error.is_none(),
+            started_at: format_micros(done.started_us),
+            duration_ms: round_ms(duration),
+            data,
+            error,
+        };
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(Error::sqlite("starting to record a round"))?;
+        let current = monitor::store::record(&tx, &result, &done.round.state, done.started_us)?;
+        if current {
+            self.sink.stage(&tx, &result)?;
+        }
+        tx.commit()
+            .map_err(Error::sqlite("committing a round's result"))?;
+        if current {
+            self.sink.committed()?;
+        } else {
+            tracing::info!(
+                monitor = %result.monitor,
+                version,
+                "discarded the result of a round of a monitor since updated or removed"
+            );
+            if self
+                .probes
+                .get(&result.monitor)
+                .is_some_and(|(v, _)| *v == version)
+            {
+                self.probes.remove(&result.monitor);
+            }
+        }
+        Ok(())
     }
 
     fn beat(&mut self) {
@@ -439,13 +622,22 @@ impl Foreman<'_> {
     }
 
     fn abandon(&self, why: &str) -> Stopped {
-        for (id, (task, started)) in &self.running {
-            tracing::warn!(
-                id,
-                task = task.as_str(),
-                running_ms = round_ms(started.elapsed()),
-                "{why}: exiting with this task unfinished"
-            );
+        for (key, (name, started)) in &self.running {
+            let running_ms = round_ms(started.elapsed());
+            match key {
+                JobKey::Task(id) => tracing::warn!(
+                    id,
+                    task = name.as_str(),
+                    running_ms,
+                    "{why}: exiting with this task unfinished"
+                ),
+                JobKey::Round(monitor, version) => tracing::warn!(
+                    monitor = monitor.as_str(),
+                    version,
+                    running_ms,
+                    "{why}: exiting with this monitor round unfinished"
+                ),
+            }
         }
         Stopped::Abandoned {
             tasks: self.running.len(),

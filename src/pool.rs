@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::clock::now_micros;
 use crate::error::{Error, Result};
+use crate::monitor::{Probe, Round, RoundError};
 use crate::queue::Claimed;
 use crate::registry::{Registry, TaskContext};
 use crate::telemetry::{Label, Series, Telemetry};
@@ -30,20 +31,57 @@ pub enum Outcome {
     Panicked(String),
     /// The row could not be run: unknown name or arguments that do not bind.
     Rejected(String),
+    /// A monitor round ended (with data or an error of its own).
+    Round(Box<RoundDone>),
+}
+
+/// What a worker runs.
+pub enum Job {
+    /// A task, claimed (deleted) from the queue.
+    Task(Claimed),
+    /// One round of a monitor.
+    Round(RoundJob),
+}
+
+/// One round of a monitor: its probe (the validated config) and the state its last round
+/// left.
+pub struct RoundJob {
+    pub name: String,
+    pub kind: String,
+    pub version: i64,
+    pub probe: Arc<dyn Probe>,
+    pub state: Value,
+}
+
+/// Names a job in the foreman's `running` map.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum JobKey {
+    Task(i64),
+    /// A monitor's round, by name and config version: rounds of one version never overlap.
+    Round(String, i64),
 }
 
 /// A finished task, as reported to the foreman.
 #[derive(Debug)]
 pub struct Done {
-    pub id: i64,
+    pub key: JobKey,
     pub outcome: Outcome,
     pub duration: Duration,
+}
+
+/// A finished round, as reported to the foreman.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundDone {
+    pub kind: String,
+    pub round: Round,
+    /// When the round started, Unix µs.
+    pub started_us: i64,
 }
 
 pub(crate) struct Pool {
     /// Claimed tasks to the workers. Capacity = worker count; the foreman sends only when
     /// it has a free slot, so a send never blocks. `None` once the pool is shutting down.
-    jobs: Option<Sender<Claimed>>,
+    jobs: Option<Sender<Job>>,
     handles: Vec<JoinHandle<()>>,
     /// Whether the foreman has a backlog: its last claim filled every slot it asked for.
     /// Written by the foreman after each claim, read by idle workers to decide whether to
@@ -68,7 +106,7 @@ impl Pool {
         done: Sender<Done>,
         telemetry: Option<Arc<Telemetry>>,
     ) -> Result<Pool> {
-        let (jobs_tx, jobs_rx) = bounded::<Claimed>(workers);
+        let (jobs_tx, jobs_rx) = bounded::<Job>(workers);
         let mut handles = Vec::with_capacity(workers);
         let backlog = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
@@ -99,16 +137,14 @@ impl Pool {
     }
 
     /// Hands a claimed task to a free worker. The caller guarantees a free slot.
-    pub fn submit(&self, task: Claimed) -> Result<()> {
+    pub fn submit(&self, job: Job) -> Result<()> {
         let jobs = self
             .jobs
             .as_ref()
             .ok_or_else(|| Error::Runtime("the worker pool is shut down".into()))?;
-        jobs.try_send(task).map_err(|e| {
-            let why = e.to_string();
+        jobs.try_send(job).map_err(|e| {
             Error::Runtime(format!(
-                "no free worker for task {} although a slot was counted free: {why}",
-                e.into_inner().id
+                "no free worker although a slot was counted free: {e}"
             ))
         })
     }
@@ -138,12 +174,14 @@ struct Shared {
     timing: Option<Timing>,
 }
 
-/// Telemetry labels for each registered task, interned once at startup so that recording
-/// a sample costs no lookup or allocation.
+/// Telemetry labels for each registered task and monitor kind, interned once at startup
+/// so that recording a sample costs no lookup or allocation.
 struct Timing {
     telemetry: Arc<Telemetry>,
     /// Indexed by `Entry::id`: (`task:<name>`, `wait:<name>`).
     labels: Vec<(Label, Label)>,
+    /// (kind, `monitor:<kind>`) for every monitor kind.
+    rounds: Vec<(&'static str, Label)>,
 }
 
 impl Timing {
@@ -156,7 +194,17 @@ impl Timing {
             ));
         }
         let fallback = telemetry.label("task:?", Series::Duration);
+        let rounds = crate::monitor::KINDS
+            .iter()
+            .map(|k| {
+                (
+                    k.name(),
+                    telemetry.label(&format!("monitor:{}", k.name()), Series::Duration),
+                )
+            })
+            .collect();
         Timing {
+            rounds,
             labels: labels
                 .into_iter()
                 .map(|l| l.unwrap_or((fallback, fallback)))
@@ -166,8 +214,17 @@ impl Timing {
     }
 }
 
+impl Timing {
+    fn round_label(&self, kind: &str) -> Option<Label> {
+        self.rounds
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, l)| *l)
+    }
+}
+
 /// The next job: polled for (yielding the CPU) while there is a backlog, then waited for.
-fn next_job(jobs: &Receiver<Claimed>, backlog: &AtomicBool) -> Option<Claimed> {
+fn next_job(jobs: &Receiver<Job>, backlog: &AtomicBool) -> Option<Job> {
     let until = Instant::now() + WORKER_SPIN;
     while backlog.load(Ordering::Relaxed) && Instant::now() < until {
         if let Ok(task) = jobs.try_recv() {
@@ -178,8 +235,15 @@ fn next_job(jobs: &Receiver<Claimed>, backlog: &AtomicBool) -> Option<Claimed> {
     jobs.recv().ok()
 }
 
-fn work(jobs: &Receiver<Claimed>, shared: &Shared) {
-    while let Some(task) = next_job(jobs, &shared.backlog) {
+fn work(jobs: &Receiver<Job>, shared: &Shared) {
+    while let Some(job) = next_job(jobs, &shared.backlog) {
+        let task = match job {
+            Job::Task(task) => task,
+            Job::Round(round) => {
+                run_round(round, shared);
+                continue;
+            }
+        };
         let mut slot = Slot {
             done: &shared.done,
             id: task.id,
@@ -237,6 +301,48 @@ fn run_one<'a>(task: &Claimed, shared: &'a Shared, slot: &mut Slot<'a>) -> Outco
     }
 }
 
+fn run_round(job: RoundJob, shared: &Shared) {
+    let started = Instant::now();
+    let started_us = now_micros();
+    let round =
+        catch_unwind(AssertUnwindSafe(|| job.probe.round(&job.state))).unwrap_or_else(|payload| {
+            Round {
+                outcome: Err(RoundError::new(
+                    "panicked",
+                    format!("the round panicked: {}", panic_message(payload.as_ref())),
+                )),
+                state: job.state.clone(),
+            }
+        });
+    let duration = started.elapsed();
+    if let Some(timing) = &shared.timing {
+        if let Some(label) = timing.round_label(&job.kind) {
+            timing.telemetry.record(label, duration.as_secs_f64());
+        }
+    }
+    let ms = round_ms(duration);
+    match &round.outcome {
+        Ok(_) => tracing::debug!(monitor = %job.name, kind = %job.kind, ms, "monitor round ok"),
+        Err(e) => tracing::warn!(
+            monitor = %job.name,
+            kind = %job.kind,
+            ms,
+            code = %e.code,
+            error = %e.message,
+            "monitor round failed"
+        ),
+    }
+    let _ = shared.done.send(Done {
+        key: JobKey::Round(job.name, job.version),
+        outcome: Outcome::Round(Box::new(RoundDone {
+            kind: job.kind,
+            round,
+            started_us,
+        })),
+        duration,
+    });
+}
+
 /// Milliseconds to the microsecond, so log lines read `ms=0.183`, not `0.18254900000000002`.
 pub(crate) fn round_ms(d: Duration) -> f64 {
     d.as_micros() as f64 / 1e3
@@ -280,10 +386,11 @@ impl Drop for Slot<'_> {
             Outcome::Rejected(error) => {
                 tracing::error!(id, task, error, "task rejected and deleted, not retried")
             }
+            Outcome::Round(_) => {}
         }
         // The foreman is gone only if it abandoned us at its deadline.
         let _ = self.done.send(Done {
-            id,
+            key: JobKey::Task(id),
             outcome: std::mem::replace(&mut self.outcome, Outcome::Succeeded),
             duration,
         });

@@ -21,6 +21,7 @@ pub struct Status {
     /// Every live foreman on this database (normally one).
     pub foremen: Vec<ForemanStatus>,
     pub tasks: TaskStatus,
+    pub monitors: crate::monitor::store::Counts,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -91,6 +92,7 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
             next_delayed_in_seconds: counts.next_delayed.map(|t| seconds(t - now)),
         },
         foremen,
+        monitors: crate::monitor::store::counts(conn)?,
     })
 }
 
@@ -107,6 +109,7 @@ pub fn empty(db_path: &Path) -> Status {
             oldest_due_age_seconds: None,
             next_delayed_in_seconds: None,
         },
+        monitors: Default::default(),
     }
 }
 
@@ -140,6 +143,11 @@ impl Status {
             Some(age) => out.push_str(&format!("oldest due task: due {age:.3} s ago\n")),
             None => out.push_str("oldest due task: none\n"),
         }
+        let m = &self.monitors;
+        out.push_str(&format!(
+            "monitors: {} ({} enabled, {} failing; see `snapq monitor list`)\n",
+            m.total, m.enabled, m.failing
+        ));
         out.push_str(&format!("database: {}\n", self.db));
         out
     }

@@ -37,6 +37,7 @@ fn a_program_runs_its_own_tasks() {
         wakeup_dir: home.file("wakeup"),
         pid_file: None,
         telemetry_dir: None,
+        results_file: home.file("results.jsonl"),
         synchronous: Synchronous::Normal,
         workers: 2,
         batch: 10,

@@ -5,7 +5,9 @@
 mod bad_input;
 mod delay;
 mod drain;
+mod fake_http;
 mod library;
+mod monitors;
 mod pidfile;
 mod protocol;
 mod race;

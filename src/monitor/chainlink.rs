@@ -1,0 +1,270 @@
+//! `chainlink_node`: scrapes a Chainlink node's Prometheus metrics, with failover across
+//! its sources (SPEC): first the last source that answered, then the others in order. A
+//! connection error or timeout moves to the next source; a source that answers with
+//! unparseable or incomplete data is an error of the round; no source answering is "node
+//! is down".
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::http_fetch::{Client, FetchError, check_url, split_limits};
+use super::prometheus::{self, Sample};
+use super::{Kind, Probe, Round, RoundError, parse_config};
+
+pub struct ChainlinkNode;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    node_prometheus_urls: Vec<String>,
+}
+
+/// Metrics a round must find, each a single number.
+const REQUIRED: [&str; 5] = [
+    "head_tracker_current_head",
+    "head_tracker_heads_received_total",
+    "max_unconfirmed_blocks",
+    "process_start_time_seconds",
+    "unconfirmed_transactions",
+];
+
+/// Optional single-number metrics (null when absent).
+const OPTIONAL: [&str; 2] = [
+    "tx_manager_num_gas_bumps_total",
+    "tx_manager_gas_bump_exceeds_limit_total",
+];
+
+struct ChainlinkProbe {
+    urls: Vec<String>,
+    client: Client,
+}
+
+impl Kind for ChainlinkNode {
+    fn name(&self) -> &'static str {
+        "chainlink_node"
+    }
+
+    fn prepare(&self, config: &Value) -> Result<Arc<dyn Probe>, String> {
+        let (client, rest) = split_limits(config)?;
+        let config: Config = parse_config(&rest)?;
+        if config.node_prometheus_urls.is_empty() {
+            return Err(
+                "node_prometheus_urls: give at least one http(s) URL of the node's \
+                        /metrics"
+                    .into(),
+            );
+        }
+        for (i, url) in config.node_prometheus_urls.iter().enumerate() {
+            check_url(&format!("node_prometheus_urls[{i}]"), url)?;
+        }
+        Ok(Arc::new(ChainlinkProbe {
+            urls: config.node_prometheus_urls,
+            client,
+        }))
+    }
+}
+
+impl Probe for ChainlinkProbe {
+    fn round(&self, state: &Value) -> Round {
+        let last = state.get("last_source").and_then(Value::as_str);
+        // The last source that answered first, then the others in their order.
+        let mut order: Vec<&String> = self
+            .urls
+            .iter()
+            .filter(|u| Some(u.as_str()) == last)
+            .collect();
+        order.extend(self.urls.iter().filter(|u| Some(u.as_str()) != last));
+        let mut unreachable = Vec::new();
+        for url in order {
+            match self.client.get(url) {
+                Err(FetchError::Unreachable(why)) => unreachable.push(format!("{url}: {why}")),
+                Err(FetchError::BadAnswer(why)) => {
+                    return answered(
+                        url,
+                        Err(RoundError::new("bad_response", format!("{url}: {why}"))),
+                    );
+                }
+                Ok(fetched) if fetched.status != 200 => {
+                    let error = RoundError::new(
+                        "bad_status",
+                        format!("{url} answered HTTP {}", fetched.status),
+                    );
+                    return answered(url, Err(error));
+                }
+                Ok(fetched) => return answered(url, extract(url, &fetched.body)),
+            }
+        }
+        Round {
+            outcome: Err(RoundError::new(
+                "node_down",
+                format!(
+                    "node is down: no source answered ({})",
+                    unreachable.join("; ")
+                ),
+            )),
+            state: state.clone(),
+        }
+    }
+}
+
+fn answered(url: &str, outcome: Result<Value, RoundError>) -> Round {
+    Round {
+        outcome,
+        state: json!({ "last_source": url }),
+    }
+}
+
+/// Reads the metrics of SPEC from an exposition.
+fn extract(url: &str, body: &str) -> Result<Value, RoundError> {
+    let samples = prometheus::parse(body).map_err(|e| {
+        RoundError::new(
+            "unparseable",
+            format!("{url} did not answer with Prometheus text: {e}"),
+        )
+    })?;
+    let first = |name: &str| {
+        samples
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| number(s.value))
+    };
+    let mut data = Map::new();
+    data.insert("source".into(), json!(url));
+    let mut missing = Vec::new();
+    for name in REQUIRED {
+        match first(name) {
+            Some(v) => {
+                data.insert(name.into(), v);
+            }
+            None => missing.push(name),
+        }
+    }
+    let balances: Map<String, Value> = with_name(&samples, "eth_balance")
+        .filter_map(|s| Some((s.label("account")?.to_owned(), number(s.value))))
+        .collect();
+    if balances.is_empty() {
+        missing.push("eth_balance");
+    }
+    if !missing.is_empty() {
+        return Err(RoundError::new(
+            "incomplete_data",
+            format!("{url} lacks required metrics: {}", missing.join(", ")),
+        ));
+    }
+    data.insert("eth_balance".into(), Value::Object(balances));
+    for name in OPTIONAL {
+        data.insert(name.into(), first(name).unwrap_or(Value::Null));
+    }
+    let gas_prices: Vec<Value> = with_name(&samples, "gas_updater_set_gas_price")
+        .map(|s| json!({ "percentile": s.label("percentile"), "price": number(s.value) }))
+        .collect();
+    data.insert(
+        "gas_updater_set_gas_price".into(),
+        if gas_prices.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(gas_prices)
+        },
+    );
+    let runs: Vec<&Sample> = with_name(&samples, "run_status_update_total").collect();
+    let errored = runs
+        .iter()
+        .filter(|s| s.label("status").is_some_and(|st| st.contains("error")))
+        .count();
+    data.insert(
+        "run_status_update_total".into(),
+        if runs.is_empty() {
+            Value::Null
+        } else {
+            json!(errored)
+        },
+    );
+    Ok(Value::Object(data))
+}
+
+fn with_name<'a>(samples: &'a [Sample], name: &'a str) -> impl Iterator<Item = &'a Sample> {
+    samples.iter().filter(move |s| s.name == name)
+}
+
+/// A metric value as JSON: integers stay integers; NaN and infinities become null.
+fn number(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 9.0e15 {
+        json!(v as i64)
+    } else {
+        serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const GOOD: &str = "\
+# TYPE head_tracker_current_head gauge
+head_tracker_current_head 1234
+head_tracker_heads_received_total 99
+max_unconfirmed_blocks 3
+process_start_time_seconds 1.7e9
+unconfirmed_transactions 0
+eth_balance{account=\"0xA\"} 2.5
+gas_updater_set_gas_price{percentile=\"20%\"} 3e10
+run_status_update_total{status=\"completed\"} 4
+run_status_update_total{status=\"errored\"} 2
+run_status_update_total{status=\"errored\",job=\"x\"} 1
+";
+
+    #[test]
+    fn extracts_the_metrics() {
+        let data = extract("http://n/metrics", GOOD).unwrap();
+        assert_eq!(data["head_tracker_current_head"], 1234);
+        assert_eq!(data["eth_balance"]["0xA"], 2.5);
+        assert_eq!(data["process_start_time_seconds"], 1_700_000_000);
+        assert_eq!(data["gas_updater_set_gas_price"][0]["percentile"], "20%");
+        assert_eq!(data["run_status_update_total"], 2);
+        assert_eq!(data["tx_manager_num_gas_bumps_total"], Value::Null);
+        assert_eq!(data["source"], "http://n/metrics");
+    }
+
+    #[test]
+    fn incomplete_and_garbage_are_errors() {
+        let e = extract("u", "head_tracker_current_head 1\n").unwrap_err();
+        assert_eq!(e.code, "incomplete_data");
+        assert!(e.message.contains("eth_balance"), "{}", e.message);
+        let e = extract("u", "<html>oops</html>").unwrap_err();
+        assert_eq!(e.code, "unparseable");
+    }
+
+    #[test]
+    fn configs_are_checked() {
+        let k = ChainlinkNode;
+        for (config, field) in [
+            (json!({"node_prometheus_urls": []}), "node_prometheus_urls"),
+            (
+                json!({"node_prometheus_urls": ["ftp://x/metrics"]}),
+                "node_prometheus_urls[0]",
+            ),
+            (
+                json!({"node_prometheus_urls": "http://x"}),
+                "node_prometheus_urls",
+            ),
+            (
+                json!({"node_prometheus_urls": ["http://x"], "timeout": "soon"}),
+                "timeout",
+            ),
+            (
+                json!({"node_prometheus_urls": ["http://x"], "colour": 1}),
+                "colour",
+            ),
+            (json!({}), "node_prometheus_urls"),
+        ] {
+            let err = k.prepare(&config).err().unwrap();
+            assert!(err.contains(field), "{config}: {err}");
+        }
+        assert!(
+            k.prepare(&json!({"node_prometheus_urls": ["https://n:6688/metrics"]}))
+                .is_ok()
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! The one way monitors make HTTP calls: a connect timeout, a total timeout and a cap on
+//! the response size, each overridable in a monitor's config (SPEC "Monitors").
+
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// Defaults of SPEC: connect 3 s, total 10 s, responses up to 8 MiB.
+pub const DEFAULT_CONNECT_TIMEOUT: f64 = 3.0;
+pub const DEFAULT_TIMEOUT: f64 = 10.0;
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 8 << 20;
+
+/// The limits fields every HTTP-using config accepts.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Seconds to establish the connection.
+    #[serde(default = "default_connect")]
+    pub connect_timeout: f64,
+    /// Seconds for the whole call, connection to last byte.
+    #[serde(default = "default_timeout")]
+    pub timeout: f64,
+    #[serde(default = "default_max")]
+    pub max_response_bytes: u64,
+}
+
+fn default_connect() -> f64 {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn default_timeout() -> f64 {
+    DEFAULT_TIMEOUT
+}
+fn default_max() -> u64 {
+    DEFAULT_MAX_RESPONSE_BYTES
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            timeout: DEFAULT_TIMEOUT,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Checks the values and builds a client with them.
+    pub fn client(&self) -> Result<Client, String> {
+        let secs = |field: &str, v: f64| {
+            if v.is_finite() && v > 0.0 && v <= 3600.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(format!(
+                    "{field} must be a number of seconds above 0 and at most 3600, not {v}"
+                ))
+            }
+        };
+        let connect = secs("connect_timeout", self.connect_timeout)?;
+        let total = secs("timeout", self.timeout)?;
+        if self.max_response_bytes == 0 {
+            return Err("max_response_bytes must be above 0".into());
+        }
+        let agent = ureq::Agent::config_builder()
+            .timeout_connect(Some(connect))
+            .timeout_global(Some(total))
+            // A status is data for the monitor, not a transport error.
+            .http_status_as_error(false)
+            .max_redirects(3)
+            .user_agent(concat!("snapq/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .new_agent();
+        Ok(Client {
+            agent,
+            max_bytes: self.max_response_bytes,
+        })
+    }
+}
+
+/// A reusable HTTP client with the monitor's limits (connections are kept alive between
+/// rounds).
+#[derive(Debug, Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    max_bytes: u64,
+}
+
+/// What a GET brought back.
+#[derive(Debug)]
+pub struct Fetched {
+    pub status: u16,
+    pub body: String,
+    pub latency: Duration,
+}
+
+/// Why a GET failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchError {
+    /// No answer: refused, unreachable, unresolvable, or timed out.
+    Unreachable(String),
+    /// An answer that cannot be used: not HTTP, too large, not text.
+    BadAnswer(String),
+}
+
+impl FetchError {
+    pub fn message(&self) -> &str {
+        match self {
+            FetchError::Unreachable(m) | FetchError::BadAnswer(m) => m,
+        }
+    }
+}
+
+impl Client {
+    pub fn get(&self, url: &str) -> Result<Fetched, FetchError> {
+        let started = Instant::now();
+        let mut response = self.agent.get(url).call().map_err(classify)?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(self.max_bytes)
+            .read_to_string()
+            .map_err(classify)?;
+        Ok(Fetched {
+            status,
+            body,
+            latency: started.elapsed(),
+        })
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+}
+
+fn classify(e: ureq::Error) -> FetchError {
+    use ureq::Error as E;
+    match e {
+        E::Timeout(what) => FetchError::Unreachable(format!("timed out ({what})")),
+        E::Io(io) => match io.kind() {
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                FetchError::Unreachable(format!("timed out ({io})"))
+            }
+            std::io::ErrorKind::InvalidData => FetchError::BadAnswer(format!("not text: {io}")),
+            _ => FetchError::Unreachable(format!("connection failed ({io})")),
+        },
+        E::ConnectionFailed | E::HostNotFound => FetchError::Unreachable(e.to_string()),
+        E::BodyExceedsLimit(limit) => FetchError::BadAnswer(format!(
+            "the response is larger than {limit} bytes (max_response_bytes)"
+        )),
+        other => FetchError::BadAnswer(format!("not a usable HTTP answer: {other}")),
+    }
+}
+
+/// The names of the limit fields, which every HTTP-using config accepts at its top level.
+const LIMIT_FIELDS: [&str; 3] = ["connect_timeout", "timeout", "max_response_bytes"];
+
+/// Splits a config object into its limit fields (checked, with defaults) and the rest, so
+/// that each kind parses only its own fields and still refuses unknown ones.
+pub fn split_limits(config: &serde_json::Value) -> Result<(Client, serde_json::Value), String> {
+    let object = config
+        .as_object()
+        .ok_or_else(|| format!("the config must be a JSON object, not {config}"))?;
+    let (limits, rest): (serde_json::Map<_, _>, serde_json::Map<_, _>) = object
+        .clone()
+        .into_iter()
+        .partition(|(k, _)| LIMIT_FIELDS.contains(&k.as_str()));
+    let limits: LimitsConfig = super::parse_config(&serde_json::Value::Object(limits))?;
+    Ok((limits.client()?, serde_json::Value::Object(rest)))
+}
+
+/// Checks that a URL is http(s) with a host, for config validation.
+pub fn check_url(field: &str, url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{field}: {url:?} is not an http:// or https:// URL"))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("{field}: {url:?} has no host"));
+    }
+    url.parse::<ureq::http::Uri>()
+        .map(drop)
+        .map_err(|e| format!("{field}: {url:?} is not a valid URL ({e})"))
+}
