@@ -46,8 +46,8 @@ use rusqlite::{Connection, params};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
 
-use crate::clock::format_micros;
 use crate::clock::now_micros;
+use crate::clock::{format_micros, micros_of};
 use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
 use crate::monitor::{self, Probe, RoundResult};
@@ -70,6 +70,11 @@ pub const SAFETY_INTERVAL: Duration = Duration::from_secs(5);
 /// table, a few pages; the default 2 MiB filled up during a 50,000-task drain and was a
 /// third of the process's RSS (BENCHMARKS.md).
 const FOREMAN_CACHE_SIZE: i64 = -256;
+
+/// How late a monitor round may start so that rounds due close together start in one
+/// wake-up of the loop (and their schedule moves share one commit). With 1,000 monitors
+/// every 10 s the loop otherwise woke 100 times a second, once per round.
+const ROUND_SLACK: Duration = Duration::from_millis(20);
 
 /// How long the loop polls for a completion before it sleeps, while it has a backlog and
 /// tasks running (see `WORKER_SPIN` in src/pool.rs for why polling pays here).
@@ -151,6 +156,8 @@ pub fn run_with_sink(
     let signals = SignalThread::start()?;
     let conn = db::open(&config.db, config.synchronous)?;
     db::set_and_verify(&conn, "cache_size", FOREMAN_CACHE_SIZE)?;
+    let books = db::open(&config.db, Synchronous::Normal)?;
+    db::set_and_verify(&books, "cache_size", FOREMAN_CACHE_SIZE)?;
     let _pid_file = config
         .pid_file
         .as_deref()
@@ -198,6 +205,8 @@ pub fn run_with_sink(
     let mut foreman = Foreman {
         config,
         conn,
+        books,
+        finished_rounds: Vec::new(),
         pool: Some(pool),
         wake_rx,
         signal_rx: signals.rx.clone(),
@@ -248,8 +257,18 @@ pub fn run_with_sink(
 
 struct Foreman<'a> {
     config: &'a ForemanConfig,
-    /// The foreman's own connection: only this thread claims (invariant 8).
+    /// The foreman's own connection: only this thread claims (invariant 8). Commits with
+    /// the user's `--synchronous`.
     conn: Connection,
+    /// The bookkeeping connection: monitor schedules and results, and the heartbeat. It
+    /// commits with `synchronous = NORMAL` whatever `--synchronous` says: these rows survive
+    /// any crash of snapq, and what power loss may undo (the last rounds' results, a
+    /// schedule move, a beat) the next round or beat writes again. An fsync per round was a
+    /// fifth of the foreman's CPU with 1,000 monitors (BENCHMARKS.md).
+    books: Connection,
+    /// Rounds finished and not yet recorded: recorded together, in one transaction, once
+    /// the loop has taken every completion that arrived.
+    finished_rounds: Vec<(String, i64, RoundDone, Duration)>,
     pool: Option<Pool>,
     wake_rx: Receiver<()>,
     signal_rx: Receiver<i32>,
@@ -322,6 +341,7 @@ impl Foreman<'_> {
             while let Ok(done) = self.done_rx.try_recv() {
                 self.finished(done);
             }
+            self.record_rounds();
         }
     }
 
@@ -335,7 +355,10 @@ impl Foreman<'_> {
         let mut deadline = self
             .next_beat
             .min(self.last_read + self.config.safety_interval);
-        for due in [self.next_due, self.next_round].into_iter().flatten() {
+        let next_round = self
+            .next_round
+            .map(|t| t.saturating_add(micros_of(ROUND_SLACK)));
+        for due in [self.next_due, next_round].into_iter().flatten() {
             let wait = Duration::from_micros(due.saturating_sub(now_micros()).max(0) as u64);
             deadline = deadline.min(now + wait);
         }
@@ -428,9 +451,8 @@ impl Foreman<'_> {
         self.running.remove(&done.key);
         match (done.key, done.outcome) {
             (JobKey::Round(name, version), Outcome::Round(round)) => {
-                if let Err(e) = self.record_round(name, version, *round, done.duration) {
-                    tracing::error!("recording a monitor round failed: {e}");
-                }
+                self.finished_rounds
+                    .push((name, version, *round, done.duration));
             }
             (_, Outcome::Succeeded) => self.totals.succeeded += 1,
             _ => self.totals.failed += 1,
@@ -450,7 +472,7 @@ impl Foreman<'_> {
             .keys()
             .filter(|k| matches!(k, JobKey::Round(..)))
             .count();
-        let due = match monitor::store::due(&self.conn, now, free + running_rounds) {
+        let due = match monitor::store::due(&self.books, now, free + running_rounds) {
             Ok(due) => due,
             Err(e) => {
                 tracing::error!("reading due monitors failed, retrying in 1 s: {e}");
@@ -458,23 +480,37 @@ impl Foreman<'_> {
                 return Ok(());
             }
         };
-        let mut started = 0;
-        for row in due {
-            if started == free {
-                // More may be due: look again when a slot frees.
-                self.monitors_maybe_due = true;
-                break;
+        // Move every due row's schedule in one transaction, then start what may start.
+        let mut to_start = Vec::new();
+        {
+            let tx = self
+                .books
+                .unchecked_transaction()
+                .map_err(Error::sqlite("starting to schedule rounds"))?;
+            for row in due {
+                if to_start.len() == free {
+                    // More may be due: look again when a slot frees.
+                    self.monitors_maybe_due = true;
+                    break;
+                }
+                monitor::store::reschedule(&tx, &row, now)?;
+                if self
+                    .running
+                    .contains_key(&JobKey::Round(row.name.clone(), row.version))
+                {
+                    tracing::warn!(
+                        monitor = %row.name,
+                        interval_s = row.interval_us as f64 / 1e6,
+                        "the previous round is still running after a whole interval; skipping this one"
+                    );
+                    continue;
+                }
+                to_start.push(row);
             }
-            let key = JobKey::Round(row.name.clone(), row.version);
-            monitor::store::reschedule(&self.conn, &row, now)?;
-            if self.running.contains_key(&key) {
-                tracing::warn!(
-                    monitor = %row.name,
-                    interval_s = row.interval_us as f64 / 1e6,
-                    "the previous round is still running after a whole interval; skipping this one"
-                );
-                continue;
-            }
+            tx.commit()
+                .map_err(Error::sqlite("committing the schedule"))?;
+        }
+        for row in to_start {
             let probe = match self.probe(&row) {
                 Ok(probe) => probe,
                 Err(message) => {
@@ -489,15 +525,16 @@ impl Foreman<'_> {
                 probe,
                 state: serde_json::from_str(&row.state).unwrap_or(serde_json::Value::Null),
             };
-            self.running
-                .insert(key, (format!("monitor:{}", row.name), Instant::now()));
+            self.running.insert(
+                JobKey::Round(row.name.clone(), row.version),
+                (format!("monitor:{}", row.name), Instant::now()),
+            );
             let Some(pool) = self.pool.as_ref() else {
                 return Err(Error::Runtime("the worker pool is gone".into()));
             };
             pool.submit(Job::Round(job))?;
-            started += 1;
         }
-        self.next_round = monitor::store::next_due(&self.conn).unwrap_or_else(|e| {
+        self.next_round = monitor::store::next_due(&self.books).unwrap_or_else(|e| {
             tracing::error!("reading the next monitor round failed: {e}");
             Some(now + 1_000_000)
         });
@@ -521,53 +558,63 @@ impl Foreman<'_> {
         Ok(probe)
     }
 
-    /// Records a round's result and hands it to the sink, in one transaction, if the
-    /// monitor still exists at that version; otherwise the result is discarded.
-    fn record_round(
+    /// Records the finished rounds' results and hands them to the sink, in one
+    /// transaction; a result whose monitor was updated or removed meanwhile is discarded.
+    fn record_rounds(&mut self) {
+        if self.finished_rounds.is_empty() {
+            return;
+        }
+        let finished = std::mem::take(&mut self.finished_rounds);
+        if let Err(e) = self.try_record_rounds(finished) {
+            tracing::error!("recording monitor rounds failed: {e}");
+        }
+    }
+
+    fn try_record_rounds(
         &mut self,
-        name: String,
-        version: i64,
-        done: RoundDone,
-        duration: Duration,
+        finished: Vec<(String, i64, RoundDone, Duration)>,
     ) -> Result<()> {
-        let (data, error) = match done.round.outcome {
-            Ok(data) => (Some(data), None),
-            Err(e) => (None, Some(e)),
-        };
-        let result = RoundResult {
-            monitor: name,
-            kind: done.kind,
-            version,
-            ok: error.is_none(),
-            started_at: format_micros(done.started_us),
-            duration_ms: round_ms(duration),
-            data,
-            error,
-        };
         let tx = self
-            .conn
+            .books
             .transaction()
-            .map_err(Error::sqlite("starting to record a round"))?;
-        let current = monitor::store::record(&tx, &result, &done.round.state, done.started_us)?;
-        if current {
-            self.sink.stage(&tx, &result)?;
+            .map_err(Error::sqlite("starting to record rounds"))?;
+        let mut discarded = Vec::new();
+        for (name, version, done, duration) in finished {
+            let (data, error) = match done.round.outcome {
+                Ok(data) => (Some(data), None),
+                Err(e) => (None, Some(e)),
+            };
+            let result = RoundResult {
+                monitor: name,
+                kind: done.kind,
+                version,
+                ok: error.is_none(),
+                started_at: format_micros(done.started_us),
+                duration_ms: round_ms(duration),
+                data,
+                error,
+            };
+            if monitor::store::record(&tx, &result, &done.round.state, done.started_us)? {
+                self.sink.stage(&tx, &result)?;
+            } else {
+                discarded.push((result.monitor, version));
+            }
         }
         tx.commit()
-            .map_err(Error::sqlite("committing a round's result"))?;
-        if current {
-            self.sink.committed()?;
-        } else {
+            .map_err(Error::sqlite("committing rounds' results"))?;
+        self.sink.committed()?;
+        for (monitor, version) in discarded {
             tracing::info!(
-                monitor = %result.monitor,
+                monitor = %monitor,
                 version,
                 "discarded the result of a round of a monitor since updated or removed"
             );
             if self
                 .probes
-                .get(&result.monitor)
+                .get(&monitor)
                 .is_some_and(|(v, _)| *v == version)
             {
-                self.probes.remove(&result.monitor);
+                self.probes.remove(&monitor);
             }
         }
         Ok(())
@@ -576,7 +623,7 @@ impl Foreman<'_> {
     fn beat(&mut self) {
         self.next_beat = Instant::now() + HEARTBEAT_INTERVAL;
         let result = self
-            .conn
+            .books
             .prepare_cached("UPDATE foremen SET beat_at = ?1, running = ?2 WHERE pid = ?3")
             .and_then(|mut stmt| {
                 stmt.execute(params![
@@ -611,7 +658,10 @@ impl Foreman<'_> {
             let wait = deadline.min(self.next_beat).saturating_duration_since(now);
             select! {
                 recv(self.done_rx) -> done => match done {
-                    Ok(done) => self.finished(done),
+                    Ok(done) => {
+                        self.finished(done);
+                        self.record_rounds();
+                    }
                     Err(_) => return Err(Error::Runtime("every worker thread died".into())),
                 },
                 recv(self.signal_rx) -> _ => return Ok(self.abandon("a second signal came")),

@@ -6,6 +6,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use rusqlite::Transaction;
@@ -25,6 +26,9 @@ pub struct FileSink {
     path: PathBuf,
     /// Lines staged and not yet written.
     pending: String,
+    /// The open file and its inode: reopened when the path names another file (rotated
+    /// away by logrotate, or removed).
+    file: Option<(std::fs::File, u64)>,
 }
 
 impl FileSink {
@@ -38,15 +42,34 @@ impl FileSink {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(bad)?;
         }
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(bad)?;
-        Ok(FileSink {
+        let mut sink = FileSink {
             path: path.to_owned(),
             pending: String::new(),
-        })
+            file: None,
+        };
+        sink.file().map_err(bad)?;
+        Ok(sink)
+    }
+
+    /// The file to append to: the open one while the path still names it.
+    fn file(&mut self) -> std::io::Result<&mut std::fs::File> {
+        let current = std::fs::metadata(&self.path).ok().map(|m| m.ino());
+        let stale = match &self.file {
+            Some((_, ino)) => current != Some(*ino),
+            None => true,
+        };
+        if stale {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            let ino = file.metadata()?.ino();
+            self.file = Some((file, ino));
+        }
+        match &mut self.file {
+            Some((file, _)) => Ok(file),
+            None => Err(std::io::Error::other("the results file is not open")),
+        }
     }
 }
 
@@ -64,12 +87,52 @@ impl Sink for FileSink {
             return Ok(());
         }
         // One write of whole lines: a reader tailing the file never sees half a line.
-        let written = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .and_then(|mut f| f.write_all(self.pending.as_bytes()));
-        self.pending.clear();
+        let pending = std::mem::take(&mut self.pending);
+        let written = self.file().and_then(|f| f.write_all(pending.as_bytes()));
         written.map_err(Error::io("appending to", &self.path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(name: &str) -> RoundResult {
+        RoundResult {
+            monitor: name.into(),
+            kind: "http".into(),
+            version: 1,
+            ok: true,
+            started_at: "2026-11-23T00:00:00Z".into(),
+            duration_ms: 1.0,
+            data: Some(serde_json::json!({"status": 200})),
+            error: None,
+        }
+    }
+
+    fn deliver(sink: &mut FileSink, name: &str) {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let tx = conn.transaction().unwrap();
+        sink.stage(&tx, &result(name)).unwrap();
+        tx.commit().unwrap();
+        sink.committed().unwrap();
+    }
+
+    #[test]
+    fn appends_lines_and_follows_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.jsonl");
+        let mut sink = FileSink::open(&path).unwrap();
+        deliver(&mut sink, "a");
+        deliver(&mut sink, "b");
+        std::fs::rename(&path, dir.path().join("results.jsonl.1")).unwrap();
+        deliver(&mut sink, "c");
+        let old = std::fs::read_to_string(dir.path().join("results.jsonl.1")).unwrap();
+        let new = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(old.lines().count(), 2);
+        assert_eq!(new.lines().count(), 1);
+        let line: serde_json::Value = serde_json::from_str(new.trim()).unwrap();
+        assert_eq!(line["monitor"], "c");
+        assert!(line.get("error").is_none());
     }
 }
