@@ -49,12 +49,18 @@ fn delayed_tasks_run_on_time() {
         // Seen from outside: the file did not appear before the task was due.
         assert!(Instant::now() >= *due, "task {id} ran early");
     }
-    let started = foreman.events("task started");
     for (id, _, _) in &expected {
-        let event = started
-            .iter()
-            .find(|e| e["id"] == *id)
-            .unwrap_or_else(|| panic!("no start logged for task {id}"));
+        // The file can appear before the log line reaches our reader: wait for the line.
+        let start = |f: &crate::support::Foreman| {
+            f.events("task started")
+                .into_iter()
+                .find(|e| e["id"] == *id)
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), || start(&foreman).is_some()),
+            "no start logged for task {id}"
+        );
+        let event = start(&foreman).unwrap();
         // Seen by the foreman: start time minus due time.
         let late_ms = event["late_ms"].as_f64().unwrap();
         assert!(
