@@ -34,6 +34,8 @@
 //!    heartbeat happen here, on the thread that called `run`. The other threads only post to
 //!    channels: wake tokens, signal numbers, completions. `next_event` is the one place
 //!    that blocks. No lock is shared between threads; the loop's state is its own.
+//!    Under systemd the loop itself sends WATCHDOG=1 (src/systemd.rs), so a loop that
+//!    stops turning stops the pings and systemd restarts it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -56,6 +58,7 @@ use crate::pool::{Done, Job, JobKey, Outcome, Pool, RoundDone, RoundJob, round_m
 use crate::queue;
 use crate::registry::Registry;
 use crate::sink::{FileSink, Sink};
+use crate::systemd::Notifier;
 use crate::telemetry::{self, DUE_COUNT_CAP, QueueProbe};
 use crate::wakeup::Watch;
 
@@ -223,7 +226,10 @@ pub fn run_with_sink(
         next_round: None,
         probes: HashMap::new(),
         sink,
+        notifier: Notifier::from_env(),
     };
+    let status = foreman.status_line();
+    foreman.notifier.ready(&status);
     let result = foreman.run_loop();
     if let Err(e) = foreman
         .conn
@@ -296,9 +302,22 @@ struct Foreman<'a> {
     /// and check its config again.
     probes: HashMap<String, (i64, Arc<dyn Probe>)>,
     sink: Box<dyn Sink>,
+    /// systemd's notify socket, if any: READY, STATUS, STOPPING, WATCHDOG.
+    notifier: Notifier,
 }
 
 impl Foreman<'_> {
+    /// What `systemctl status` shows beside the unit.
+    fn status_line(&self) -> String {
+        format!(
+            "{} of {} workers busy; {} tasks done, {} failed",
+            self.running.len(),
+            self.config.workers,
+            self.totals.succeeded,
+            self.totals.failed
+        )
+    }
+
     fn run_loop(&mut self) -> Result<Stopped> {
         loop {
             if self.monitors_maybe_due && self.running.len() < self.config.workers {
@@ -313,6 +332,7 @@ impl Foreman<'_> {
             if Instant::now() >= self.next_beat {
                 self.beat();
             }
+            self.notifier.watchdog();
             match self.next_event(self.deadline()) {
                 Event::Wake => {
                     self.maybe_due = true;
@@ -355,6 +375,9 @@ impl Foreman<'_> {
         let mut deadline = self
             .next_beat
             .min(self.last_read + self.config.safety_interval);
+        if let Some(watchdog) = self.notifier.next_watchdog() {
+            deadline = deadline.min(watchdog);
+        }
         let next_round = self
             .next_round
             .map(|t| t.saturating_add(micros_of(ROUND_SLACK)));
@@ -622,6 +645,8 @@ impl Foreman<'_> {
 
     fn beat(&mut self) {
         self.next_beat = Instant::now() + HEARTBEAT_INTERVAL;
+        let status = self.status_line();
+        self.notifier.status(&status);
         let result = self
             .books
             .prepare_cached("UPDATE foremen SET beat_at = ?1, running = ?2 WHERE pid = ?3")
@@ -647,7 +672,14 @@ impl Foreman<'_> {
              (a second signal stops at once)",
             self.config.graceful_timeout.as_secs_f64()
         );
+        let status = format!(
+            "stopping: waiting up to {:.0} s for {} running",
+            self.config.graceful_timeout.as_secs_f64(),
+            self.running.len()
+        );
+        self.notifier.stopping(&status);
         while !self.running.is_empty() {
+            self.notifier.watchdog();
             let now = Instant::now();
             if now >= deadline {
                 return Ok(self.abandon("the graceful timeout passed"));
@@ -655,7 +687,11 @@ impl Foreman<'_> {
             if now >= self.next_beat {
                 self.beat();
             }
-            let wait = deadline.min(self.next_beat).saturating_duration_since(now);
+            let mut wake = deadline.min(self.next_beat);
+            if let Some(watchdog) = self.notifier.next_watchdog() {
+                wake = wake.min(watchdog);
+            }
+            let wait = wake.saturating_duration_since(now);
             select! {
                 recv(self.done_rx) -> done => match done {
                     Ok(done) => {

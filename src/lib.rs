@@ -35,6 +35,7 @@ pub mod registry;
 pub mod sink;
 pub mod stats;
 pub mod status;
+pub mod systemd;
 pub mod telemetry;
 pub mod wakeup;
 

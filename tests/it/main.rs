@@ -13,4 +13,5 @@ mod protocol;
 mod race;
 mod shutdown;
 mod support;
+mod systemd;
 mod telemetry;
