@@ -10,6 +10,10 @@
 //! - wake-up latency (enqueue call → task start) p50/p99 over 200 single enqueues into an
 //!   idle foreman, with the wake-up directory on disk and on tmpfs.
 //!
+//! - bulk enqueue of 200,000 lines through `snapq enqueue --file`, beside a raw insert of
+//!   as many rows in one transaction; one `snapq enqueue` process, beside spawning `true`;
+//!   inotify's create-to-wake latency through the notify crate (issue 6).
+//!
 //! Each figure is printed beside its target, with the gap when a target is missed.
 #![allow(clippy::unwrap_used)]
 
@@ -109,7 +113,145 @@ fn main() {
                 ms(percentile(&calls, 0.99)),
             );
         }
+        let mut raw = inotify_latency(&wake_root);
+        raw.sort();
+        println!(
+            "      limit: inotify create-to-wake through notify, wake dir on {place}: p50 {:.3} ms, p99 {:.3} ms",
+            ms(percentile(&raw, 0.50)),
+            ms(percentile(&raw, 0.99)),
+        );
     }
+    println!();
+    enqueue_figures(&scratch);
+}
+
+/// Bulk enqueue through the binary beside a raw insert of as many rows in one transaction,
+/// and one `snapq enqueue` process beside the spawn of `true`.
+fn enqueue_figures(scratch: &Path) {
+    const BULK: usize = 200_000;
+    let home = fresh_home(scratch, "enqueue");
+    let file = home.join("bulk.jsonl");
+    std::fs::write(&file, "{\"task\":\"noop\"}\n".repeat(BULK)).unwrap();
+    let run = |args: &[&str]| {
+        let started = Instant::now();
+        let out = Command::new(BIN)
+            .args(["--home", home.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        started.elapsed()
+    };
+    for (sync, name) in [(Synchronous::Normal, "normal"), (Synchronous::Full, "full")] {
+        let mut times: Vec<Duration> = (0..3)
+            .map(|_| {
+                run(&[
+                    "--synchronous",
+                    name,
+                    "enqueue",
+                    "--file",
+                    file.to_str().unwrap(),
+                ])
+            })
+            .collect();
+        times.sort();
+        let rate = BULK as f64 / times[1].as_secs_f64();
+        let limit = raw_insert_rate(scratch, sync, BULK);
+        println!(
+            "bulk enqueue {sync:?}, {BULK} lines through `snapq enqueue --file` (whole process): {rate:.0} tasks/s (raw insert in one transaction: {limit:.0}/s, {:.0}% of it)  {}",
+            100.0 * rate / limit,
+            verdict(rate, 500_000.0, true, "tasks/s")
+        );
+    }
+    // One enqueue, the whole process, into a database a foreman holds open (as in
+    // production: the last connection to close checkpoints the WAL, which costs more).
+    let mut foreman = Command::new(BIN)
+        .args(["--home", home.to_str().unwrap(), "run", "--no-telemetry"])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut version: Vec<Duration> = (0..100).map(|_| run(&["--version"])).collect();
+    version.sort();
+    println!(
+        "`snapq --version` (the binary's start alone): p50 {:.2} ms",
+        ms(percentile(&version, 0.50))
+    );
+    for name in ["normal", "full"] {
+        let mut one: Vec<Duration> = (0..100)
+            .map(|_| run(&["--synchronous", name, "enqueue", "noop"]))
+            .collect();
+        one.sort();
+        let mut spawn: Vec<Duration> = (0..100)
+            .map(|_| {
+                let started = Instant::now();
+                Command::new("true").status().unwrap();
+                started.elapsed()
+            })
+            .collect();
+        spawn.sort();
+        println!(
+            "one `snapq --synchronous {name} enqueue noop` process, foreman running: p50 {:.2} ms {}, p99 {:.2} ms (spawning `true`: p50 {:.2} ms)",
+            ms(percentile(&one, 0.50)),
+            verdict(ms(percentile(&one, 0.50)), 3.0, false, "ms"),
+            ms(percentile(&one, 0.99)),
+            ms(percentile(&spawn, 0.50)),
+        );
+    }
+    // SAFETY: SIGTERM to our own child, still running.
+    unsafe { libc::kill(foreman.id() as i32, libc::SIGTERM) };
+    foreman.wait().unwrap();
+}
+
+/// Inserts `rows` noop rows in one transaction with the enqueuer's statement: the ceiling.
+fn raw_insert_rate(scratch: &Path, sync: Synchronous, rows: usize) -> f64 {
+    let home = fresh_home(scratch, "insert");
+    let mut conn = db::open(&home.join("snapq.sqlite3"), sync).unwrap();
+    let started = Instant::now();
+    let tx = conn.transaction().unwrap();
+    {
+        let mut insert = tx
+            .prepare("INSERT INTO tasks (task_name, args, kwargs, created_at, run_at) VALUES (?1, ?2, ?3, ?4, ?5)")
+            .unwrap();
+        let now = snapq::clock::now_micros();
+        for _ in 0..rows {
+            insert
+                .execute(rusqlite::params!["noop", "[]", "{}", now, None::<i64>])
+                .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+    rows as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Creates 200 files in a watched directory and times each create to its event arriving
+/// through the notify crate: the floor of any wake-up.
+fn inotify_latency(root: &Path) -> Vec<Duration> {
+    use notify::Watcher;
+    let dir = fresh_home(root, "snapq-bench-inotify");
+    let (tx, rx) = crossbeam_channel::unbounded::<Instant>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| e.kind.is_create()) {
+            let _ = tx.send(Instant::now());
+        }
+    })
+    .unwrap();
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .unwrap();
+    let mut latencies = Vec::with_capacity(WAKEUPS);
+    for i in 0..WAKEUPS {
+        std::thread::sleep(Duration::from_millis(5));
+        let before = Instant::now();
+        std::fs::File::create(dir.join(format!("f{i}"))).unwrap();
+        let seen = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        latencies.push(seen - before);
+    }
+    latencies
 }
 
 fn scratch_dir() -> PathBuf {
@@ -279,7 +421,7 @@ fn wakeup_latency(
     let home = fresh_home(scratch, "wakeup");
     let wakeup_dir = fresh_home(wake_root, "snapq-bench-wakeup");
     let db = home.join("snapq.sqlite3");
-    let (started_tx, started_rx) = crossbeam_channel::unbounded::<Instant>();
+    let (started_tx, started_rx) = crossbeam_channel::unbounded::<(i64, Instant)>();
     let mut registry = Registry::with_builtins();
     registry.register(
         TaskSpec {
@@ -287,8 +429,10 @@ fn wakeup_latency(
             summary: "reports its start time to the benchmark".into(),
             params: vec![],
         },
-        move |_, _| {
-            started_tx.send(Instant::now()).map_err(|e| e.to_string())?;
+        move |ctx, _| {
+            started_tx
+                .send((ctx.id, Instant::now()))
+                .map_err(|e| e.to_string())?;
             Ok(())
         },
     );
@@ -308,6 +452,9 @@ fn wakeup_latency(
     let foreman = std::thread::spawn(move || foreman::run(&config, registry));
     // The foreman opens the database and records its task types; wait for that.
     let mut q = loop {
+        if foreman.is_finished() {
+            panic!("the foreman stopped: {:?}", foreman.join().unwrap().err());
+        }
         if let Ok(q) = Enqueuer::open(&db, &wakeup_dir, sync) {
             if q.catalog().specs().any(|s| s.name == "stamp") {
                 break q;
@@ -321,9 +468,10 @@ fn wakeup_latency(
         // Idle: the foreman is blocked waiting for an event.
         std::thread::sleep(Duration::from_millis(5));
         let before = Instant::now();
-        q.enqueue(&NewTask::new("stamp")).unwrap();
+        let id = q.enqueue(&NewTask::new("stamp")).unwrap();
         calls.push(before.elapsed());
-        let started = started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let (ran, started) = started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(ran, id, "task {ran} started when task {id} was enqueued");
         latencies.push(started - before);
     }
     // SAFETY: raise(3) sends SIGTERM to this process; the foreman's signal-hook handler

@@ -15,7 +15,7 @@ const SAMPLES: usize = 1_000_000;
 fn main() {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-telemetry");
     let _ = std::fs::remove_dir_all(&dir);
-    let running = Running::start(&dir, None).unwrap();
+    let running = Running::start(&dir).unwrap();
     let telemetry = Arc::clone(running.telemetry());
 
     let mut clock = Vec::with_capacity(SAMPLES);

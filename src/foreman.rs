@@ -59,7 +59,7 @@ use crate::queue;
 use crate::registry::Registry;
 use crate::sink::{FileSink, Sink};
 use crate::systemd::Notifier;
-use crate::telemetry::{self, DUE_COUNT_CAP, QueueProbe};
+use crate::telemetry::{self, DUE_COUNT_CAP, Telemetry};
 use crate::wakeup::Watch;
 
 /// How often the foreman writes its heartbeat row (`snapq status`).
@@ -178,15 +178,11 @@ pub fn run_with_sink(
     )
     .map_err(Error::sqlite("recording the foreman"))?;
 
-    let telemetry = match &config.telemetry_dir {
-        Some(dir) => {
-            let conn = db::open(&config.db, config.synchronous)?;
-            db::set_and_verify(&conn, "cache_size", FOREMAN_CACHE_SIZE)?;
-            let probe = QueueCounts { conn, pid };
-            Some(telemetry::Running::start(dir, Some(Box::new(probe)))?)
-        }
-        None => None,
-    };
+    let telemetry = config
+        .telemetry_dir
+        .as_deref()
+        .map(telemetry::Running::start)
+        .transpose()?;
 
     // Capacity = workers: each slot has at most one report outstanding (src/pool.rs).
     let (done_tx, done_rx) = bounded::<Done>(config.workers);
@@ -227,9 +223,11 @@ pub fn run_with_sink(
         probes: HashMap::new(),
         sink,
         notifier: Notifier::from_env(),
+        telemetry: telemetry.as_ref().map(|t| Arc::clone(t.telemetry())),
     };
     let status = foreman.status_line();
     foreman.notifier.ready(&status);
+    foreman.publish_queue_figures();
     let result = foreman.run_loop();
     if let Err(e) = foreman
         .conn
@@ -304,6 +302,8 @@ struct Foreman<'a> {
     sink: Box<dyn Sink>,
     /// systemd's notify socket, if any: READY, STATUS, STOPPING, WATCHDOG.
     notifier: Notifier,
+    /// Where the heartbeat publishes the queue figures for the runtime sample.
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Foreman<'_> {
@@ -660,6 +660,18 @@ impl Foreman<'_> {
         if let Err(e) = result {
             tracing::warn!("could not write the heartbeat: {e}");
         }
+        self.publish_queue_figures();
+    }
+
+    /// Hands tasks due and running to the telemetry sampler (at start, every heartbeat,
+    /// and when stopping, so even a short run has them).
+    fn publish_queue_figures(&self) {
+        if let Some(telemetry) = &self.telemetry {
+            match queue::count_due_capped(&self.books, now_micros(), DUE_COUNT_CAP) {
+                Ok(due) => telemetry.queue.publish(due, self.running.len() as i64),
+                Err(e) => tracing::warn!("could not count due tasks for telemetry: {e}"),
+            }
+        }
     }
 
     /// Invariants 2 and 3: no more claims; wait for running tasks up to the deadline.
@@ -678,6 +690,7 @@ impl Foreman<'_> {
             self.running.len()
         );
         self.notifier.stopping(&status);
+        self.publish_queue_figures();
         while !self.running.is_empty() {
             self.notifier.watchdog();
             let now = Instant::now();
@@ -728,28 +741,6 @@ impl Foreman<'_> {
         Stopped::Abandoned {
             tasks: self.running.len(),
         }
-    }
-}
-
-/// The telemetry sampler's view of the queue, through a connection of its own (it runs on
-/// the telemetry thread): tasks due, and the running count this foreman's heartbeat wrote.
-struct QueueCounts {
-    conn: Connection,
-    pid: u32,
-}
-
-impl QueueProbe for QueueCounts {
-    fn due_and_running(&mut self) -> Option<(i64, i64)> {
-        let due = queue::count_due_capped(&self.conn, now_micros(), DUE_COUNT_CAP).ok()?;
-        let running = self
-            .conn
-            .query_row(
-                "SELECT running FROM foremen WHERE pid = ?1",
-                [self.pid],
-                |r| r.get(0),
-            )
-            .ok()?;
-        Some((due, running))
     }
 }
 

@@ -7,7 +7,7 @@
 //! once on two cores, std's mutex put the p99 of one sample at 1.07 µs, parking_lot's at
 //! 0.18 µs (`cargo bench --bench telemetry`). The memory
 //! for samples is fixed when telemetry starts: `BUFFERS` buffers that together hold at most
-//! `CAP_BYTES` (1 MiB). When the active buffer is full the recorder swaps in an empty spare
+//! `CAP_BYTES` (512 KiB). When the active buffer is full the recorder swaps in an empty spare
 //! and hands the full one to the telemetry thread; if no spare is left (the thread is that
 //! far behind) the sample is dropped and counted, never waited for: a worker is never
 //! blocked on a flush.
@@ -23,7 +23,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -33,8 +33,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 
 use crate::error::{Error, Result};
 
-/// The most memory samples may take, across all buffers.
-pub const CAP_BYTES: usize = 1 << 20;
+/// The most memory samples may take, across all buffers: half of SPEC's 1 MiB cap, which
+/// holds ~21,800 samples (the writer drains them every 3 s or when a buffer fills) and
+/// keeps the drain's peak RSS half a MiB lower (BENCHMARKS.md).
+pub const CAP_BYTES: usize = 1 << 19;
 /// How many buffers share `CAP_BYTES`: one active, the others spare or being written.
 pub const BUFFERS: usize = 4;
 /// Samples per buffer.
@@ -88,6 +90,8 @@ pub struct Telemetry {
     /// the telemetry thread when it formats rows.
     labels: RwLock<Vec<(String, Series)>>,
     pid: u32,
+    /// Tasks due and running, for the runtime sample.
+    pub queue: QueueFigures,
 }
 
 enum Message {
@@ -170,10 +174,35 @@ pub fn now_ns() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// What the once-a-second sampler reads besides /proc: the queue.
-pub trait QueueProbe: Send {
-    /// Tasks due now (counted up to `DUE_COUNT_CAP`) and tasks running.
-    fn due_and_running(&mut self) -> Option<(i64, i64)>;
+/// Queue figures for the once-a-second runtime sample, published by the foreman loop at
+/// each heartbeat (it has the database; the telemetry thread then needs no connection of
+/// its own). Written by the loop, read by the telemetry thread; independent figures, so
+/// Relaxed. `due` is negative until the first publication.
+#[derive(Debug)]
+pub struct QueueFigures {
+    due: AtomicI64,
+    running: AtomicI64,
+}
+
+impl Default for QueueFigures {
+    fn default() -> Self {
+        QueueFigures {
+            due: AtomicI64::new(-1),
+            running: AtomicI64::new(0),
+        }
+    }
+}
+
+impl QueueFigures {
+    pub fn publish(&self, due: i64, running: i64) {
+        self.due.store(due, Ordering::Relaxed);
+        self.running.store(running, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> Option<(i64, i64)> {
+        let due = self.due.load(Ordering::Relaxed);
+        (due >= 0).then(|| (due, self.running.load(Ordering::Relaxed)))
+    }
 }
 
 /// A running telemetry: the shared recorder and its thread. `stop` flushes everything.
@@ -184,7 +213,7 @@ pub struct Running {
 
 impl Running {
     /// Creates the directory if needed, checks it can be written, and starts the thread.
-    pub fn start(dir: &Path, probe: Option<Box<dyn QueueProbe>>) -> Result<Running> {
+    pub fn start(dir: &Path) -> Result<Running> {
         let bad = |problem: String| Error::BadPath {
             role: "telemetry directory",
             path: dir.to_owned(),
@@ -221,8 +250,9 @@ impl Running {
             dropped: AtomicU64::new(0),
             labels: RwLock::new(Vec::new()),
             pid,
+            queue: QueueFigures::default(),
         });
-        let sampler = Sampler::new(&telemetry, probe);
+        let sampler = Sampler::new(&telemetry);
         let thread = {
             let telemetry = Arc::clone(&telemetry);
             std::thread::Builder::new()
@@ -264,12 +294,7 @@ struct Files {
     runtime: PathBuf,
 }
 
-fn run_thread(
-    telemetry: &Telemetry,
-    full_rx: &Receiver<Message>,
-    files: &Files,
-    mut sampler: Sampler,
-) {
+fn run_thread(telemetry: &Telemetry, full_rx: &Receiver<Message>, files: &Files, sampler: Sampler) {
     let mut next_sample = Instant::now();
     let mut next_flush = Instant::now() + FLUSH_INTERVAL;
     let mut reported_drops = 0;
@@ -373,7 +398,6 @@ fn append(path: &Path, rows: &str) -> std::io::Result<()> {
 
 /// The once-a-second runtime sample.
 struct Sampler {
-    probe: Option<Box<dyn QueueProbe>>,
     rss: Label,
     user: Label,
     system: Label,
@@ -386,11 +410,10 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn new(t: &Telemetry, probe: Option<Box<dyn QueueProbe>>) -> Sampler {
+    fn new(t: &Telemetry) -> Sampler {
         // SAFETY: sysconf only reads a configuration value.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         Sampler {
-            probe,
             rss: t.label("rss_bytes", Series::Runtime),
             user: t.label("cpu_user_seconds", Series::Runtime),
             system: t.label("cpu_system_seconds", Series::Runtime),
@@ -402,7 +425,7 @@ impl Sampler {
         }
     }
 
-    fn sample(&mut self, t: &Telemetry) {
+    fn sample(&self, t: &Telemetry) {
         if let Some(stat) = ProcStat::read_self() {
             t.record(self.rss, stat.rss_bytes as f64);
             t.record(self.user, stat.utime_ticks as f64 / self.ticks);
@@ -412,7 +435,7 @@ impl Sampler {
         if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
             t.record(self.fds, fds.count() as f64);
         }
-        if let Some((due, running)) = self.probe.as_mut().and_then(|p| p.due_and_running()) {
+        if let Some((due, running)) = t.queue.read() {
             t.record(self.due, due as f64);
             t.record(self.running, running as f64);
         }
@@ -481,8 +504,8 @@ mod tests {
     #[test]
     fn samples_from_8_threads_are_all_written_on_stop() {
         let dir = tempfile::tempdir().unwrap();
-        let running = Running::start(dir.path(), None).unwrap();
-        const PER_THREAD: usize = 5_000;
+        let running = Running::start(dir.path()).unwrap();
+        const PER_THREAD: usize = 2_500;
         std::thread::scope(|s| {
             for t in 0..8 {
                 let telemetry = Arc::clone(running.telemetry());
@@ -494,7 +517,7 @@ mod tests {
                 });
             }
         });
-        // 40,000 samples: more than one buffer (so buffers were handed over while
+        // 20,000 samples: more than one buffer (so buffers were handed over while
         // recording) and fewer than all of them (so none could be dropped).
         const { assert!(8 * PER_THREAD > SAMPLES_PER_BUFFER) };
         const { assert!(8 * PER_THREAD < SAMPLES_PER_BUFFER * BUFFERS) };
@@ -521,7 +544,7 @@ mod tests {
     #[test]
     fn the_buffer_never_exceeds_its_cap_and_losses_are_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let running = Running::start(dir.path(), None).unwrap();
+        let running = Running::start(dir.path()).unwrap();
         let telemetry = Arc::clone(running.telemetry());
         let label = telemetry.label("task:storm", Series::Duration);
         let done = std::sync::atomic::AtomicBool::new(false);
