@@ -9,8 +9,9 @@
 //!    waits in memory. A `kill -9` loses at most the tasks handed out and not finished:
 //!    at most `--workers`. Two foremen on one database serialise their claims on SQLite's
 //!    write lock; a row deleted by one is not there for the other.
-//! 2. **Nothing lost that had not started.** The first signal sets `stopping`, and the loop
-//!    claims only when not stopping. Unclaimed rows are never touched.
+//! 2. **Nothing lost that had not started.** The first signal moves the loop into
+//!    `shut_down`, which claims nothing and starts no monitor round. Unclaimed rows are
+//!    never touched.
 //! 3. **Graceful deadline.** After the first signal `shut_down` waits on the completion
 //!    channel with a deadline of `--graceful-timeout`, logs every task still running by id
 //!    and name when it passes, and returns. A second signal ends the wait at once. Either
@@ -25,15 +26,18 @@
 //!    forgot the file, or a lost event, costs at most that.
 //! 6. **Bounded threads.** `--workers` pool threads, started once, plus the inotify thread,
 //!    the signal thread, the telemetry thread (unless `--no-telemetry`) and this one:
-//!    `workers + 4`, whatever the number of tasks.
+//!    `workers + 4`, whatever the number of tasks or monitor rounds (monitors resolve host
+//!    names on the worker itself, src/monitor/http_fetch.rs, not on a thread per lookup).
 //! 7. **Failures are contained.** Workers run tasks under `catch_unwind` and a guard that
 //!    always reports back (src/pool.rs); a row that cannot run (unknown name, bad
 //!    arguments) is reported as rejected — it was deleted when claimed, so it is never
 //!    retried.
-//! 8. **Single-threaded loop.** Claiming, dispatching, signal handling, scheduling and the
-//!    heartbeat happen here, on the thread that called `run`. The other threads only post to
-//!    channels: wake tokens, signal numbers, completions. `next_event` is the one place
-//!    that blocks. No lock is shared between threads; the loop's state is its own.
+//! 8. **Single-threaded loop.** Claiming, dispatching, starting monitor rounds (which take
+//!    worker slots like tasks), recording their results, signal handling, scheduling and
+//!    the heartbeat happen here, on the thread that called `run`. The other threads only
+//!    post to channels: wake tokens, signal numbers, completions. `next_event` is the one
+//!    place that blocks. The loop's state is its own; the only locks other threads share
+//!    are telemetry's buffer mutexes, never held across I/O (src/telemetry.rs).
 //!    Under systemd the loop itself sends WATCHDOG=1 (src/systemd.rs), so a loop that
 //!    stops turning stops the pings and systemd restarts it.
 

@@ -2,12 +2,12 @@
 //! the response size, each overridable in a monitor's config (SPEC "Monitors").
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 /// Defaults of SPEC: connect 3 s, total 10 s, responses up to 8 MiB.
@@ -96,40 +96,52 @@ fn shared_agent(connect: Duration, total: Duration) -> ureq::Agent {
                 .max_idle_connections(MAX_IDLE_CONNECTIONS)
                 .user_agent(concat!("snapq/", env!("CARGO_PKG_VERSION")))
                 .build();
-            ureq::Agent::with_parts(config, DefaultConnector::new(), LiteralsFirst::default())
+            ureq::Agent::with_parts(config, DefaultConnector::new(), OnThisThread)
         })
         .clone()
 }
 
-/// ureq's resolver, except that an IP address in the URL is used as it is. With a timeout
-/// set, ureq's own resolver starts a thread for every lookup, even of `127.0.0.1`: with
-/// 1,000 monitors that was 100 threads started a second and 7% of the foreman's CPU.
-/// Host names still go through ureq's resolver (and its thread, which bounds the lookup by
-/// the timeout).
+/// Name resolution on the calling thread. ureq's own resolver, with a timeout set, starts
+/// a thread for every lookup, even of `127.0.0.1`: with 1,000 monitors that was 100
+/// threads started a second and 7% of the foreman's CPU, and it broke the bound on the
+/// foreman's threads (invariant 6). An IP address in the URL is used as it is; a host name
+/// is looked up with the system resolver on the worker, so a slow DNS server can make a
+/// round last longer than its `timeout` (by the resolver's own timeout, 5 s by default in
+/// resolv.conf).
 #[derive(Debug, Default)]
-struct LiteralsFirst(DefaultResolver);
+struct OnThisThread;
 
-impl Resolver for LiteralsFirst {
+impl Resolver for OnThisThread {
     fn resolve(
         &self,
         uri: &ureq::http::Uri,
-        config: &ureq::config::Config,
-        timeout: NextTimeout,
+        _config: &ureq::config::Config,
+        _timeout: NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let host = uri
             .host()
-            .map(|h| h.trim_start_matches('[').trim_end_matches(']'));
-        let port = uri.port_u16().or_else(|| match uri.scheme_str() {
-            Some("https") => Some(443),
-            Some("http") => Some(80),
-            _ => None,
-        });
-        if let (Some(ip), Some(port)) = (host.and_then(|h| h.parse::<IpAddr>().ok()), port) {
-            let mut addrs = self.empty();
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+            .ok_or(ureq::Error::HostNotFound)?;
+        let port = uri
+            .port_u16()
+            .or_else(|| match uri.scheme_str() {
+                Some("https") => Some(443),
+                Some("http") => Some(80),
+                _ => None,
+            })
+            .ok_or(ureq::Error::HostNotFound)?;
+        let mut addrs = self.empty();
+        if let Ok(ip) = host.parse::<IpAddr>() {
             addrs.push(SocketAddr::new(ip, port));
             return Ok(addrs);
         }
-        self.0.resolve(uri, config, timeout)
+        for addr in (host, port).to_socket_addrs()?.take(16) {
+            addrs.push(addr);
+        }
+        if addrs.is_empty() {
+            return Err(ureq::Error::HostNotFound);
+        }
+        Ok(addrs)
     }
 }
 
@@ -238,4 +250,52 @@ pub fn check_url(field: &str, url: &str) -> Result<(), String> {
     url.parse::<ureq::http::Uri>()
         .map(drop)
         .map_err(|e| format!("{field}: {url:?} is not a valid URL ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(url: &str) -> Result<Vec<SocketAddr>, ureq::Error> {
+        let uri: ureq::http::Uri = url.parse().unwrap();
+        let config = ureq::Agent::config_builder().build();
+        OnThisThread
+            .resolve(&uri, &config, NextTimeout::default())
+            .map(|a| a.iter().copied().collect())
+    }
+
+    #[test]
+    fn literals_are_used_as_they_are_and_names_are_looked_up_here() {
+        assert_eq!(
+            resolve("http://127.0.0.1:9100/metrics").unwrap(),
+            vec!["127.0.0.1:9100".parse().unwrap()]
+        );
+        assert_eq!(
+            resolve("https://[::1]/x").unwrap(),
+            vec!["[::1]:443".parse().unwrap()]
+        );
+        let local = resolve("http://localhost:8080/").unwrap();
+        assert!(
+            local
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 8080),
+            "{local:?}"
+        );
+        let threads_before = std::fs::read_dir("/proc/self/task").unwrap().count();
+        for _ in 0..20 {
+            resolve("http://localhost:8080/").unwrap();
+        }
+        // No thread is left behind (none is started).
+        assert!(std::fs::read_dir("/proc/self/task").unwrap().count() <= threads_before);
+        assert!(resolve("http://no-such-host.invalid/").is_err());
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        assert!(check_url("url", "http://example.com/x").is_ok());
+        assert!(check_url("url", "https://10.0.0.1:6688/metrics").is_ok());
+        for bad in ["ftp://x", "http://", "example.com", "http:// x/"] {
+            assert!(check_url("url", bad).is_err(), "{bad}");
+        }
+    }
 }
