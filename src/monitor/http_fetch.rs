@@ -170,14 +170,6 @@ pub enum FetchError {
     BadAnswer(String),
 }
 
-impl FetchError {
-    pub fn message(&self) -> &str {
-        match self {
-            FetchError::Unreachable(m) | FetchError::BadAnswer(m) => m,
-        }
-    }
-}
-
 impl Client {
     pub fn get(&self, url: &str) -> Result<Fetched, FetchError> {
         let started = Instant::now();
@@ -194,10 +186,6 @@ impl Client {
             body,
             latency: started.elapsed(),
         })
-    }
-
-    pub fn max_bytes(&self) -> u64 {
-        self.max_bytes
     }
 }
 

@@ -43,13 +43,7 @@ fn stale_pid_files_are_replaced_with_a_warning() {
         );
         let warned = foreman.events(&format!("replacing a stale pid file: pid {stale} {why}"));
         assert_eq!(warned.len(), 1, "{}", foreman.log_text());
-        foreman.signal(libc::SIGTERM);
-        assert!(
-            foreman
-                .wait_exit(std::time::Duration::from_secs(10))
-                .unwrap()
-                .success()
-        );
+        foreman.stop();
         assert!(!pid_file.exists());
     }
 }
@@ -62,11 +56,5 @@ fn no_pid_file_writes_none() {
         .args(["run", "--log-format", "json"]);
     let mut foreman = crate::support::Foreman::spawn(cmd);
     assert!(!home.file("snapq.pid").exists());
-    foreman.signal(libc::SIGTERM);
-    assert!(
-        foreman
-            .wait_exit(std::time::Duration::from_secs(10))
-            .unwrap()
-            .success()
-    );
+    foreman.stop();
 }

@@ -175,6 +175,15 @@ impl Foreman {
         status
     }
 
+    /// SIGTERM, then asserts a clean exit within 10 s.
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let status = self
+            .wait_exit(Duration::from_secs(10))
+            .expect("the foreman did not exit within 10 s of SIGTERM");
+        assert!(status.success(), "exit {status}:\n{}", self.log_text());
+    }
+
     pub fn kill9(&mut self) {
         self.signal(libc::SIGKILL);
         self.wait_exit(Duration::from_secs(10))

@@ -95,13 +95,7 @@ fn the_foreman_speaks_the_notify_protocol_and_its_watchdog_stops_with_the_loop()
         "the watchdog did not resume"
     );
 
-    foreman.signal(libc::SIGTERM);
-    assert!(
-        foreman
-            .wait_exit(Duration::from_secs(10))
-            .unwrap()
-            .success()
-    );
+    foreman.stop();
     assert!(wait_until(Duration::from_secs(2), || !times_of(
         &received,
         "STOPPING=1"

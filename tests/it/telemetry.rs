@@ -44,13 +44,7 @@ fn a_sigtermed_foreman_flushes_every_sample() {
         foreman.events("task finished").len() == n
     }));
     // Well before the periodic flush (3 s): only the stop can have written them.
-    foreman.signal(libc::SIGTERM);
-    assert!(
-        foreman
-            .wait_exit(Duration::from_secs(10))
-            .unwrap()
-            .success()
-    );
+    foreman.stop();
     let pid = foreman.pid() as u32;
     let durations = rows(&home.file("telemetry").join(format!("duration-{pid}.csv")));
     let count = |label: &str| durations.iter().filter(|r| r.2 == label).count();
