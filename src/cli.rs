@@ -168,6 +168,10 @@ pub struct RunArgs {
     /// Run every task that is due, wait for them, exit 0
     #[arg(long)]
     pub burst: bool,
+    /// Publish monitor results to RabbitMQ (through an outbox in the database) instead of
+    /// appending them to HOME/results.jsonl, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
+    #[arg(long, env = "SNAPQ_AMQP_URL", value_name = "URL")]
+    pub amqp_url: Option<String>,
     /// Record no telemetry (task durations and waits, resource use) in the telemetry
     /// directory
     #[arg(long, env = "SNAPQ_NO_TELEMETRY", value_parser = FalseyValueParser::new())]
@@ -265,7 +269,15 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         burst: args.burst,
         safety_interval: args.safety_interval.max(Duration::from_millis(10)),
     };
-    foreman::run(&config, Registry::with_builtins()).map(drop)
+    let Some(url) = &args.amqp_url else {
+        if paths.db.exists() {
+            crate::amqp::clear_state(&db::open(&paths.db, synchronous)?)?;
+        }
+        return foreman::run(&config, Registry::with_builtins()).map(drop);
+    };
+    // The publisher outlives the foreman loop: it is dropped (and stopped) after it.
+    let (sink, _publisher) = crate::amqp::start(url, paths.db.clone())?;
+    foreman::run_with_sink(&config, Registry::with_builtins(), Box::new(sink)).map(drop)
 }
 
 fn enqueue(paths: &Paths, synchronous: Synchronous, args: &EnqueueArgs) -> Result<()> {

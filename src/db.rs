@@ -17,6 +17,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0002_monitors",
         include_str!("../migrations/0002_monitors.sql"),
     ),
+    ("0003_outbox", include_str!("../migrations/0003_outbox.sql")),
 ];
 
 /// The schema version this build writes and understands.

@@ -28,6 +28,7 @@
 //!    the signal thread, the telemetry thread (unless `--no-telemetry`) and this one:
 //!    `workers + 4`, whatever the number of tasks or monitor rounds (monitors resolve host
 //!    names on the worker itself, src/monitor/http_fetch.rs, not on a thread per lookup).
+//!    With `--amqp-url`, two more: the publisher and amiquip's connection thread.
 //! 7. **Failures are contained.** Workers run tasks under `catch_unwind` and a guard that
 //!    always reports back (src/pool.rs); a row that cannot run (unknown name, bad
 //!    arguments) is reported as rejected — it was deleted when claimed, so it is never

@@ -20,6 +20,7 @@
 //! );
 //! ```
 
+pub mod amqp;
 pub mod cli;
 pub mod clock;
 pub mod config;

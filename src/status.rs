@@ -22,6 +22,9 @@ pub struct Status {
     pub foremen: Vec<ForemanStatus>,
     pub tasks: TaskStatus,
     pub monitors: crate::monitor::store::Counts,
+    /// Where monitor results go: the results file, or RabbitMQ with its connection state
+    /// and outbox.
+    pub sink: Option<crate::amqp::SinkStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -93,6 +96,7 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
         },
         foremen,
         monitors: crate::monitor::store::counts(conn)?,
+        sink: Some(crate::amqp::status(conn)?),
     })
 }
 
@@ -110,6 +114,7 @@ pub fn empty(db_path: &Path) -> Status {
             next_delayed_in_seconds: None,
         },
         monitors: Default::default(),
+        sink: None,
     }
 }
 
@@ -148,6 +153,19 @@ impl Status {
             "monitors: {} ({} enabled, {} failing; see `snapq monitor list`)\n",
             m.total, m.enabled, m.failing
         ));
+        if let Some(sink) = &self.sink {
+            match &sink.state {
+                Some(state) => out.push_str(&format!(
+                    "results: RabbitMQ, {state} ({}); outbox {} unsent{}\n",
+                    sink.detail.as_deref().unwrap_or(""),
+                    sink.outbox_depth,
+                    sink.oldest_unsent_age_seconds
+                        .map(|a| format!(", oldest {a:.1} s"))
+                        .unwrap_or_default()
+                )),
+                None => out.push_str("results: results.jsonl in the home directory\n"),
+            }
+        }
         out.push_str(&format!("database: {}\n", self.db));
         out
     }

@@ -2,6 +2,7 @@
 //! signals. One crate, one binary to link (STYLE 12).
 #![allow(clippy::unwrap_used)]
 
+mod amqp;
 mod bad_input;
 mod delay;
 mod drain;

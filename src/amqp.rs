@@ -1,0 +1,435 @@
+//! The RabbitMQ sink (SPEC "Monitors", issue 4), behind the `Sink` trait.
+//!
+//! A round's result is first written to the `outbox` table, in the transaction that records
+//! the round (`AmqpSink::stage`). The publisher thread (`snapq-amqp`) owns one long-lived
+//! connection: it sends outbox rows in id order to durable topic exchanges, as persistent
+//! messages on a channel in confirm mode, and deletes rows only once the broker confirmed
+//! them. A broker that is down, restarted or cut off costs nothing but a growing outbox:
+//! the thread notices the loss by the connection's own errors (a failed publish, the
+//! confirm channel closing, no confirm within `CONFIRM_TIMEOUT`), reconnects with backoff
+//! and sends the backlog in order. Delivery is at least once: a message whose confirm was
+//! lost with the connection is sent again.
+//!
+//! Message shapes follow PANIC's, so its consumers can read them: a Chainlink round on
+//! `raw_data` / `node.chainlink` as `{"prometheus": {"result": {"meta_data", "data"}}}` or
+//! `{"prometheus": {"error": {"meta_data", "message", "code"}}}`; other kinds on
+//! `raw_data` / `<kind>.<monitor>` as snapq's own result object.
+//!
+//! amiquip is unmaintained; everything that names it stays in this file, so that lapin can
+//! replace it without touching monitor code.
+
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use amiquip::{
+    AmqpProperties, Confirm, Connection as AmqpConnection, ExchangeDeclareOptions, ExchangeType,
+    Publish,
+};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
+use rusqlite::{Connection, Transaction, params};
+use serde_json::{Value, json};
+
+use crate::clock::now_micros;
+use crate::db::{self, Synchronous};
+use crate::error::{Error, Result};
+use crate::monitor::RoundResult;
+use crate::sink::Sink;
+
+/// Where round results go (PANIC's name).
+pub const RESULTS_EXCHANGE: &str = "raw_data";
+/// Where heartbeats go (PANIC's name).
+pub const HEALTH_EXCHANGE: &str = "health_check";
+/// How long the publisher waits for the broker to confirm a batch.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Outbox rows sent before waiting for their confirms.
+const BATCH: i64 = 256;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Stages results into the outbox and pokes the publisher after commit.
+pub struct AmqpSink {
+    /// Capacity one: a poke waiting means "look at the outbox", more would repeat it.
+    poke: Sender<()>,
+    staged: bool,
+}
+
+impl Sink for AmqpSink {
+    fn stage(&mut self, tx: &Transaction<'_>, result: &RoundResult) -> Result<()> {
+        let (routing_key, body) = message_for(result);
+        tx.prepare_cached(
+            "INSERT INTO outbox (exchange, routing_key, body, created_at) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                RESULTS_EXCHANGE,
+                routing_key,
+                body.to_string(),
+                now_micros()
+            ])
+        })
+        .map_err(Error::sqlite("adding a result to the outbox"))?;
+        self.staged = true;
+        Ok(())
+    }
+
+    fn committed(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.staged) {
+            let _ = self.poke.try_send(());
+        }
+        Ok(())
+    }
+}
+
+/// The routing key and body of a round's message.
+pub fn message_for(result: &RoundResult) -> (String, Value) {
+    if result.kind != "chainlink_node" {
+        let body = serde_json::to_value(result).unwrap_or(Value::Null);
+        return (format!("{}.{}", result.kind, result.monitor), body);
+    }
+    let source = result
+        .data
+        .as_ref()
+        .and_then(|d| d.get("source"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let time = time::OffsetDateTime::parse(
+        &result.started_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map_or(0.0, |t| t.unix_timestamp_nanos() as f64 / 1e9);
+    let meta_data = json!({
+        "monitor_name": result.monitor,
+        "node_name": result.monitor,
+        "node_id": result.monitor,
+        "node_parent_id": "snapq",
+        "last_source_used": source,
+        "time": time,
+    });
+    let body = match (&result.data, &result.error) {
+        (_, Some(error)) => json!({"prometheus": {"error": {
+            "meta_data": meta_data,
+            "message": error.message,
+            "code": error.code,
+        }}}),
+        (data, None) => {
+            let mut data = data.clone().unwrap_or(Value::Null);
+            if let Some(map) = data.as_object_mut() {
+                map.remove("source");
+            }
+            json!({"prometheus": {"result": {"meta_data": meta_data, "data": data}}})
+        }
+    };
+    ("node.chainlink".to_owned(), body)
+}
+
+/// The running publisher; stopping it ends its thread (rows stay in the outbox).
+pub struct Publisher {
+    stop: Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        let _ = self.stop.try_send(());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Checks the URL's form, then starts the publisher thread. A broker that cannot be
+/// reached is not an error here: the publisher retries, and says so in the log and in
+/// `snapq status`.
+pub fn start(url: &str, db_path: PathBuf) -> Result<(AmqpSink, Publisher)> {
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        return Err(Error::bad_input(
+            "--amqp-url",
+            format!(
+                "{url:?} is not an amqp:// URL; write e.g. amqp://guest:guest@127.0.0.1:5672/%2f"
+            ),
+        ));
+    }
+    let conn = db::open(&db_path, Synchronous::Normal)?;
+    set_state(&conn, "connecting", &redact(url));
+    let (poke_tx, poke_rx) = bounded(1);
+    let (stop_tx, stop_rx) = bounded(1);
+    let url = url.to_owned();
+    let thread = std::thread::Builder::new()
+        .name("snapq-amqp".into())
+        .spawn(move || publish_loop(&url, &conn, &poke_rx, &stop_rx))
+        .map_err(|e| Error::Runtime(format!("cannot start the AMQP publisher thread: {e}")))?;
+    Ok((
+        AmqpSink {
+            poke: poke_tx,
+            staged: false,
+        },
+        Publisher {
+            stop: stop_tx,
+            thread: Some(thread),
+        },
+    ))
+}
+
+/// The URL without its password, for logs and `status`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn set_state(conn: &Connection, state: &str, detail: &str) {
+    let result = conn.execute(
+        "INSERT INTO sink_status (sink, state, detail, updated_at) VALUES ('amqp', ?1, ?2, ?3) \
+         ON CONFLICT (sink) DO UPDATE SET state = ?1, detail = ?2, updated_at = ?3",
+        params![state, detail, now_micros()],
+    );
+    if let Err(e) = result {
+        tracing::warn!("could not record the AMQP sink's state: {e}");
+    }
+}
+
+fn publish_loop(url: &str, conn: &Connection, poke: &Receiver<()>, stop: &Receiver<()>) {
+    let mut backoff = Duration::from_millis(500);
+    let mut last_error = String::new();
+    loop {
+        match session(url, conn, poke, stop) {
+            Ok(()) => return,
+            Err(e) => {
+                let message = e.to_string();
+                if message != last_error {
+                    tracing::error!(
+                        broker = %redact(url),
+                        "RabbitMQ: {message}; results wait in the outbox, retrying in {:.1} s",
+                        backoff.as_secs_f64()
+                    );
+                    last_error = message.clone();
+                }
+                set_state(conn, "disconnected", &message);
+            }
+        }
+        if stop.recv_timeout(backoff).is_ok() {
+            return;
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connection's life: connect, declare, then send the outbox until an error or stop.
+/// Returns Ok only when asked to stop.
+fn session(
+    url: &str,
+    conn: &Connection,
+    poke: &Receiver<()>,
+    stop: &Receiver<()>,
+) -> Result<(), String> {
+    let mut connection =
+        AmqpConnection::insecure_open(url).map_err(|e| format!("cannot connect: {e}"))?;
+    let channel = connection
+        .open_channel(None)
+        .map_err(|e| format!("cannot open a channel: {e}"))?;
+    let confirms = channel
+        .listen_for_publisher_confirms()
+        .map_err(|e| format!("cannot listen for confirms: {e}"))?;
+    channel
+        .enable_publisher_confirms()
+        .map_err(|e| format!("cannot enable publisher confirms: {e}"))?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    for name in [RESULTS_EXCHANGE, HEALTH_EXCHANGE] {
+        channel
+            .exchange_declare(ExchangeType::Topic, name, durable.clone())
+            .map_err(|e| format!("cannot declare the exchange {name}: {e}"))?;
+    }
+    tracing::info!(broker = %redact(url), "RabbitMQ: connected");
+    set_state(conn, "connected", &redact(url));
+    // Delivery tags count from 1 on a channel in confirm mode.
+    let mut next_tag: u64 = 1;
+    loop {
+        if stop.try_recv().is_ok() {
+            let _ = connection.close();
+            return Ok(());
+        }
+        let rows = pending(conn).map_err(|e| format!("reading the outbox: {e}"))?;
+        let Some(&(last_id, ..)) = rows.last() else {
+            // Nothing to send: wait for a poke, a stop, or a second (a safety net).
+            crossbeam_channel::select! {
+                recv(poke) -> _ => {},
+                recv(stop) -> _ => {
+                    let _ = connection.close();
+                    return Ok(());
+                },
+                default(Duration::from_secs(1)) => {},
+            }
+            continue;
+        };
+        let properties = AmqpProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".to_owned());
+        for (_, exchange, routing_key, body) in &rows {
+            channel
+                .basic_publish(
+                    exchange.as_str(),
+                    Publish::with_properties(
+                        body.as_bytes(),
+                        routing_key.as_str(),
+                        properties.clone(),
+                    ),
+                )
+                .map_err(|e| format!("publishing failed: {e}"))?;
+        }
+        let last_tag = next_tag + rows.len() as u64 - 1;
+        wait_for_confirms(&confirms, next_tag, last_tag)?;
+        next_tag = last_tag + 1;
+        conn.execute("DELETE FROM outbox WHERE id <= ?1", [last_id])
+            .map_err(|e| format!("removing confirmed rows from the outbox: {e}"))?;
+    }
+}
+
+type Row = (i64, String, String, String);
+
+fn pending(conn: &Connection) -> rusqlite::Result<Vec<Row>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, exchange, routing_key, body FROM outbox ORDER BY id LIMIT ?1",
+    )?;
+    let rows = stmt.query_map([BATCH], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    })?;
+    rows.collect()
+}
+
+/// Waits until every tag from `first` to `last` is acked; a nack, a closed connection or
+/// the timeout is an error (the batch is then sent again on a new connection).
+fn wait_for_confirms(confirms: &Receiver<Confirm>, first: u64, last: u64) -> Result<(), String> {
+    let deadline = Instant::now() + CONFIRM_TIMEOUT;
+    let mut acked_through = first - 1;
+    let mut acked_singles = std::collections::BTreeSet::new();
+    while acked_through < last {
+        match confirms.recv_deadline(deadline) {
+            Ok(Confirm::Ack(p)) if p.multiple => acked_through = acked_through.max(p.delivery_tag),
+            Ok(Confirm::Ack(p)) => {
+                acked_singles.insert(p.delivery_tag);
+            }
+            Ok(Confirm::Nack(p)) => {
+                return Err(format!("the broker refused message {}", p.delivery_tag));
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(format!("no confirm within {} s", CONFIRM_TIMEOUT.as_secs()));
+            }
+            Err(RecvTimeoutError::Disconnected) => return Err("the connection closed".into()),
+        }
+        while acked_singles.remove(&(acked_through + 1)) {
+            acked_through += 1;
+        }
+    }
+    Ok(())
+}
+
+/// The AMQP sink's figures for `snapq status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SinkStatus {
+    pub kind: String,
+    pub state: Option<String>,
+    pub detail: Option<String>,
+    pub outbox_depth: i64,
+    pub oldest_unsent_age_seconds: Option<f64>,
+}
+
+pub fn status(conn: &Connection) -> Result<SinkStatus> {
+    let (state, detail): (Option<String>, Option<String>) = conn
+        .query_row(
+            "SELECT state, detail FROM sink_status WHERE sink = 'amqp'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok((None, None)),
+            e => Err(e),
+        })
+        .map_err(Error::sqlite("reading the sink's state"))?;
+    let (depth, oldest): (i64, Option<i64>) = conn
+        .query_row("SELECT count(*), min(created_at) FROM outbox", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .map_err(Error::sqlite("reading the outbox"))?;
+    Ok(SinkStatus {
+        kind: if state.is_some() { "amqp" } else { "file" }.into(),
+        state,
+        detail,
+        outbox_depth: depth,
+        oldest_unsent_age_seconds: oldest.map(|t| (now_micros() - t).max(0) as f64 / 1e6),
+    })
+}
+
+/// Forgets the AMQP sink's state (a foreman writing to the results file).
+pub fn clear_state(conn: &Connection) -> Result<()> {
+    conn.execute("DELETE FROM sink_status WHERE sink = 'amqp'", [])
+        .map(drop)
+        .map_err(Error::sqlite("clearing the sink's state"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitor::RoundError;
+
+    fn result(kind: &str, data: Option<Value>, error: Option<RoundError>) -> RoundResult {
+        RoundResult {
+            monitor: "node-1".into(),
+            kind: kind.into(),
+            version: 2,
+            ok: error.is_none(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            duration_ms: 1.5,
+            data,
+            error,
+        }
+    }
+
+    #[test]
+    fn panic_shapes() {
+        let ok = result(
+            "chainlink_node",
+            Some(json!({"source": "http://n/metrics", "head_tracker_current_head": 7})),
+            None,
+        );
+        let (key, body) = message_for(&ok);
+        assert_eq!(key, "node.chainlink");
+        let r = &body["prometheus"]["result"];
+        assert_eq!(r["data"]["head_tracker_current_head"], 7);
+        assert!(r["data"].get("source").is_none());
+        assert_eq!(r["meta_data"]["last_source_used"], "http://n/metrics");
+        assert_eq!(r["meta_data"]["monitor_name"], "node-1");
+        assert_eq!(r["meta_data"]["time"], 1_767_225_600.0);
+        let down = result(
+            "chainlink_node",
+            None,
+            Some(RoundError::new("node_down", "node is down")),
+        );
+        let (_, body) = message_for(&down);
+        assert_eq!(body["prometheus"]["error"]["code"], "node_down");
+        assert_eq!(
+            body["prometheus"]["error"]["meta_data"]["node_name"],
+            "node-1"
+        );
+        let (key, body) = message_for(&result("http", Some(json!({"status": 200})), None));
+        assert_eq!(key, "http.node-1");
+        assert_eq!(body["data"]["status"], 200);
+        assert_eq!(body["version"], 2);
+    }
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(
+            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+}
