@@ -193,3 +193,271 @@ fn a_malformed_url_is_bad_input() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an amqp:// URL"));
 }
+
+/// A consumer of `raw_data` under one binding, collecting in a thread of its own.
+struct Consumer {
+    got: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Consumer {
+    fn start(binding: &str) -> Consumer {
+        use std::sync::atomic::Ordering;
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let thread = {
+            let (got, stop, binding) = (got.clone(), stop.clone(), binding.to_owned());
+            std::thread::spawn(move || {
+                let mut connection = Connection::insecure_open(BROKER).unwrap();
+                let channel = connection.open_channel(None).unwrap();
+                let exchange = channel
+                    .exchange_declare(
+                        ExchangeType::Topic,
+                        "raw_data",
+                        ExchangeDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+                let queue = channel
+                    .queue_declare(
+                        "",
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+                queue
+                    .bind(&exchange, binding, FieldTable::default())
+                    .unwrap();
+                let consumer = queue
+                    .consume(ConsumerOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    })
+                    .unwrap();
+                ready_tx.send(()).unwrap();
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(ConsumerMessage::Delivery(d)) =
+                        consumer.receiver().recv_timeout(Duration::from_millis(50))
+                    {
+                        got.lock()
+                            .unwrap()
+                            .push(serde_json::from_slice(&d.body).unwrap());
+                    }
+                }
+                let _ = connection.close();
+            })
+        };
+        ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        Consumer {
+            got,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn messages(&self) -> Vec<Value> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A loopback TCP proxy to the broker that can cut every connection and refuse new ones.
+struct Proxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    streams: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn start() -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let streams = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        {
+            let (cut, streams) = (cut.clone(), streams.clone());
+            std::thread::spawn(move || {
+                for client in listener.incoming() {
+                    let Ok(client) = client else { continue };
+                    if cut.load(Ordering::SeqCst) {
+                        let _ = client.shutdown(std::net::Shutdown::Both);
+                        continue;
+                    }
+                    let Ok(upstream) = std::net::TcpStream::connect("127.0.0.1:5672") else {
+                        continue;
+                    };
+                    let mut all = streams.lock().unwrap();
+                    all.push(client.try_clone().unwrap());
+                    all.push(upstream.try_clone().unwrap());
+                    for (mut from, mut to) in [
+                        (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                        (upstream, client),
+                    ] {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            });
+        }
+        Proxy { port, cut, streams }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Cuts every connection through the proxy and refuses new ones until `restore`.
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn outbox_depth(home: &Home) -> i64 {
+    home.conn()
+        .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// started_at of each delivered result, first deliveries only (delivery is at least once).
+fn first_deliveries(messages: &[Value]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    messages
+        .iter()
+        .map(|m| m["started_at"].as_str().unwrap().to_owned())
+        .filter(|s| seen.insert(s.clone()))
+        .collect()
+}
+
+#[test]
+fn a_broker_outage_loses_no_result_and_keeps_their_order() {
+    let home = Home::new();
+    let web = FakeServer::start(Mode::Text("ok\n".into()));
+    let proxy = Proxy::start();
+    let name = format!("outage-{}", std::process::id());
+    let consumer = Consumer::start(&format!("http.{name}"));
+    let foreman = home.start(&["--amqp-url", &proxy.url()]);
+    home.ok(&[
+        "monitor",
+        "add",
+        "http",
+        &name,
+        "--interval",
+        "0.1",
+        "--config",
+        &json!({"url": web.url()}).to_string(),
+    ]);
+    assert!(wait_until(Duration::from_secs(10), || consumer
+        .messages()
+        .len()
+        >= 3));
+
+    proxy.cut();
+    // Results pile up in the outbox while the broker is out of reach.
+    assert!(
+        wait_until(Duration::from_secs(10), || outbox_depth(&home) >= 10),
+        "the outbox did not grow:\n{}",
+        home.ok(&["status"])
+    );
+    let during = consumer.messages().len();
+    std::thread::sleep(Duration::from_secs(1));
+    proxy.restore();
+    assert!(
+        wait_until(Duration::from_secs(30), || outbox_depth(&home) == 0
+            && consumer.messages().len() > during + 10),
+        "the backlog was not delivered:\n{}\n{}",
+        home.ok(&["status"]),
+        foreman.log_text()
+    );
+    home.ok(&["monitor", "remove", &name]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(outbox_depth(&home), 0);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let delivered = first_deliveries(&consumer.messages());
+    // In the order the rounds ran.
+    let mut sorted = delivered.clone();
+    sorted.sort();
+    assert_eq!(delivered, sorted, "results arrived out of order");
+    // Every round's result arrived: one request to the server per round, less at most the
+    // one round running when the monitor was removed (its result is discarded).
+    let rounds = web.hits();
+    assert!(
+        delivered.len() + 1 >= rounds && delivered.len() <= rounds,
+        "{} results delivered for {rounds} rounds",
+        delivered.len()
+    );
+    assert!(foreman.has_log("RabbitMQ: connected"));
+}
+
+#[test]
+fn results_waiting_in_the_outbox_survive_kill_9() {
+    let home = Home::new();
+    let web = FakeServer::start(Mode::Text("ok\n".into()));
+    let proxy = Proxy::start();
+    let name = format!("kill-{}", std::process::id());
+    let consumer = Consumer::start(&format!("http.{name}"));
+    proxy.cut();
+    let mut first = home.start(&["--amqp-url", &proxy.url()]);
+    home.ok(&[
+        "monitor",
+        "add",
+        "http",
+        &name,
+        "--interval",
+        "0.1",
+        "--config",
+        &json!({"url": web.url()}).to_string(),
+    ]);
+    assert!(wait_until(Duration::from_secs(10), || outbox_depth(&home) >= 5));
+    first.kill9();
+    let waiting: Vec<String> = {
+        let conn = home.conn();
+        let mut stmt = conn.prepare("SELECT body FROM outbox ORDER BY id").unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(|b| {
+                serde_json::from_str::<Value>(&b.unwrap()).unwrap()["started_at"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    assert!(waiting.len() >= 5);
+    proxy.restore();
+    let _second = home.start(&["--amqp-url", &proxy.url()]);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let got = first_deliveries(&consumer.messages());
+            waiting.iter().all(|w| got.contains(w))
+        }),
+        "results from before the kill were not delivered"
+    );
+    // And in their order, ahead of the new ones.
+    let got = first_deliveries(&consumer.messages());
+    assert_eq!(&got[..waiting.len()], &waiting[..]);
+}
