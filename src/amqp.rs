@@ -23,8 +23,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use amiquip::{
-    AmqpProperties, Confirm, Connection as AmqpConnection, ExchangeDeclareOptions, ExchangeType,
-    Publish,
+    AmqpProperties, Confirm, Connection as AmqpConnection, ConsumerMessage, ConsumerOptions,
+    ExchangeDeclareOptions, ExchangeType, FieldTable, Publish, QueueDeclareOptions,
 };
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use rusqlite::{Connection, Transaction, params};
@@ -137,10 +137,15 @@ impl Drop for Publisher {
     }
 }
 
-/// Checks the URL's form, then starts the publisher thread. A broker that cannot be
-/// reached is not an error here: the publisher retries, and says so in the log and in
+/// Checks the URL's form, then starts the publisher thread, which also sends heartbeats
+/// every `heartbeat_interval` and in answer to a `ping`. A broker that cannot be reached
+/// is not an error here: the publisher retries, and says so in the log and in
 /// `snapq status`.
-pub fn start(url: &str, db_path: PathBuf) -> Result<(AmqpSink, Publisher)> {
+pub fn start(
+    url: &str,
+    db_path: PathBuf,
+    heartbeat_interval: Duration,
+) -> Result<(AmqpSink, Publisher)> {
     if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
         return Err(Error::bad_input(
             "--amqp-url",
@@ -156,7 +161,7 @@ pub fn start(url: &str, db_path: PathBuf) -> Result<(AmqpSink, Publisher)> {
     let url = url.to_owned();
     let thread = std::thread::Builder::new()
         .name("snapq-amqp".into())
-        .spawn(move || publish_loop(&url, &conn, &poke_rx, &stop_rx))
+        .spawn(move || publish_loop(&url, &conn, &poke_rx, &stop_rx, heartbeat_interval))
         .map_err(|e| Error::Runtime(format!("cannot start the AMQP publisher thread: {e}")))?;
     Ok((
         AmqpSink {
@@ -193,23 +198,28 @@ fn set_state(conn: &Connection, state: &str, detail: &str) {
     }
 }
 
-fn publish_loop(url: &str, conn: &Connection, poke: &Receiver<()>, stop: &Receiver<()>) {
+fn publish_loop(
+    url: &str,
+    conn: &Connection,
+    poke: &Receiver<()>,
+    stop: &Receiver<()>,
+    heartbeat_interval: Duration,
+) {
     let mut backoff = Duration::from_millis(500);
     let mut last_error = String::new();
     loop {
-        match session(url, conn, poke, stop) {
+        match session(url, conn, poke, stop, heartbeat_interval) {
             Ok(()) => return,
             Err(e) => {
-                let message = e.to_string();
-                if message != last_error {
+                if e != last_error {
                     tracing::error!(
                         broker = %redact(url),
-                        "RabbitMQ: {message}; results wait in the outbox, retrying in {:.1} s",
+                        "RabbitMQ: {e}; results wait in the outbox, retrying in {:.1} s",
                         backoff.as_secs_f64()
                     );
-                    last_error = message.clone();
+                    last_error = e.clone();
                 }
-                set_state(conn, "disconnected", &message);
+                set_state(conn, "disconnected", &e);
             }
         }
         if stop.recv_timeout(backoff).is_ok() {
@@ -219,13 +229,14 @@ fn publish_loop(url: &str, conn: &Connection, poke: &Receiver<()>, stop: &Receiv
     }
 }
 
-/// One connection's life: connect, declare, then send the outbox until an error or stop.
-/// Returns Ok only when asked to stop.
+/// One connection's life: connect, declare, then send heartbeats and the outbox until an
+/// error or stop. Returns Ok only when asked to stop.
 fn session(
     url: &str,
     conn: &Connection,
     poke: &Receiver<()>,
     stop: &Receiver<()>,
+    heartbeat_interval: Duration,
 ) -> Result<(), String> {
     let mut connection =
         AmqpConnection::insecure_open(url).map_err(|e| format!("cannot connect: {e}"))?;
@@ -242,36 +253,87 @@ fn session(
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
-    for name in [RESULTS_EXCHANGE, HEALTH_EXCHANGE] {
-        channel
-            .exchange_declare(ExchangeType::Topic, name, durable.clone())
-            .map_err(|e| format!("cannot declare the exchange {name}: {e}"))?;
-    }
+    channel
+        .exchange_declare(ExchangeType::Topic, RESULTS_EXCHANGE, durable.clone())
+        .map_err(|e| format!("cannot declare the exchange {RESULTS_EXCHANGE}: {e}"))?;
+    let health = channel
+        .exchange_declare(ExchangeType::Topic, HEALTH_EXCHANGE, durable)
+        .map_err(|e| format!("cannot declare the exchange {HEALTH_EXCHANGE}: {e}"))?;
+    // PANIC's health checker sends `ping` on health_check and waits for heartbeats.
+    let ping_queue = channel
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+        )
+        .map_err(|e| format!("cannot declare the ping queue: {e}"))?;
+    ping_queue
+        .bind(&health, "ping", FieldTable::default())
+        .map_err(|e| format!("cannot bind the ping queue: {e}"))?;
+    let pings = ping_queue
+        .consume(ConsumerOptions {
+            no_ack: true,
+            ..ConsumerOptions::default()
+        })
+        .map_err(|e| format!("cannot consume pings: {e}"))?;
     tracing::info!(broker = %redact(url), "RabbitMQ: connected");
     set_state(conn, "connected", &redact(url));
-    // Delivery tags count from 1 on a channel in confirm mode.
+    // Delivery tags count from 1 on a channel in confirm mode; heartbeats take tags too.
     let mut next_tag: u64 = 1;
+    let mut next_heartbeat = Instant::now();
     loop {
         if stop.try_recv().is_ok() {
             let _ = connection.close();
             return Ok(());
         }
+        let pinged = matches!(
+            pings.receiver().try_recv(),
+            Ok(ConsumerMessage::Delivery(_))
+        );
+        if pinged || Instant::now() >= next_heartbeat {
+            let body = heartbeat(conn).to_string();
+            channel
+                .basic_publish(
+                    HEALTH_EXCHANGE,
+                    Publish::with_properties(
+                        body.as_bytes(),
+                        "heartbeat.manager",
+                        json_properties(),
+                    ),
+                )
+                .map_err(|e| format!("publishing a heartbeat failed: {e}"))?;
+            wait_for_confirms(&confirms, next_tag, next_tag)?;
+            next_tag += 1;
+            if !pinged {
+                next_heartbeat = Instant::now() + heartbeat_interval;
+            }
+        }
         let rows = pending(conn).map_err(|e| format!("reading the outbox: {e}"))?;
         let Some(&(last_id, ..)) = rows.last() else {
-            // Nothing to send: wait for a poke, a stop, or a second (a safety net).
+            // Nothing to send: wait for a poke, a ping, a stop, the next heartbeat, or a
+            // second (a safety net).
+            let wait = next_heartbeat
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1));
             crossbeam_channel::select! {
                 recv(poke) -> _ => {},
+                recv(pings.receiver()) -> message => {
+                    if let Ok(ConsumerMessage::Delivery(_)) = message {
+                        // Answered at the top of the loop.
+                        next_heartbeat = Instant::now();
+                    }
+                },
                 recv(stop) -> _ => {
                     let _ = connection.close();
                     return Ok(());
                 },
-                default(Duration::from_secs(1)) => {},
+                default(wait) => {},
             }
             continue;
         };
-        let properties = AmqpProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".to_owned());
         for (_, exchange, routing_key, body) in &rows {
             channel
                 .basic_publish(
@@ -279,7 +341,7 @@ fn session(
                     Publish::with_properties(
                         body.as_bytes(),
                         routing_key.as_str(),
-                        properties.clone(),
+                        json_properties(),
                     ),
                 )
                 .map_err(|e| format!("publishing failed: {e}"))?;
@@ -290,6 +352,44 @@ fn session(
         conn.execute("DELETE FROM outbox WHERE id <= ?1", [last_id])
             .map_err(|e| format!("removing confirmed rows from the outbox: {e}"))?;
     }
+}
+
+/// Persistent JSON.
+fn json_properties() -> AmqpProperties {
+    AmqpProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".to_owned())
+}
+
+/// The heartbeat of PANIC's managers, plus snapq's own figures. The "processes" of a
+/// snapq foreman are its enabled monitors; none of them can be dead, as they are rounds on
+/// the foreman's pool.
+fn heartbeat(conn: &Connection) -> Value {
+    let pid = std::process::id();
+    let (running, started_at): (i64, i64) = conn
+        .query_row(
+            "SELECT running, started_at FROM foremen WHERE pid = ?1",
+            [pid],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap_or((0, now_micros()));
+    let due = crate::queue::count_due_capped(conn, now_micros(), crate::telemetry::DUE_COUNT_CAP)
+        .unwrap_or(-1);
+    let monitors: Vec<String> = conn
+        .prepare_cached("SELECT name FROM monitors WHERE enabled = 1 ORDER BY name")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .unwrap_or_default();
+    let now = now_micros();
+    json!({
+        "component_name": "snapq",
+        "running_processes": monitors,
+        "dead_processes": [],
+        "timestamp": now as f64 / 1e6,
+        "pid": pid,
+        "uptime": (now - started_at).max(0) as f64 / 1e6,
+        "due": due,
+        "running": running,
+    })
 }
 
 type Row = (i64, String, String, String);

@@ -172,6 +172,10 @@ pub struct RunArgs {
     /// appending them to HOME/results.jsonl, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
     #[arg(long, env = "SNAPQ_AMQP_URL", value_name = "URL")]
     pub amqp_url: Option<String>,
+    /// Seconds between heartbeats on RabbitMQ's health_check exchange (with --amqp-url)
+    #[arg(long, env = "SNAPQ_HEARTBEAT_INTERVAL", value_name = "SECS", default_value = "10",
+          value_parser = seconds, allow_negative_numbers = true)]
+    pub heartbeat_interval: Duration,
     /// Record no telemetry (task durations and waits, resource use) in the telemetry
     /// directory
     #[arg(long, env = "SNAPQ_NO_TELEMETRY", value_parser = FalseyValueParser::new())]
@@ -276,7 +280,13 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         return foreman::run(&config, Registry::with_builtins()).map(drop);
     };
     // The publisher outlives the foreman loop: it is dropped (and stopped) after it.
-    let (sink, _publisher) = crate::amqp::start(url, paths.db.clone())?;
+    if args.heartbeat_interval < Duration::from_millis(100) {
+        return Err(Error::bad_input(
+            "--heartbeat-interval",
+            "give at least 0.1 seconds",
+        ));
+    }
+    let (sink, _publisher) = crate::amqp::start(url, paths.db.clone(), args.heartbeat_interval)?;
     foreman::run_with_sink(&config, Registry::with_builtins(), Box::new(sink)).map(drop)
 }
 

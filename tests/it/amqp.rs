@@ -461,3 +461,111 @@ fn results_waiting_in_the_outbox_survive_kill_9() {
     let got = first_deliveries(&consumer.messages());
     assert_eq!(&got[..waiting.len()], &waiting[..]);
 }
+
+/// Collects messages on `health_check` / `heartbeat.manager`.
+fn heartbeats_while(
+    within: Duration,
+    during: impl FnOnce(&amiquip::Channel),
+) -> Vec<(Instant, Value)> {
+    let mut connection = Connection::insecure_open(BROKER).unwrap();
+    let channel = connection.open_channel(None).unwrap();
+    let exchange = channel
+        .exchange_declare(
+            ExchangeType::Topic,
+            "health_check",
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let queue = channel
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    queue
+        .bind(&exchange, "heartbeat.manager", FieldTable::default())
+        .unwrap();
+    let consumer = queue
+        .consume(ConsumerOptions {
+            no_ack: true,
+            ..Default::default()
+        })
+        .unwrap();
+    during(&channel);
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    while let Ok(message) = consumer.receiver().recv_deadline(deadline) {
+        if let ConsumerMessage::Delivery(d) = message {
+            got.push((Instant::now(), serde_json::from_slice(&d.body).unwrap()));
+        }
+    }
+    let _ = connection.close();
+    got
+}
+
+#[test]
+fn heartbeats_come_periodically_and_in_answer_to_a_ping() {
+    let home = Home::new();
+    let mut foreman = home.start(&["--amqp-url", BROKER, "--heartbeat-interval", "0.5"]);
+    home.ok(&[
+        "monitor",
+        "add",
+        "system",
+        "host",
+        "--interval",
+        "60",
+        "--config",
+        "{}",
+    ]);
+    let ours = |beats: Vec<(Instant, Value)>| -> Vec<(Instant, Value)> {
+        beats
+            .into_iter()
+            .filter(|(_, b)| b["pid"] == foreman.pid())
+            .collect()
+    };
+    let periodic = ours(heartbeats_while(Duration::from_millis(2200), |_| {}));
+    assert!(
+        periodic.len() >= 3,
+        "{} heartbeats in 2.2 s at 0.5 s",
+        periodic.len()
+    );
+    let beat = &periodic[0].1;
+    assert_eq!(beat["component_name"], "snapq");
+    assert!(
+        beat["running_processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "host"),
+        "{beat}"
+    );
+    assert_eq!(beat["dead_processes"], json!([]));
+    assert!(beat["timestamp"].as_f64().unwrap() > 1.7e9);
+    assert!(beat["uptime"].as_f64().unwrap() >= 0.0);
+    assert!(beat["due"].is_i64() && beat["running"].is_i64());
+    foreman.stop();
+
+    // With a long interval, only a ping brings a heartbeat soon.
+    let foreman = home.start(&["--amqp-url", BROKER, "--heartbeat-interval", "3600"]);
+    // The first heartbeat goes out on connecting; wait for the publisher to be there.
+    assert!(wait_until(Duration::from_secs(10), || foreman
+        .has_log("RabbitMQ: connected")));
+    let mut pinged_at = Instant::now();
+    let answers: Vec<(Instant, Value)> = heartbeats_while(Duration::from_secs(2), |channel| {
+        pinged_at = Instant::now();
+        channel
+            .basic_publish("health_check", amiquip::Publish::new(b"ping", "ping"))
+            .unwrap();
+    })
+    .into_iter()
+    .filter(|(_, b)| b["pid"] == foreman.pid())
+    .collect();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert!(answers[0].0 - pinged_at < Duration::from_secs(1));
+}
