@@ -13,5 +13,7 @@ CREATE TABLE sink_status (
     sink       TEXT    PRIMARY KEY,
     state      TEXT    NOT NULL,
     detail     TEXT    NOT NULL,
+    -- Results dropped, oldest first, because the outbox reached its cap.
+    dropped    INTEGER NOT NULL DEFAULT 0,
     updated_at INTEGER NOT NULL
 );

@@ -51,6 +51,10 @@ pub struct AmqpSink {
     /// Capacity one: a poke waiting means "look at the outbox", more would repeat it.
     poke: Sender<()>,
     staged: bool,
+    /// The most rows the outbox keeps; past it the oldest are dropped (and counted).
+    cap: i64,
+    /// Whether the last stage found the outbox at its cap (to warn once per episode).
+    capped: bool,
 }
 
 impl Sink for AmqpSink {
@@ -69,6 +73,27 @@ impl Sink for AmqpSink {
         })
         .map_err(Error::sqlite("adding a result to the outbox"))?;
         self.staged = true;
+        // Rows leave the outbox oldest first, so its ids are contiguous and the span of
+        // ids is its depth (two index lookups, whatever the depth).
+        let dropped = tx
+            .prepare_cached("DELETE FROM outbox WHERE id <= (SELECT max(id) FROM outbox) - ?1")
+            .and_then(|mut s| s.execute([self.cap]))
+            .map_err(Error::sqlite("trimming the outbox"))?;
+        if dropped > 0 {
+            tx.execute(
+                "UPDATE sink_status SET dropped = dropped + ?1 WHERE sink = 'amqp'",
+                [dropped as i64],
+            )
+            .map_err(Error::sqlite("counting dropped results"))?;
+            if !self.capped {
+                tracing::warn!(
+                    cap = self.cap,
+                    "the outbox is full (RabbitMQ unreachable?): dropping its oldest results; \
+                     raise --outbox-cap or bring the broker back"
+                );
+            }
+        }
+        self.capped = dropped > 0;
         Ok(())
     }
 
@@ -145,6 +170,7 @@ pub fn start(
     url: &str,
     db_path: PathBuf,
     heartbeat_interval: Duration,
+    outbox_cap: u64,
 ) -> Result<(AmqpSink, Publisher)> {
     if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
         return Err(Error::bad_input(
@@ -167,6 +193,8 @@ pub fn start(
         AmqpSink {
             poke: poke_tx,
             staged: false,
+            cap: i64::try_from(outbox_cap).unwrap_or(i64::MAX),
+            capped: false,
         },
         Publisher {
             stop: stop_tx,
@@ -439,17 +467,19 @@ pub struct SinkStatus {
     pub detail: Option<String>,
     pub outbox_depth: i64,
     pub oldest_unsent_age_seconds: Option<f64>,
+    /// Results dropped because the outbox was at its cap.
+    pub dropped: i64,
 }
 
 pub fn status(conn: &Connection) -> Result<SinkStatus> {
-    let (state, detail): (Option<String>, Option<String>) = conn
+    let (state, detail, dropped): (Option<String>, Option<String>, i64) = conn
         .query_row(
-            "SELECT state, detail FROM sink_status WHERE sink = 'amqp'",
+            "SELECT state, detail, dropped FROM sink_status WHERE sink = 'amqp'",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok((None, None)),
+            rusqlite::Error::QueryReturnedNoRows => Ok((None, None, 0)),
             e => Err(e),
         })
         .map_err(Error::sqlite("reading the sink's state"))?;
@@ -464,6 +494,7 @@ pub fn status(conn: &Connection) -> Result<SinkStatus> {
         detail,
         outbox_depth: depth,
         oldest_unsent_age_seconds: oldest.map(|t| (now_micros() - t).max(0) as f64 / 1e6),
+        dropped,
     })
 }
 

@@ -176,6 +176,11 @@ pub struct RunArgs {
     #[arg(long, env = "SNAPQ_HEARTBEAT_INTERVAL", value_name = "SECS", default_value = "10",
           value_parser = seconds, allow_negative_numbers = true)]
     pub heartbeat_interval: Duration,
+    /// The most results the RabbitMQ outbox keeps while the broker is unreachable; past
+    /// it the oldest are dropped, with a warning and a count in `snapq status`
+    #[arg(long, env = "SNAPQ_OUTBOX_CAP", value_name = "ROWS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub outbox_cap: u64,
     /// Record no telemetry (task durations and waits, resource use) in the telemetry
     /// directory
     #[arg(long, env = "SNAPQ_NO_TELEMETRY", value_parser = FalseyValueParser::new())]
@@ -286,7 +291,12 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
             "give at least 0.1 seconds",
         ));
     }
-    let (sink, _publisher) = crate::amqp::start(url, paths.db.clone(), args.heartbeat_interval)?;
+    let (sink, _publisher) = crate::amqp::start(
+        url,
+        paths.db.clone(),
+        args.heartbeat_interval,
+        args.outbox_cap,
+    )?;
     foreman::run_with_sink(&config, Registry::with_builtins(), Box::new(sink)).map(drop)
 }
 

@@ -156,12 +156,17 @@ impl Status {
         if let Some(sink) = &self.sink {
             match &sink.state {
                 Some(state) => out.push_str(&format!(
-                    "results: RabbitMQ, {state} ({}); outbox {} unsent{}\n",
+                    "results: RabbitMQ, {state} ({}); outbox {} unsent{}{}\n",
                     sink.detail.as_deref().unwrap_or(""),
                     sink.outbox_depth,
                     sink.oldest_unsent_age_seconds
                         .map(|a| format!(", oldest {a:.1} s"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    if sink.dropped > 0 {
+                        format!(", {} dropped at the cap", sink.dropped)
+                    } else {
+                        String::new()
+                    }
                 )),
                 None => out.push_str("results: results.jsonl in the home directory\n"),
             }

@@ -557,15 +557,57 @@ fn heartbeats_come_periodically_and_in_answer_to_a_ping() {
     assert!(wait_until(Duration::from_secs(10), || foreman
         .has_log("RabbitMQ: connected")));
     let mut pinged_at = Instant::now();
+    let mut pinged_wall = 0.0;
     let answers: Vec<(Instant, Value)> = heartbeats_while(Duration::from_secs(2), |channel| {
         pinged_at = Instant::now();
+        pinged_wall = snapq::clock::now_micros() as f64 / 1e6;
         channel
             .basic_publish("health_check", amiquip::Publish::new(b"ping", "ping"))
             .unwrap();
     })
     .into_iter()
-    .filter(|(_, b)| b["pid"] == foreman.pid())
+    // Ours, and made after the ping (the heartbeat sent on connecting may arrive late).
+    .filter(|(_, b)| b["pid"] == foreman.pid() && b["timestamp"].as_f64().unwrap() >= pinged_wall)
     .collect();
     assert_eq!(answers.len(), 1, "{answers:?}");
     assert!(answers[0].0 - pinged_at < Duration::from_secs(1));
+}
+
+#[test]
+fn the_outbox_is_capped_and_says_what_it_dropped() {
+    let home = Home::new();
+    let web = FakeServer::start(Mode::Text("ok\n".into()));
+    // Nothing listens on port 1: the broker stays unreachable.
+    let foreman = home.start(&[
+        "--amqp-url",
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        "--outbox-cap",
+        "5",
+    ]);
+    home.ok(&[
+        "monitor",
+        "add",
+        "http",
+        "w",
+        "--interval",
+        "0.1",
+        "--config",
+        &json!({"url": web.url()}).to_string(),
+    ]);
+    assert!(wait_until(Duration::from_secs(10), || {
+        let s: Value = serde_json::from_str(&home.ok(&["status", "--json"])).unwrap();
+        s["sink"]["dropped"].as_i64().unwrap() >= 5
+    }));
+    let status: Value = serde_json::from_str(&home.ok(&["status", "--json"])).unwrap();
+    assert!(
+        status["sink"]["outbox_depth"].as_i64().unwrap() <= 5,
+        "{status}"
+    );
+    assert!(outbox_depth(&home) <= 5);
+    assert!(
+        foreman.has_log("the outbox is full"),
+        "{}",
+        foreman.log_text()
+    );
+    assert!(home.ok(&["status"]).contains("dropped at the cap"));
 }
