@@ -13,20 +13,16 @@ use crate::support::{Home, wait_until};
 
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// Collects the messages published on `raw_data` under `binding` for `within`, or until
-/// `enough` of them came.
-fn consume(
+/// A consumer (no acks) of an exclusive queue bound to `exchange` under `binding`.
+fn subscribe<'a>(
+    channel: &'a amiquip::Channel,
+    exchange: &str,
     binding: &str,
-    enough: usize,
-    within: Duration,
-    during: impl FnOnce(),
-) -> Vec<(String, Value)> {
-    let mut connection = Connection::insecure_open(BROKER).expect("RabbitMQ at 127.0.0.1:5672");
-    let channel = connection.open_channel(None).unwrap();
+) -> amiquip::Consumer<'a> {
     let exchange = channel
         .exchange_declare(
             ExchangeType::Topic,
-            "raw_data",
+            exchange,
             ExchangeDeclareOptions {
                 durable: true,
                 ..ExchangeDeclareOptions::default()
@@ -45,12 +41,25 @@ fn consume(
     queue
         .bind(&exchange, binding, FieldTable::default())
         .unwrap();
-    let consumer = queue
+    queue
         .consume(ConsumerOptions {
             no_ack: true,
             ..ConsumerOptions::default()
         })
-        .unwrap();
+        .unwrap()
+}
+
+/// Collects the messages published on `raw_data` under `binding` for `within`, or until
+/// `enough` of them came.
+fn consume(
+    binding: &str,
+    enough: usize,
+    within: Duration,
+    during: impl FnOnce(),
+) -> Vec<(String, Value)> {
+    let mut connection = Connection::insecure_open(BROKER).expect("RabbitMQ at 127.0.0.1:5672");
+    let channel = connection.open_channel(None).unwrap();
+    let consumer = subscribe(&channel, "raw_data", binding);
     during();
     let deadline = Instant::now() + within;
     let mut got = Vec::new();
@@ -75,16 +84,13 @@ fn chainlink_results_reach_rabbitmq_in_panics_shape() {
     let name = format!("cl-{}", std::process::id());
     let mut foreman = home.start(&["--amqp-url", BROKER]);
     let messages = consume("node.chainlink", 2, Duration::from_secs(10), || {
-        home.ok(&[
-            "monitor",
-            "add",
+        crate::monitors::add(
+            &home,
             "chainlink_node",
             &name,
-            "--interval",
+            json!({"node_prometheus_urls": [node.url()]}),
             "0.3",
-            "--config",
-            &json!({"node_prometheus_urls": [node.url()]}).to_string(),
-        ]);
+        );
     });
     let ours: Vec<&Value> = messages
         .iter()
@@ -212,34 +218,7 @@ impl Consumer {
             std::thread::spawn(move || {
                 let mut connection = Connection::insecure_open(BROKER).unwrap();
                 let channel = connection.open_channel(None).unwrap();
-                let exchange = channel
-                    .exchange_declare(
-                        ExchangeType::Topic,
-                        "raw_data",
-                        ExchangeDeclareOptions {
-                            durable: true,
-                            ..Default::default()
-                        },
-                    )
-                    .unwrap();
-                let queue = channel
-                    .queue_declare(
-                        "",
-                        QueueDeclareOptions {
-                            exclusive: true,
-                            ..Default::default()
-                        },
-                    )
-                    .unwrap();
-                queue
-                    .bind(&exchange, binding, FieldTable::default())
-                    .unwrap();
-                let consumer = queue
-                    .consume(ConsumerOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    })
-                    .unwrap();
+                let consumer = subscribe(&channel, "raw_data", &binding);
                 ready_tx.send(()).unwrap();
                 while !stop.load(Ordering::SeqCst) {
                     if let Ok(ConsumerMessage::Delivery(d)) =
@@ -360,16 +339,7 @@ fn a_broker_outage_loses_no_result_and_keeps_their_order() {
     let name = format!("outage-{}", std::process::id());
     let consumer = Consumer::start(&format!("http.{name}"));
     let foreman = home.start(&["--amqp-url", &proxy.url()]);
-    home.ok(&[
-        "monitor",
-        "add",
-        "http",
-        &name,
-        "--interval",
-        "0.1",
-        "--config",
-        &json!({"url": web.url()}).to_string(),
-    ]);
+    crate::monitors::add(&home, "http", &name, json!({"url": web.url()}), "0.1");
     assert!(wait_until(Duration::from_secs(10), || consumer
         .messages()
         .len()
@@ -422,16 +392,7 @@ fn results_waiting_in_the_outbox_survive_kill_9() {
     let consumer = Consumer::start(&format!("http.{name}"));
     proxy.cut();
     let mut first = home.start(&["--amqp-url", &proxy.url()]);
-    home.ok(&[
-        "monitor",
-        "add",
-        "http",
-        &name,
-        "--interval",
-        "0.1",
-        "--config",
-        &json!({"url": web.url()}).to_string(),
-    ]);
+    crate::monitors::add(&home, "http", &name, json!({"url": web.url()}), "0.1");
     assert!(wait_until(Duration::from_secs(10), || outbox_depth(&home) >= 5));
     first.kill9();
     let waiting: Vec<String> = {
@@ -469,34 +430,7 @@ fn heartbeats_while(
 ) -> Vec<(Instant, Value)> {
     let mut connection = Connection::insecure_open(BROKER).unwrap();
     let channel = connection.open_channel(None).unwrap();
-    let exchange = channel
-        .exchange_declare(
-            ExchangeType::Topic,
-            "health_check",
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    let queue = channel
-        .queue_declare(
-            "",
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    queue
-        .bind(&exchange, "heartbeat.manager", FieldTable::default())
-        .unwrap();
-    let consumer = queue
-        .consume(ConsumerOptions {
-            no_ack: true,
-            ..Default::default()
-        })
-        .unwrap();
+    let consumer = subscribe(&channel, "health_check", "heartbeat.manager");
     during(&channel);
     let deadline = Instant::now() + within;
     let mut got = Vec::new();

@@ -17,7 +17,7 @@ fn results(home: &Home, monitor: &str) -> Vec<Value> {
         .collect()
 }
 
-fn add(home: &Home, kind: &str, name: &str, config: Value, interval: &str) {
+pub(crate) fn add(home: &Home, kind: &str, name: &str, config: Value, interval: &str) {
     home.ok(&[
         "monitor",
         "add",
