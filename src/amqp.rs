@@ -59,7 +59,12 @@ pub struct AmqpSink {
 
 impl Sink for AmqpSink {
     fn stage(&mut self, tx: &Transaction<'_>, result: &RoundResult) -> Result<()> {
-        let (routing_key, body) = message_for(result);
+        let names = if result.kind == "chainlink_node" {
+            node_names(tx, &result.monitor)
+        } else {
+            NodeNames::default()
+        };
+        let (routing_key, body) = message_for(result, &names);
         tx.prepare_cached(
             "INSERT INTO outbox (exchange, routing_key, body, created_at) VALUES (?1, ?2, ?3, ?4)",
         )
@@ -105,8 +110,40 @@ impl Sink for AmqpSink {
     }
 }
 
+/// How PANIC's `meta_data` names a Chainlink node: the optional `node_name`, `node_id` and
+/// `node_parent_id` of the monitor's config.
+#[derive(Debug, Clone, Default)]
+pub struct NodeNames {
+    pub name: Option<String>,
+    pub id: Option<String>,
+    pub parent_id: Option<String>,
+}
+
+fn node_names(tx: &Transaction<'_>, monitor: &str) -> NodeNames {
+    let config: Option<Value> = tx
+        .query_row(
+            "SELECT config FROM monitors WHERE name = ?1",
+            [monitor],
+            |r| r.get::<_, String>(0),
+        )
+        .ok()
+        .and_then(|c| serde_json::from_str(&c).ok());
+    let field = |key: &str| {
+        config
+            .as_ref()
+            .and_then(|c| c.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    NodeNames {
+        name: field("node_name"),
+        id: field("node_id"),
+        parent_id: field("node_parent_id"),
+    }
+}
+
 /// The routing key and body of a round's message.
-pub fn message_for(result: &RoundResult) -> (String, Value) {
+pub fn message_for(result: &RoundResult, names: &NodeNames) -> (String, Value) {
     if result.kind != "chainlink_node" {
         let body = serde_json::to_value(result).unwrap_or(Value::Null);
         return (format!("{}.{}", result.kind, result.monitor), body);
@@ -124,9 +161,9 @@ pub fn message_for(result: &RoundResult) -> (String, Value) {
     .map_or(0.0, |t| t.unix_timestamp_nanos() as f64 / 1e9);
     let meta_data = json!({
         "monitor_name": result.monitor,
-        "node_name": result.monitor,
-        "node_id": result.monitor,
-        "node_parent_id": "snapq",
+        "node_name": names.name.as_deref().unwrap_or(&result.monitor),
+        "node_id": names.id.as_deref().unwrap_or(&result.monitor),
+        "node_parent_id": names.parent_id.as_deref().unwrap_or("snapq"),
         "last_source_used": source,
         "time": time,
     });
@@ -530,7 +567,7 @@ mod tests {
             Some(json!({"source": "http://n/metrics", "head_tracker_current_head": 7})),
             None,
         );
-        let (key, body) = message_for(&ok);
+        let (key, body) = message_for(&ok, &NodeNames::default());
         assert_eq!(key, "node.chainlink");
         let r = &body["prometheus"]["result"];
         assert_eq!(r["data"]["head_tracker_current_head"], 7);
@@ -543,13 +580,22 @@ mod tests {
             None,
             Some(RoundError::new("node_down", "node is down")),
         );
-        let (_, body) = message_for(&down);
+        let named = NodeNames {
+            name: Some("Node One".into()),
+            id: Some("n-1".into()),
+            parent_id: Some("chain-x".into()),
+        };
+        let (_, body) = message_for(&down, &named);
         assert_eq!(body["prometheus"]["error"]["code"], "node_down");
-        assert_eq!(
-            body["prometheus"]["error"]["meta_data"]["node_name"],
-            "node-1"
+        let meta = &body["prometheus"]["error"]["meta_data"];
+        assert_eq!(meta["node_name"], "Node One");
+        assert_eq!(meta["node_id"], "n-1");
+        assert_eq!(meta["node_parent_id"], "chain-x");
+        assert_eq!(meta["monitor_name"], "node-1");
+        let (key, body) = message_for(
+            &result("http", Some(json!({"status": 200})), None),
+            &NodeNames::default(),
         );
-        let (key, body) = message_for(&result("http", Some(json!({"status": 200})), None));
         assert_eq!(key, "http.node-1");
         assert_eq!(body["data"]["status"], 200);
         assert_eq!(body["version"], 2);

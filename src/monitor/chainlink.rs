@@ -19,6 +19,14 @@ pub struct ChainlinkNode;
 #[serde(deny_unknown_fields)]
 struct Config {
     node_prometheus_urls: Vec<String>,
+    /// How PANIC's `meta_data` names the node (the RabbitMQ sink reads these from the
+    /// stored config); default: the monitor's name, and "snapq" for the parent.
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default)]
+    node_id: Option<String>,
+    #[serde(default)]
+    node_parent_id: Option<String>,
 }
 
 /// Metrics a round must find, each a single number.
@@ -59,6 +67,8 @@ impl Kind for ChainlinkNode {
         for (i, url) in config.node_prometheus_urls.iter().enumerate() {
             check_url(&format!("node_prometheus_urls[{i}]"), url)?;
         }
+        // The names are only carried for the sink; they just have to be strings.
+        let _ = (config.node_name, config.node_id, config.node_parent_id);
         Ok(Arc::new(ChainlinkProbe {
             urls: config.node_prometheus_urls,
             client,

@@ -90,7 +90,12 @@ fn chainlink_results_reach_rabbitmq_in_panics_shape() {
             &home,
             "chainlink_node",
             &name,
-            json!({"node_prometheus_urls": [node.url()]}),
+            json!({
+                "node_prometheus_urls": [node.url()],
+                "node_name": "Node One",
+                "node_id": "n-1",
+                "node_parent_id": "chain-x",
+            }),
             "0.3",
         );
     });
@@ -108,9 +113,9 @@ fn chainlink_results_reach_rabbitmq_in_panics_shape() {
     assert_eq!(result["data"]["head_tracker_current_head"], 4242);
     assert_eq!(result["meta_data"]["last_source_used"], node.url());
     assert!(result["meta_data"]["time"].as_f64().unwrap() > 1.7e9);
-    assert!(result["meta_data"]["node_name"].is_string());
-    assert!(result["meta_data"]["node_id"].is_string());
-    assert!(result["meta_data"]["node_parent_id"].is_string());
+    assert_eq!(result["meta_data"]["node_name"], "Node One");
+    assert_eq!(result["meta_data"]["node_id"], "n-1");
+    assert_eq!(result["meta_data"]["node_parent_id"], "chain-x");
     // No results file with a broker configured; confirmed messages leave the outbox.
     assert!(
         !home.file("results.jsonl").exists()
