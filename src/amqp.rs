@@ -44,6 +44,7 @@ pub const HEALTH_EXCHANGE: &str = "health_check";
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Outbox rows sent before waiting for their confirms.
 const BATCH: i64 = 256;
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Stages results into the outbox and pokes the publisher after commit.
@@ -270,10 +271,17 @@ fn publish_loop(
     stop: &Receiver<()>,
     heartbeat_interval: Duration,
 ) {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = MIN_BACKOFF;
     let mut last_error = String::new();
     loop {
-        match session(url, conn, poke, stop, heartbeat_interval) {
+        let mut connected = false;
+        let outcome = session(url, conn, poke, stop, heartbeat_interval, &mut connected);
+        if connected {
+            // A connection that worked starts the backoff and the error log afresh.
+            backoff = MIN_BACKOFF;
+            last_error.clear();
+        }
+        match outcome {
             Ok(()) => return,
             Err(e) => {
                 if e != last_error {
@@ -295,13 +303,14 @@ fn publish_loop(
 }
 
 /// One connection's life: connect, declare, then send heartbeats and the outbox until an
-/// error or stop. Returns Ok only when asked to stop.
+/// error or stop. Returns Ok only when asked to stop; sets `connected` once it was.
 fn session(
     url: &str,
     conn: &Connection,
     poke: &Receiver<()>,
     stop: &Receiver<()>,
     heartbeat_interval: Duration,
+    connected: &mut bool,
 ) -> Result<(), String> {
     let mut connection =
         AmqpConnection::insecure_open(url).map_err(|e| format!("cannot connect: {e}"))?;
@@ -346,6 +355,7 @@ fn session(
         .map_err(|e| format!("cannot consume pings: {e}"))?;
     tracing::info!(broker = %redact(url), "RabbitMQ: connected");
     set_state(conn, "connected", &redact(url));
+    *connected = true;
     // Delivery tags count from 1 on a channel in confirm mode; heartbeats take tags too.
     let mut next_tag: u64 = 1;
     let mut next_heartbeat = Instant::now();
@@ -360,16 +370,7 @@ fn session(
         );
         if pinged || Instant::now() >= next_heartbeat {
             let body = heartbeat(conn).to_string();
-            channel
-                .basic_publish(
-                    HEALTH_EXCHANGE,
-                    Publish::with_properties(
-                        body.as_bytes(),
-                        "heartbeat.manager",
-                        json_properties(),
-                    ),
-                )
-                .map_err(|e| format!("publishing a heartbeat failed: {e}"))?;
+            publish(&channel, HEALTH_EXCHANGE, "heartbeat.manager", &body)?;
             wait_for_confirms(&confirms, next_tag, next_tag)?;
             next_tag += 1;
             if !pinged {
@@ -400,16 +401,7 @@ fn session(
             continue;
         };
         for (_, exchange, routing_key, body) in &rows {
-            channel
-                .basic_publish(
-                    exchange.as_str(),
-                    Publish::with_properties(
-                        body.as_bytes(),
-                        routing_key.as_str(),
-                        json_properties(),
-                    ),
-                )
-                .map_err(|e| format!("publishing failed: {e}"))?;
+            publish(&channel, exchange, routing_key, body)?;
         }
         let last_tag = next_tag + rows.len() as u64 - 1;
         wait_for_confirms(&confirms, next_tag, last_tag)?;
@@ -419,11 +411,22 @@ fn session(
     }
 }
 
-/// Persistent JSON.
-fn json_properties() -> AmqpProperties {
-    AmqpProperties::default()
+/// Publishes `body` as persistent JSON; its confirm is awaited by the caller.
+fn publish(
+    channel: &amiquip::Channel,
+    exchange: &str,
+    key: &str,
+    body: &str,
+) -> Result<(), String> {
+    let properties = AmqpProperties::default()
         .with_delivery_mode(2)
-        .with_content_type("application/json".to_owned())
+        .with_content_type("application/json".to_owned());
+    channel
+        .basic_publish(
+            exchange,
+            Publish::with_properties(body.as_bytes(), key, properties),
+        )
+        .map_err(|e| format!("publishing to {exchange} / {key} failed: {e}"))
 }
 
 /// The heartbeat of PANIC's managers, plus snapq's own figures. The "processes" of a
