@@ -92,10 +92,6 @@ impl PidFile {
             _file: file,
         })
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 impl Drop for PidFile {

@@ -31,7 +31,7 @@ pub const FLAG_FILE: &str = "wake";
 /// The writer's side: a wake-up directory that has been checked to be usable.
 #[derive(Debug, Clone)]
 pub struct WakeDir {
-    path: PathBuf,
+    /// The flag file every snapq enqueuer creates.
     flag: PathBuf,
 }
 
@@ -65,13 +65,8 @@ impl WakeDir {
             )));
         }
         Ok(WakeDir {
-            path: path.to_owned(),
             flag: path.join(FLAG_FILE),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Tells a foreman watching this directory that rows were committed. Call it after the
