@@ -568,5 +568,19 @@ fn the_outbox_is_capped_and_says_what_it_dropped() {
         "{}",
         foreman.log_text()
     );
+    // An unreachable broker is reported like wrong credentials: in the log and in status.
+    assert_eq!(status["sink"]["state"], "disconnected");
+    assert!(
+        status["sink"]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot connect"),
+        "{status}"
+    );
+    assert!(
+        foreman.has_log("RabbitMQ: cannot connect"),
+        "{}",
+        foreman.log_text()
+    );
     assert!(home.ok(&["status"]).contains("dropped at the cap"));
 }
