@@ -448,6 +448,7 @@ fn wakeup_latency(
         graceful_timeout: Duration::from_secs(5),
         burst: false,
         safety_interval: foreman::SAFETY_INTERVAL,
+        live: None,
     };
     let foreman = std::thread::spawn(move || foreman::run(&config, registry));
     // The foreman opens the database and records its task types; wait for that.

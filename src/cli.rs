@@ -15,6 +15,7 @@ use crate::config::{PathOverrides, Paths};
 use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
 use crate::foreman::{self, ForemanConfig};
+use crate::live::{Limits, LiveConfig};
 use crate::logging::{self, LogFormat};
 use crate::queue::{self, Catalog, Enqueuer, NewTask, When};
 use crate::registry::Registry;
@@ -185,6 +186,33 @@ pub struct RunArgs {
     /// directory
     #[arg(long, env = "SNAPQ_NO_TELEMETRY", value_parser = FalseyValueParser::new())]
     pub no_telemetry: bool,
+    /// Serve the live view here: a web page, /api/status, /metrics and the /events
+    /// WebSocket (e.g. 127.0.0.1:8080; a bare port means 127.0.0.1). Off by default; an
+    /// address beyond loopback is served with a warning
+    #[arg(long, env = "SNAPQ_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
+    /// Require this token on every live view request (?token=TOKEN or Authorization:
+    /// Bearer TOKEN); letters, digits and - . _ ~
+    #[arg(
+        long,
+        env = "SNAPQ_HTTP_TOKEN",
+        value_name = "TOKEN",
+        requires = "http"
+    )]
+    pub http_token: Option<String>,
+    /// Seconds the live view keeps a channel's history after its final message
+    #[arg(long, env = "SNAPQ_HTTP_RETENTION", value_name = "SECS", default_value = "300",
+          value_parser = seconds, allow_negative_numbers = true)]
+    pub http_retention: Duration,
+    /// The most live view connections served at once (pages, API calls, WebSockets)
+    #[arg(long, env = "SNAPQ_HTTP_MAX_CONNECTIONS", value_name = "N", default_value_t = 128,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub http_max_connections: u16,
+    /// The most live view messages waiting for one WebSocket client; a client further
+    /// behind is disconnected (close code 1008, "too slow")
+    #[arg(long, env = "SNAPQ_HTTP_CLIENT_QUEUE", value_name = "MESSAGES", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_client_queue: u32,
     /// Seconds between re-reads of the queue when no wake-up comes (tests raise it to
     /// prove no wake-up is missed)
     #[arg(long, env = "SNAPQ_SAFETY_INTERVAL", value_name = "SECS", hide = true,
@@ -277,6 +305,7 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         graceful_timeout: args.graceful_timeout,
         burst: args.burst,
         safety_interval: args.safety_interval.max(Duration::from_millis(10)),
+        live: live_config(paths, args)?,
     };
     let Some(url) = &args.amqp_url else {
         if paths.db.exists() {
@@ -298,6 +327,32 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         args.outbox_cap,
     )?;
     foreman::run_with_sink(&config, Registry::with_builtins(), Box::new(sink)).map(drop)
+}
+
+/// The live view's settings, checked before anything is opened (bad input changes nothing).
+fn live_config(paths: &Paths, args: &RunArgs) -> Result<Option<LiveConfig>> {
+    let Some(addr) = &args.http else {
+        return Ok(None);
+    };
+    let addr = if addr.parse::<u16>().is_ok() {
+        format!("127.0.0.1:{addr}")
+    } else {
+        addr.clone()
+    };
+    let config = LiveConfig {
+        addr,
+        token: args.http_token.clone(),
+        limits: Limits {
+            retention: args.http_retention,
+            max_connections: usize::from(args.http_max_connections),
+            client_queue: args.http_client_queue as usize,
+            ..Limits::default()
+        },
+        db: paths.db.clone(),
+        workers: usize::from(args.workers),
+    };
+    config.validate()?;
+    Ok(Some(config))
 }
 
 fn enqueue(paths: &Paths, synchronous: Synchronous, args: &EnqueueArgs) -> Result<()> {

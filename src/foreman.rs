@@ -28,7 +28,11 @@
 //!    the signal thread, the telemetry thread (unless `--no-telemetry`) and this one:
 //!    `workers + 4`, whatever the number of tasks or monitor rounds (monitors resolve host
 //!    names on the worker itself, src/monitor/http_fetch.rs, not on a thread per lookup).
-//!    With `--amqp-url`, two more: the publisher and amiquip's connection thread.
+//!    With `--amqp-url`, two more: the publisher and amiquip's connection thread. With
+//!    `--http`, two more (the live view's hub and acceptor) and one a connection while it
+//!    is served, at most `--http-max-connections` (src/live/mod.rs).
+//!    The live view never holds up this loop or a worker: they hand it events with a
+//!    non-blocking `try_send` and it drops (and counts) what it cannot take.
 //! 7. **Failures are contained.** Workers run tasks under `catch_unwind` and a guard that
 //!    always reports back (src/pool.rs); a row that cannot run (unknown name, bad
 //!    arguments) is reported as rejected — it was deleted when claimed, so it is never
@@ -57,6 +61,7 @@ use crate::clock::now_micros;
 use crate::clock::{format_micros, micros_of};
 use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
+use crate::live::{Event as LiveEvent, Live, LiveConfig, Publisher};
 use crate::monitor::{self, Probe, RoundResult};
 use crate::pidfile::PidFile;
 use crate::pool::{Done, Job, JobKey, Outcome, Pool, RoundDone, RoundJob, round_ms};
@@ -111,6 +116,8 @@ pub struct ForemanConfig {
     /// Run what is due, wait for it, return.
     pub burst: bool,
     pub safety_interval: Duration,
+    /// The live view (`--http`), if any.
+    pub live: Option<LiveConfig>,
 }
 
 /// What the loop reacts to. `next_event` returns one of these; bursts of completions are
@@ -172,6 +179,8 @@ pub fn run_with_sink(
         .map(PidFile::acquire)
         .transpose()?;
     let (watch, wake_rx) = Watch::start(&config.wakeup_dir)?;
+    // After the pid file: a second foreman is refused before it takes the port.
+    let live = config.live.clone().map(Live::start).transpose()?;
     watch.clear_backlog()?;
     queue::record_task_types(&conn, &registry)?;
     let started_at = now_micros();
@@ -196,6 +205,7 @@ pub fn run_with_sink(
         Arc::new(registry),
         done_tx,
         telemetry.as_ref().map(|t| Arc::clone(t.telemetry())),
+        live.as_ref().map(Live::publisher),
     )?;
     tracing::info!(
         pid,
@@ -229,6 +239,7 @@ pub fn run_with_sink(
         sink,
         notifier: Notifier::from_env(),
         telemetry: telemetry.as_ref().map(|t| Arc::clone(t.telemetry())),
+        live: live.as_ref().map(Live::publisher),
     };
     let status = foreman.status_line();
     foreman.notifier.ready(&status);
@@ -251,6 +262,9 @@ pub fn run_with_sink(
     // graceful path flushes them all).
     if let Some(telemetry) = telemetry {
         telemetry.stop();
+    }
+    if let Some(live) = live {
+        live.stop();
     }
     drop(watch);
     drop(signals);
@@ -309,6 +323,8 @@ struct Foreman<'a> {
     notifier: Notifier,
     /// Where the heartbeat publishes the queue figures for the runtime sample.
     telemetry: Option<Arc<Telemetry>>,
+    /// The live view's event queue: recorded monitor results go there.
+    live: Option<Publisher>,
 }
 
 impl Foreman<'_> {
@@ -607,6 +623,7 @@ impl Foreman<'_> {
             .transaction()
             .map_err(Error::sqlite("starting to record rounds"))?;
         let mut discarded = Vec::new();
+        let mut recorded = Vec::new();
         for (name, version, done, duration) in finished {
             let (data, error) = match done.round.outcome {
                 Ok(data) => (Some(data), None),
@@ -624,6 +641,9 @@ impl Foreman<'_> {
             };
             if monitor::store::record(&tx, &result, &done.round.state, done.started_us)? {
                 self.sink.stage(&tx, &result)?;
+                if self.live.is_some() {
+                    recorded.push(result);
+                }
             } else {
                 discarded.push((result.monitor, version));
             }
@@ -631,6 +651,11 @@ impl Foreman<'_> {
         tx.commit()
             .map_err(Error::sqlite("committing rounds' results"))?;
         self.sink.committed()?;
+        if let Some(live) = &self.live {
+            for result in recorded {
+                live.publish(LiveEvent::MonitorResult(Box::new(result)));
+            }
+        }
         for (monitor, version) in discarded {
             tracing::info!(
                 monitor = %monitor,

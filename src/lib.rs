@@ -27,6 +27,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod foreman;
+pub mod live;
 pub mod logging;
 pub mod monitor;
 pub mod pidfile;

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::clock::now_micros;
 use crate::error::{Error, Result};
+use crate::live::{Event, Publisher};
 use crate::monitor::{Probe, Round, RoundError};
 use crate::queue::Claimed;
 use crate::registry::{Registry, TaskContext};
@@ -98,13 +99,15 @@ const WORKER_SPIN: Duration = Duration::from_millis(1);
 
 impl Pool {
     /// Starts `workers` threads named `snapq-worker-N`; each reports finished tasks on
-    /// `done` (whose capacity must be at least `workers`, one outstanding report a slot)
-    /// and records each task's wait and duration in `telemetry`, if given.
+    /// `done` (whose capacity must be at least `workers`, one outstanding report a slot),
+    /// records each task's wait and duration in `telemetry`, if given, and publishes each
+    /// task's start, progress and end to `live`, if given.
     pub fn start(
         workers: usize,
         registry: Arc<Registry>,
         done: Sender<Done>,
         telemetry: Option<Arc<Telemetry>>,
+        live: Option<Publisher>,
     ) -> Result<Pool> {
         let (jobs_tx, jobs_rx) = bounded::<Job>(workers);
         let mut handles = Vec::with_capacity(workers);
@@ -114,6 +117,7 @@ impl Pool {
             registry,
             done,
             backlog: Arc::clone(&backlog),
+            live,
         });
         for n in 0..workers {
             let jobs = jobs_rx.clone();
@@ -172,6 +176,8 @@ struct Shared {
     /// See `Pool::backlog`.
     backlog: Arc<AtomicBool>,
     timing: Option<Timing>,
+    /// The live view's event queue, if the foreman serves one (src/live/mod.rs).
+    live: Option<Publisher>,
 }
 
 /// Telemetry labels for each registered task and monitor kind, interned once at startup
@@ -252,6 +258,8 @@ fn work(jobs: &Receiver<Job>, shared: &Shared) {
             // Stays Panicked only if something below unwinds past catch_unwind.
             outcome: Outcome::Panicked("the worker unwound outside the task".into()),
             timing: None,
+            live: shared.live.as_ref(),
+            ran: false,
         };
         slot.outcome = run_one(&task, shared, &mut slot);
     }
@@ -278,15 +286,21 @@ fn run_one<'a>(task: &Claimed, shared: &'a Shared, slot: &mut Slot<'a>) -> Outco
         Ok(args) => args,
         Err(message) => return Outcome::Rejected(message),
     };
-    let ctx = TaskContext {
-        id: task.id,
-        name: Arc::clone(&entry.name),
-    };
+    let ctx = TaskContext::with_live(task.id, Arc::clone(&entry.name), shared.live.clone());
     // How long after its due time the task starts: the foreman's lateness, which is
     // what an operator watches (the wait since creation includes any --delay).
     let now = now_micros();
     let late_ms = (now - task.due) as f64 / 1e3;
     tracing::info!(id = task.id, task = %entry.name, late_ms, "task started");
+    if let Some(live) = &shared.live {
+        live.publish(Event::TaskStarted {
+            id: task.id,
+            task: Arc::clone(&entry.name),
+            at: now,
+            late_ms,
+        });
+    }
+    slot.ran = true;
     if let Some(timing) = &shared.timing {
         let (duration, wait) = timing.labels[entry.id];
         let waited = (now - task.created_at).max(0) as f64 / 1e6;
@@ -368,6 +382,10 @@ struct Slot<'a> {
     outcome: Outcome,
     /// Where to record the task's duration, once it has started running.
     timing: Option<(&'a Telemetry, Label)>,
+    /// Where to publish the task's end.
+    live: Option<&'a Publisher>,
+    /// Whether the task started (a rejected row did not).
+    ran: bool,
 }
 
 impl Drop for Slot<'_> {
@@ -388,11 +406,43 @@ impl Drop for Slot<'_> {
             }
             Outcome::Round(_) => {}
         }
+        if let Some(live) = self.live {
+            self.publish_end(live, duration);
+        }
         // The foreman is gone only if it abandoned us at its deadline.
         let _ = self.done.send(Done {
             key: JobKey::Task(id),
             outcome: std::mem::replace(&mut self.outcome, Outcome::Succeeded),
             duration,
+        });
+    }
+}
+
+impl Slot<'_> {
+    fn publish_end(&self, live: &Publisher, duration: Duration) {
+        let at = now_micros();
+        let (reason, error) = match &self.outcome {
+            Outcome::Succeeded => {
+                live.publish(Event::TaskFinished {
+                    id: self.id,
+                    task: self.name.clone().unwrap_or_else(|| Arc::from("?")),
+                    at,
+                    duration,
+                });
+                return;
+            }
+            Outcome::Failed(e) => ("failed", e),
+            Outcome::Panicked(e) => ("panicked", e),
+            Outcome::Rejected(e) => ("rejected", e),
+            Outcome::Round(_) => return,
+        };
+        live.publish(Event::TaskFailed {
+            id: self.id,
+            task: self.name.clone(),
+            at,
+            duration: self.ran.then_some(duration),
+            reason,
+            error: error.clone(),
         });
     }
 }

@@ -8,12 +8,15 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::clock::now_micros;
 use crate::error::{Error, Result};
+use crate::live::{Event, Publisher};
 
 /// The JSON type a parameter accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,11 +180,59 @@ impl Args {
     }
 }
 
-/// What a running task knows about itself.
-#[derive(Debug, Clone)]
+/// What a running task knows about itself, and how it reports progress.
+#[derive(Debug)]
 pub struct TaskContext {
     pub id: i64,
     pub name: Arc<str>,
+    /// Where progress goes: the live view, when the foreman serves one.
+    live: Option<Publisher>,
+    /// When progress was last reported (Unix µs), for the rate limit. Only the task's own
+    /// thread (or threads it lends the context to) touch it; Relaxed, a hint.
+    last_progress: AtomicI64,
+}
+
+/// The shortest gap between two progress reports of one task that are passed on; reports
+/// in between are skipped (except a final 100%), so a task that reports in a tight loop
+/// costs the live view nothing.
+const PROGRESS_EVERY_MICROS: i64 = 50_000;
+
+impl TaskContext {
+    /// A context that reports progress nowhere (for running a task function directly).
+    pub fn new(id: i64, name: Arc<str>) -> TaskContext {
+        TaskContext::with_live(id, name, None)
+    }
+
+    pub(crate) fn with_live(id: i64, name: Arc<str>, live: Option<Publisher>) -> TaskContext {
+        TaskContext {
+            id,
+            name,
+            live,
+            last_progress: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    /// Reports how far the task is: `fraction` from 0 to 1 (`NaN` for "unknown") and a
+    /// short message. Shown live on the `task:<id>` channel and the page; at most 20
+    /// reports a second are passed on. Costs nothing without a live view.
+    pub fn progress(&self, fraction: f64, message: impl Into<String>) {
+        let Some(live) = &self.live else {
+            return;
+        };
+        let now = now_micros();
+        let last = self.last_progress.load(Ordering::Relaxed);
+        if fraction < 1.0 && now.saturating_sub(last) < PROGRESS_EVERY_MICROS {
+            return;
+        }
+        self.last_progress.store(now, Ordering::Relaxed);
+        live.publish(Event::TaskProgress {
+            id: self.id,
+            task: Arc::clone(&self.name),
+            at: now,
+            fraction: (!fraction.is_nan()).then(|| fraction.clamp(0.0, 1.0)),
+            message: message.into(),
+        });
+    }
 }
 
 /// The error a task returns; any error type converts into it.
@@ -225,11 +276,25 @@ impl Registry {
                 "sleeps for the given seconds",
                 vec![Param::required("seconds", Kind::Number)],
             ),
-            |_, args| {
+            |ctx, args| {
                 let seconds = args.f64("seconds").unwrap_or(0.0);
-                let d = Duration::try_from_secs_f64(seconds)
+                let total = Duration::try_from_secs_f64(seconds)
                     .map_err(|_| format!("cannot sleep {seconds} seconds"))?;
-                std::thread::sleep(d);
+                // In steps, reporting progress after each, so the live view has something
+                // to show; the end is kept to the requested time.
+                let start = Instant::now();
+                loop {
+                    let slept = start.elapsed();
+                    let Some(left) = total.checked_sub(slept).filter(|d| !d.is_zero()) else {
+                        break;
+                    };
+                    std::thread::sleep(left.min(SLEEP_STEP));
+                    let slept = start.elapsed().min(total);
+                    ctx.progress(
+                        slept.as_secs_f64() / total.as_secs_f64(),
+                        format!("slept {:.1} of {seconds} s", slept.as_secs_f64()),
+                    );
+                }
                 Ok(())
             },
         );
@@ -332,6 +397,9 @@ impl Default for Registry {
         Registry::with_builtins()
     }
 }
+
+/// How often the built-in `sleep` reports its progress.
+const SLEEP_STEP: Duration = Duration::from_millis(100);
 
 fn spec(name: &str, summary: &str, params: Vec<Param>) -> TaskSpec {
     TaskSpec {

@@ -411,8 +411,6 @@ struct Sampler {
 
 impl Sampler {
     fn new(t: &Telemetry) -> Sampler {
-        // SAFETY: sysconf only reads a configuration value.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         Sampler {
             rss: t.label("rss_bytes", Series::Runtime),
             user: t.label("cpu_user_seconds", Series::Runtime),
@@ -421,7 +419,7 @@ impl Sampler {
             fds: t.label("open_fds", Series::Runtime),
             due: t.label("tasks_due", Series::Runtime),
             running: t.label("tasks_running", Series::Runtime),
-            ticks: if ticks > 0 { ticks as f64 } else { 100.0 },
+            ticks: ProcStat::ticks_per_second(),
         }
     }
 
@@ -442,16 +440,23 @@ impl Sampler {
     }
 }
 
-/// The fields of /proc/self/stat that telemetry uses.
-struct ProcStat {
-    utime_ticks: u64,
-    stime_ticks: u64,
-    threads: u64,
-    rss_bytes: u64,
+/// The fields of /proc/self/stat that telemetry (and the live view's heartbeat) use.
+pub(crate) struct ProcStat {
+    pub utime_ticks: u64,
+    pub stime_ticks: u64,
+    pub threads: u64,
+    pub rss_bytes: u64,
 }
 
 impl ProcStat {
-    fn read_self() -> Option<ProcStat> {
+    /// Clock ticks per second, the unit of the CPU times.
+    pub fn ticks_per_second() -> f64 {
+        // SAFETY: sysconf only reads a configuration value.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if ticks > 0 { ticks as f64 } else { 100.0 }
+    }
+
+    pub fn read_self() -> Option<ProcStat> {
         let text = std::fs::read_to_string("/proc/self/stat").ok()?;
         // The command name (field 2) is in parentheses and may contain spaces: split after
         // its closing parenthesis. Fields from 3 on are then numbered from index 0.

@@ -44,6 +44,7 @@ fn a_program_runs_its_own_tasks() {
         graceful_timeout: Duration::from_secs(5),
         burst: true,
         safety_interval: foreman::SAFETY_INTERVAL,
+        live: None,
     };
 
     let mut q = Enqueuer::with_registry(

@@ -8,6 +8,7 @@ mod delay;
 mod drain;
 mod fake_http;
 mod library;
+mod live;
 mod monitors;
 mod pidfile;
 mod protocol;

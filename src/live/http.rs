@@ -1,0 +1,449 @@
+//! The live view's HTTP side: an acceptor thread and one thread a connection, at most
+//! `Limits::max_connections` at once. A request head is parsed with httparse; plain
+//! requests get one response and the connection closes; `/events` upgrades to a
+//! WebSocket served by src/live/ws.rs on the same thread.
+//!
+//! Routes: `/` (the page), `/api/status` (`snapq status --json`), `/api/monitors`
+//! (`snapq monitor list --json` without the configs), `/metrics`, `/events`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::LiveConfig;
+use super::hub::HubHandle;
+use super::metrics::{self, DbFigures};
+use crate::clock::now_micros;
+use crate::db::{self, Synchronous};
+use crate::error::{Error, Result};
+
+/// The page, embedded: no build step, no CDN.
+const PAGE: &str = include_str!("page.html");
+
+/// The longest request head accepted.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// How long a client may take to send its request head, or to take a response.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connection threads need little stack: parsing, a database read, a WebSocket loop.
+const CONNECTION_STACK: usize = 256 * 1024;
+
+pub(crate) struct Server {
+    pub config: LiveConfig,
+    pub hub: HubHandle,
+    /// Set by `Live::stop`; the acceptor and every connection thread read it.
+    pub stopping: Arc<AtomicBool>,
+    /// Connections being served now; bounded by `max_connections`.
+    active: AtomicUsize,
+    /// Numbers WebSocket clients for the hub.
+    next_client: AtomicU64,
+    /// The producers' drop count, for `/metrics`.
+    pub dropped: Arc<AtomicU64>,
+}
+
+impl Server {
+    pub fn new(
+        config: LiveConfig,
+        hub: HubHandle,
+        stopping: Arc<AtomicBool>,
+        dropped: Arc<AtomicU64>,
+    ) -> Server {
+        Server {
+            config,
+            hub,
+            stopping,
+            active: AtomicUsize::new(0),
+            next_client: AtomicU64::new(1),
+            dropped,
+        }
+    }
+
+    pub fn next_client_id(&self) -> u64 {
+        self.next_client.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Starts the acceptor thread.
+    pub fn start(listener: TcpListener, server: Arc<Server>) -> Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("snapq-live-http".into())
+            .spawn(move || accept(&listener, &server))
+            .map_err(|e| Error::Runtime(format!("cannot start the live view's HTTP thread: {e}")))
+    }
+}
+
+fn accept(listener: &TcpListener, server: &Arc<Server>) {
+    for stream in listener.incoming() {
+        if server.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!("live view: accepting a connection failed: {e}");
+                // Out of file descriptors, say: do not spin.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if server.active.fetch_add(1, Ordering::SeqCst) >= server.config.limits.max_connections {
+            server.active.fetch_sub(1, Ordering::SeqCst);
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = respond(
+                &mut stream,
+                503,
+                "text/plain; charset=utf-8",
+                &[("Retry-After", "5")],
+                b"too many connections to the live view; try again shortly\n",
+            );
+            continue;
+        }
+        let shared = Arc::clone(server);
+        let spawned = std::thread::Builder::new()
+            .name("snapq-live-conn".into())
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || {
+                serve(stream, &shared);
+                shared.active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("live view: cannot start a connection thread: {e}");
+            server.active.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A parsed request head: what routing needs.
+struct Request {
+    method: String,
+    path: String,
+    query: String,
+    headers: Vec<(String, String)>,
+    /// Bytes read past the head (a WebSocket client may send its first frame at once).
+    rest: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn query_param(&self, name: &str) -> Option<&str> {
+        self.query.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then_some(v)
+        })
+    }
+}
+
+fn serve(mut stream: TcpStream, server: &Server) {
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_nodelay(true);
+    let request = match read_head(&mut stream) {
+        Ok(Some(request)) => request,
+        Ok(None) => return,
+        Err((status, message)) => {
+            let _ = respond(&mut stream, status, TEXT, &[], message.as_bytes());
+            return;
+        }
+    };
+    if let Err(e) = route(stream, request, server) {
+        tracing::debug!("live view: a connection ended with an error: {e}");
+    }
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const JSON: &str = "application/json";
+
+fn route(mut stream: TcpStream, request: Request, server: &Server) -> std::io::Result<()> {
+    if let Some(expected) = &server.config.token {
+        if !authorized(&request, expected) {
+            return respond(
+                &mut stream,
+                401,
+                TEXT,
+                &[("WWW-Authenticate", "Bearer realm=\"snapq\"")],
+                b"a token is required: add ?token=TOKEN to the URL or send \
+                  Authorization: Bearer TOKEN (the foreman's --http-token)\n",
+            );
+        }
+    }
+    if request.method != "GET" && request.method != "HEAD" {
+        return respond(
+            &mut stream,
+            405,
+            TEXT,
+            &[("Allow", "GET, HEAD")],
+            b"only GET and HEAD are served here\n",
+        );
+    }
+    match request.path.as_str() {
+        "/" | "/index.html" => respond(
+            &mut stream,
+            200,
+            "text/html; charset=utf-8",
+            &[],
+            PAGE.as_bytes(),
+        ),
+        "/api/status" => match status_json(server) {
+            Ok(body) => respond(&mut stream, 200, JSON, &[], body.as_bytes()),
+            Err(e) => respond(&mut stream, 503, TEXT, &[], format!("{e}\n").as_bytes()),
+        },
+        "/api/monitors" => match monitors_json(server) {
+            Ok(body) => respond(&mut stream, 200, JSON, &[], body.as_bytes()),
+            Err(e) => respond(&mut stream, 503, TEXT, &[], format!("{e}\n").as_bytes()),
+        },
+        "/metrics" => {
+            let body = metrics_text(server);
+            respond(
+                &mut stream,
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                &[],
+                body.as_bytes(),
+            )
+        }
+        "/events" => {
+            if let Some(problem) = not_same_origin(&request) {
+                return respond(&mut stream, 403, TEXT, &[], problem.as_bytes());
+            }
+            let Some(accept) = websocket_accept(&request) else {
+                return respond(
+                    &mut stream,
+                    400,
+                    TEXT,
+                    &[],
+                    b"/events is a WebSocket: connect with a WebSocket client \
+                      (Upgrade: websocket, Sec-WebSocket-Version: 13)\n",
+                );
+            };
+            let head = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes())?;
+            super::ws::serve(stream, request.rest, server);
+            Ok(())
+        }
+        _ => respond(
+            &mut stream,
+            404,
+            TEXT,
+            &[],
+            b"not found; this server has /, /api/status, /api/monitors, /metrics and /events\n",
+        ),
+    }
+}
+
+/// Reads and parses the request head. `Ok(None)`: the peer closed without a request.
+fn read_head(stream: &mut TcpStream) -> std::result::Result<Option<Request>, (u16, String)> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = match stream.read(&mut chunk) {
+            Ok(0) if buf.is_empty() => return Ok(None),
+            Ok(0) => return Err((400, "the request ended before its head did\n".into())),
+            Ok(n) => n,
+            Err(_) if buf.is_empty() => return Ok(None),
+            Err(e) => return Err((408, format!("reading the request failed: {e}\n"))),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 48];
+        let mut parsed = httparse::Request::new(&mut headers);
+        match parsed.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let target = parsed.path.unwrap_or("/");
+                let (path, query) = target.split_once('?').unwrap_or((target, ""));
+                return Ok(Some(Request {
+                    method: parsed.method.unwrap_or("GET").to_owned(),
+                    path: path.to_owned(),
+                    query: query.to_owned(),
+                    headers: parsed
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_owned(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect(),
+                    rest: buf[len..].to_vec(),
+                }));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => {
+                return Err((431, "the request head is larger than 16 KiB\n".into()));
+            }
+            Err(e) => return Err((400, format!("not an HTTP/1.x request: {e}\n"))),
+        }
+    }
+}
+
+/// Bearer header or `?token=`, compared without an early exit.
+fn authorized(request: &Request, expected: &str) -> bool {
+    let given = request
+        .header("Authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| request.query_param("token"));
+    given.is_some_and(|given| {
+        given.len() == expected.len()
+            && given
+                .bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
+}
+
+/// A browser page of another site must not read the feed (WebSockets are not covered by
+/// CORS): when an Origin is sent, its host must be the one the request was sent to.
+fn not_same_origin(request: &Request) -> Option<String> {
+    let origin = request.header("Origin")?;
+    let host = request.header("Host").unwrap_or("");
+    let origin_host = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .unwrap_or(origin);
+    if origin_host.eq_ignore_ascii_case(host) {
+        None
+    } else {
+        Some(format!(
+            "a page from {origin} may not open this feed; open the live view at http://{host}/\n"
+        ))
+    }
+}
+
+/// The Sec-WebSocket-Accept value, if this is a valid WebSocket upgrade request.
+fn websocket_accept(request: &Request) -> Option<String> {
+    let upgrade = request.header("Upgrade")?;
+    let connection = request.header("Connection")?;
+    let version = request.header("Sec-WebSocket-Version")?;
+    let key = request.header("Sec-WebSocket-Key")?;
+    let upgrades = connection
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    (upgrade.eq_ignore_ascii_case("websocket") && upgrades && version.trim() == "13")
+        .then(|| tungstenite::handshake::derive_accept_key(key.trim().as_bytes()))
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "",
+    };
+    let mut head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(name);
+        head.push_str(": ");
+        head.push_str(value);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body);
+    stream.write_all(&out)?;
+    stream.flush()
+}
+
+fn open_db(server: &Server) -> Result<rusqlite::Connection> {
+    db::open(&server.config.db, Synchronous::Normal)
+}
+
+fn status_json(server: &Server) -> Result<String> {
+    let conn = open_db(server)?;
+    let status = crate::status::read(&conn, &server.config.db)?;
+    to_json(&status)
+}
+
+/// A monitor as the page shows it: everything `monitor list` has but the config, which
+/// may hold addresses or credentials the page has no need for.
+#[derive(Serialize)]
+struct PageMonitor {
+    name: String,
+    kind: String,
+    interval_seconds: f64,
+    enabled: bool,
+    last_status: Option<String>,
+    last_summary: Option<String>,
+    last_error: Option<String>,
+    last_run_at: Option<String>,
+    last_duration_ms: Option<f64>,
+}
+
+fn monitors_json(server: &Server) -> Result<String> {
+    let conn = open_db(server)?;
+    let monitors: Vec<PageMonitor> = crate::monitor::store::list(&conn)?
+        .into_iter()
+        .map(|m| PageMonitor {
+            name: m.name,
+            kind: m.kind,
+            interval_seconds: m.interval_seconds,
+            enabled: m.enabled,
+            last_status: m.last_status,
+            last_summary: m.last_summary,
+            last_error: m.last_error,
+            last_run_at: m.last_run_at,
+            last_duration_ms: m.last_duration_ms,
+        })
+        .collect();
+    to_json(&monitors)
+}
+
+fn to_json(value: &impl Serialize) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| Error::Runtime(format!("serialising: {e}")))
+}
+
+fn metrics_text(server: &Server) -> String {
+    let now = now_micros();
+    let (counts, monitors) = match open_db(server) {
+        Ok(conn) => (
+            crate::queue::counts(&conn, now).ok(),
+            crate::monitor::store::list(&conn).unwrap_or_default(),
+        ),
+        Err(e) => {
+            tracing::warn!("live view: /metrics cannot read the database: {e}");
+            (None, Vec::new())
+        }
+    };
+    let db = DbFigures {
+        counts,
+        monitors,
+        now,
+    };
+    let counters = server.hub.counters.lock();
+    let running = counters.running;
+    metrics::render(
+        &counters,
+        &db,
+        running,
+        server.dropped.load(Ordering::Relaxed),
+    )
+}

@@ -1,0 +1,739 @@
+//! The hub: one thread that owns every channel's history and every client's subscription
+//! (the flow is drawn in src/live/mod.rs).
+//!
+//! Everything here is touched by the hub thread alone, except `Counters`, which the hub
+//! updates and `/metrics` reads under one mutex held for a few field updates or one
+//! rendering, never across I/O. Because subscriptions and messages are handled by this one
+//! thread in one order, a subscriber gets a channel's history and then every later message
+//! of it, with no gap and no duplicate.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, select, unbounded};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tungstenite::Utf8Bytes;
+
+use super::Event;
+use super::metrics::{Counters, TaskCounts};
+use crate::clock::{format_micros, now_micros};
+use crate::db::{self, Synchronous};
+use crate::error::{Error, Result};
+use crate::pool::round_ms;
+use crate::telemetry::ProcStat;
+
+/// The caps that bound the live view's memory, and the retention of finished channels.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How long a channel is kept after its final message (a task's `task.finished` or
+    /// `task.failed`, a monitor's latest result).
+    pub retention: Duration,
+    /// The most channels kept; past it the channel that ended first goes.
+    pub max_channels: usize,
+    /// The most messages one channel keeps; past it the oldest go (a task channel keeps its
+    /// `task.started`).
+    pub max_channel_messages: usize,
+    /// The most messages kept over all channels; past it whole channels go, oldest ended
+    /// first.
+    pub max_messages: usize,
+    /// How many messages may wait for one client; a client that falls further behind is
+    /// disconnected.
+    pub client_queue: usize,
+    /// The most connections served at once (page loads, API calls and WebSockets).
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            retention: Duration::from_secs(300),
+            max_channels: 10_000,
+            max_channel_messages: 1_000,
+            max_messages: 50_000,
+            client_queue: 20_000,
+            max_connections: 128,
+        }
+    }
+}
+
+/// What the hub sends a client: one live message, or a replayed history at once.
+pub(crate) enum Out {
+    One(Utf8Bytes),
+    Many(Vec<Utf8Bytes>),
+}
+
+/// What connection threads (and `Live::stop`) tell the hub.
+pub(crate) enum Command {
+    /// Subscribe (more) channels; the first subscription registers the client.
+    Subscribe {
+        client: u64,
+        channels: Vec<String>,
+        queue: Sender<Out>,
+        /// Set by the hub when it cuts the client off for being too slow; read by the
+        /// client's thread, which then closes the socket with that reason.
+        slow: Arc<AtomicBool>,
+    },
+    /// The client's connection ended.
+    Leave {
+        client: u64,
+    },
+    Stop,
+}
+
+/// What the HTTP side holds of the hub.
+#[derive(Clone)]
+pub(crate) struct HubHandle {
+    pub commands: Sender<Command>,
+    pub counters: Arc<Mutex<Counters>>,
+}
+
+/// How often the hub publishes a heartbeat and forgets expired channels.
+const TICK: Duration = Duration::from_secs(1);
+
+/// The channel heartbeats go to (SPEC: every message names a channel).
+const FOREMAN_CHANNEL: &str = "foreman";
+
+struct Stored {
+    /// Position in the hub's overall order, for replaying many channels in order.
+    global: u64,
+    text: Utf8Bytes,
+}
+
+struct Channel {
+    seq: u64,
+    messages: VecDeque<Stored>,
+    /// When and with which message (its `global`) the channel last ended, if it did.
+    ended: Option<(Instant, u64)>,
+    /// Keeps its first message when trimmed (a task's `task.started`).
+    keeps_first: bool,
+    /// Keeps only this many messages (the heartbeat channel keeps the latest).
+    cap: usize,
+}
+
+struct Client {
+    id: u64,
+    all: bool,
+    channels: HashSet<String>,
+    queue: Sender<Out>,
+    slow: Arc<AtomicBool>,
+}
+
+impl Client {
+    fn wants(&self, channel: &str) -> bool {
+        self.all || self.channels.contains(channel)
+    }
+}
+
+pub(crate) struct Hub {
+    events: Receiver<Event>,
+    commands: Receiver<Command>,
+    limits: Limits,
+    db: PathBuf,
+    /// Opened at the first heartbeat; `None` again after an error (reopened next tick).
+    conn: Option<rusqlite::Connection>,
+    workers: usize,
+    /// Producers' drop count (src/live/mod.rs, `Publisher`).
+    dropped: Arc<AtomicU64>,
+    channels: HashMap<Arc<str>, Channel>,
+    /// Channels in the order they ended, each with the `global` of its ending message; an
+    /// entry whose channel has ended again since, or is gone, is stale and skipped.
+    ended: VecDeque<(Arc<str>, u64)>,
+    /// Messages kept over all channels.
+    kept: usize,
+    next_global: u64,
+    clients: Vec<Client>,
+    /// Tasks started and not yet ended, for the heartbeat.
+    running: HashSet<i64>,
+    counters: Arc<Mutex<Counters>>,
+    started: Instant,
+    /// CPU ticks and wall time at the previous heartbeat, for the CPU share.
+    last_cpu: Option<(Instant, u64)>,
+    ticks_per_second: f64,
+}
+
+impl Hub {
+    pub fn start(
+        events: Receiver<Event>,
+        limits: Limits,
+        db: PathBuf,
+        workers: usize,
+        dropped: Arc<AtomicU64>,
+    ) -> Result<(JoinHandle<()>, HubHandle)> {
+        // Unbounded: commands come one a connection event, from at most
+        // `max_connections` threads.
+        let (commands_tx, commands) = unbounded();
+        let counters = Arc::new(Mutex::new(Counters::default()));
+        let mut hub = Hub {
+            events,
+            commands,
+            limits,
+            db,
+            conn: None,
+            workers,
+            dropped,
+            channels: HashMap::new(),
+            ended: VecDeque::new(),
+            kept: 0,
+            next_global: 0,
+            clients: Vec::new(),
+            running: HashSet::new(),
+            counters: Arc::clone(&counters),
+            started: Instant::now(),
+            last_cpu: None,
+            ticks_per_second: ProcStat::ticks_per_second(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("snapq-live-hub".into())
+            .spawn(move || hub.run())
+            .map_err(|e| Error::Runtime(format!("cannot start the live view's hub thread: {e}")))?;
+        Ok((
+            handle,
+            HubHandle {
+                commands: commands_tx,
+                counters,
+            },
+        ))
+    }
+
+    fn run(&mut self) {
+        let mut next_tick = Instant::now();
+        loop {
+            if Instant::now() >= next_tick {
+                self.heartbeat();
+                self.forget_expired();
+                next_tick = Instant::now() + TICK;
+            }
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            select! {
+                recv(self.events) -> event => {
+                    let Ok(event) = event else { return self.stop() };
+                    self.on_event(event);
+                    // Take what else is waiting before looking at commands again.
+                    for _ in 0..1024 {
+                        match self.events.try_recv() {
+                            Ok(event) => self.on_event(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                recv(self.commands) -> command => match command {
+                    Ok(Command::Stop) | Err(_) => return self.stop(),
+                    Ok(command) => self.on_command(command),
+                },
+                default(timeout) => {}
+            }
+        }
+    }
+
+    /// Dropping every client's queue ends their threads, which close with "stopping".
+    fn stop(&mut self) {
+        self.clients.clear();
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Subscribe {
+                client,
+                channels,
+                queue,
+                slow,
+            } => self.subscribe(client, channels, queue, slow),
+            Command::Leave { client } => {
+                self.clients.retain(|c| c.id != client);
+                self.counters.lock().clients = self.clients.len();
+            }
+            Command::Stop => self.stop(),
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        id: u64,
+        channels: Vec<String>,
+        queue: Sender<Out>,
+        slow: Arc<AtomicBool>,
+    ) {
+        let index = match self.clients.iter().position(|c| c.id == id) {
+            Some(index) => index,
+            None => {
+                self.clients.push(Client {
+                    id,
+                    all: false,
+                    channels: HashSet::new(),
+                    queue,
+                    slow,
+                });
+                self.counters.lock().clients = self.clients.len();
+                self.clients.len() - 1
+            }
+        };
+        let client = &mut self.clients[index];
+        let mut replay: Vec<&Stored> = Vec::new();
+        if channels.iter().any(|c| c == "*") {
+            if !client.all {
+                // Everything kept, except what this client was already sent.
+                for (name, channel) in &self.channels {
+                    if !client.channels.contains(&**name) {
+                        replay.extend(channel.messages.iter());
+                    }
+                }
+                client.all = true;
+                client.channels.clear();
+            }
+        } else if !client.all {
+            for name in channels {
+                if client.channels.contains(&name) {
+                    continue;
+                }
+                if let Some(channel) = self.channels.get(name.as_str()) {
+                    replay.extend(channel.messages.iter());
+                }
+                client.channels.insert(name);
+            }
+        }
+        if replay.is_empty() {
+            return;
+        }
+        replay.sort_unstable_by_key(|m| m.global);
+        let texts = replay.into_iter().map(|m| m.text.clone()).collect();
+        if client.queue.try_send(Out::Many(texts)).is_err() {
+            cut_off(client);
+            self.clients.remove(index);
+            let mut counters = self.counters.lock();
+            counters.clients = self.clients.len();
+            counters.clients_cut_off += 1;
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::TaskStarted {
+                id,
+                task,
+                at,
+                late_ms,
+            } => {
+                self.count(id, &task, true, |c| c.started += 1);
+                let payload = TaskPayload {
+                    id,
+                    task: Some(&task),
+                    at: format_micros(at),
+                    late_ms: Some(late_ms),
+                    ..TaskPayload::default()
+                };
+                self.publish_task(id, "task.started", &payload, false);
+            }
+            Event::TaskProgress {
+                id,
+                task,
+                at,
+                fraction,
+                message,
+            } => {
+                let payload = TaskPayload {
+                    id,
+                    task: Some(&task),
+                    at: format_micros(at),
+                    fraction,
+                    message: Some(&message),
+                    ..TaskPayload::default()
+                };
+                self.publish_task(id, "task.progress", &payload, false);
+            }
+            Event::TaskFinished {
+                id,
+                task,
+                at,
+                duration,
+            } => {
+                self.count(id, &task, false, |c| c.finished(duration));
+                let payload = TaskPayload {
+                    id,
+                    task: Some(&task),
+                    at: format_micros(at),
+                    duration_ms: Some(round_ms(duration)),
+                    ..TaskPayload::default()
+                };
+                self.publish_task(id, "task.finished", &payload, true);
+            }
+            Event::TaskFailed {
+                id,
+                task,
+                at,
+                duration,
+                reason,
+                error,
+            } => {
+                let name = task.clone().unwrap_or_else(|| Arc::from("?"));
+                self.count(id, &name, false, |c| c.failed(duration.unwrap_or_default()));
+                let payload = TaskPayload {
+                    id,
+                    task: task.as_deref(),
+                    at: format_micros(at),
+                    duration_ms: duration.map(round_ms),
+                    reason: Some(reason),
+                    error: Some(&error),
+                    ..TaskPayload::default()
+                };
+                self.publish_task(id, "task.failed", &payload, true);
+            }
+            Event::MonitorResult(result) => {
+                self.counters.lock().monitor(&result);
+                let payload = MonitorPayload {
+                    summary: result.summary(),
+                    result: &result,
+                };
+                let channel = format!("monitor:{}", result.monitor);
+                self.publish(&channel, "monitor.result", &payload, true);
+            }
+        }
+    }
+
+    /// Marks a task running or not, and updates its counters.
+    fn count(
+        &mut self,
+        id: i64,
+        task: &Arc<str>,
+        running: bool,
+        update: impl FnOnce(&mut TaskCounts),
+    ) {
+        if running {
+            self.running.insert(id);
+        } else {
+            self.running.remove(&id);
+        }
+        let mut counters = self.counters.lock();
+        update(counters.task(task));
+        counters.running = self.running.len();
+    }
+
+    fn publish_task(&mut self, id: i64, kind: &str, payload: &TaskPayload<'_>, ends: bool) {
+        let mut name = String::with_capacity(24);
+        name.push_str("task:");
+        name.push_str(itoa::Buffer::new().format(id));
+        self.publish(&name, kind, payload, ends);
+    }
+
+    /// Numbers, serialises, keeps and fans out one message.
+    fn publish(&mut self, name: &str, kind: &str, payload: &impl Serialize, ends: bool) {
+        let global = self.next_global;
+        self.next_global += 1;
+        if !self.channels.contains_key(name) {
+            let (keeps_first, cap) = if name == FOREMAN_CHANNEL {
+                (false, 1)
+            } else {
+                (
+                    name.starts_with("task:"),
+                    self.limits.max_channel_messages.max(1),
+                )
+            };
+            self.channels.insert(
+                Arc::from(name),
+                Channel {
+                    seq: 0,
+                    messages: VecDeque::new(),
+                    ended: None,
+                    keeps_first,
+                    cap,
+                },
+            );
+        }
+        let Some((key, _)) = self.channels.get_key_value(name) else {
+            return;
+        };
+        let key = Arc::clone(key);
+        let Some(channel) = self.channels.get_mut(name) else {
+            return;
+        };
+        channel.seq += 1;
+        let text = match envelope(kind, name, channel.seq, payload) {
+            Ok(text) => Utf8Bytes::from(text),
+            Err(e) => {
+                tracing::warn!("live view: cannot serialise a {kind} message: {e}");
+                return;
+            }
+        };
+        channel.messages.push_back(Stored {
+            global,
+            text: text.clone(),
+        });
+        self.kept += 1;
+        if channel.messages.len() > channel.cap {
+            if channel.keeps_first && channel.messages.len() > 1 {
+                channel.messages.remove(1);
+            } else {
+                channel.messages.pop_front();
+            }
+            self.kept -= 1;
+        }
+        if ends {
+            channel.ended = Some((Instant::now(), global));
+            self.ended.push_back((key, global));
+        }
+        self.fan_out(name, &text);
+        while self.channels.len() > self.limits.max_channels || self.kept > self.limits.max_messages
+        {
+            if !self.evict_one() {
+                break;
+            }
+        }
+        if self.ended.len() > 4 * self.limits.max_channels.max(1024) {
+            self.compact_ended();
+        }
+    }
+
+    fn fan_out(&mut self, name: &str, text: &Utf8Bytes) {
+        let mut cut = 0;
+        self.clients.retain(|client| {
+            if !client.wants(name) {
+                return true;
+            }
+            match client.queue.try_send(Out::One(text.clone())) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    cut_off(client);
+                    cut += 1;
+                    false
+                }
+                Err(TrySendError::Disconnected(_)) => false,
+            }
+        });
+        if cut > 0 {
+            let mut counters = self.counters.lock();
+            counters.clients = self.clients.len();
+            counters.clients_cut_off += cut;
+        }
+    }
+
+    /// Forgets one channel to stay within the caps: the one that ended first, else (all
+    /// open, which only running tasks are) the open one with the oldest message.
+    fn evict_one(&mut self) -> bool {
+        while let Some((name, global)) = self.ended.pop_front() {
+            if self.is_current_end(&name, global) {
+                self.remove_channel(&name);
+                return true;
+            }
+        }
+        let oldest = self
+            .channels
+            .iter()
+            .filter_map(|(name, c)| c.messages.front().map(|m| (m.global, Arc::clone(name))))
+            .min();
+        match oldest {
+            Some((_, name)) => {
+                self.remove_channel(&name);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn is_current_end(&self, name: &str, global: u64) -> bool {
+        self.channels
+            .get(name)
+            .and_then(|c| c.ended)
+            .is_some_and(|(_, g)| g == global)
+    }
+
+    fn remove_channel(&mut self, name: &str) {
+        if let Some(channel) = self.channels.remove(name) {
+            self.kept -= channel.messages.len();
+        }
+    }
+
+    fn compact_ended(&mut self) {
+        let ended = std::mem::take(&mut self.ended);
+        self.ended = ended
+            .into_iter()
+            .filter(|(name, global)| self.is_current_end(name, *global))
+            .collect();
+    }
+
+    /// Forgets channels whose final message is older than the retention.
+    fn forget_expired(&mut self) {
+        let now = Instant::now();
+        while let Some((name, global)) = self.ended.front() {
+            let expired = match self.channels.get(&**name).and_then(|c| c.ended) {
+                Some((at, g)) if g == *global => now.duration_since(at) >= self.limits.retention,
+                // Stale: ended again later, or gone.
+                _ => true,
+            };
+            if !expired {
+                break;
+            }
+            let Some((name, global)) = self.ended.pop_front() else {
+                break;
+            };
+            if self.is_current_end(&name, global) {
+                self.remove_channel(&name);
+            }
+        }
+        let mut counters = self.counters.lock();
+        counters.channels = self.channels.len();
+        counters.messages = self.kept;
+    }
+
+    fn heartbeat(&mut self) {
+        let now = now_micros();
+        let tasks = self.queue_figures(now);
+        let stat = ProcStat::read_self();
+        let cpu_percent = stat.as_ref().and_then(|s| {
+            let ticks = s.utime_ticks + s.stime_ticks;
+            let at = Instant::now();
+            let previous = self.last_cpu.replace((at, ticks));
+            previous.map(|(then, before)| {
+                let wall = at.duration_since(then).as_secs_f64().max(1e-3);
+                let cpu = ticks.saturating_sub(before) as f64 / self.ticks_per_second;
+                (cpu / wall * 1000.0).round() / 10.0
+            })
+        });
+        let payload = Heartbeat {
+            at: format_micros(now),
+            pid: std::process::id(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            rss_bytes: stat.as_ref().map(|s| s.rss_bytes),
+            threads: stat.as_ref().map(|s| s.threads),
+            cpu_percent,
+            workers: self.workers,
+            running: self.running.len(),
+            tasks,
+            clients: self.clients.len(),
+            events_dropped: self.dropped.load(Ordering::Relaxed),
+        };
+        self.publish(FOREMAN_CHANNEL, "heartbeat", &payload, false);
+    }
+
+    fn queue_figures(&mut self, now: i64) -> Option<QueueFigures> {
+        if self.conn.is_none() {
+            match db::open(&self.db, Synchronous::Normal) {
+                Ok(conn) => self.conn = Some(conn),
+                Err(e) => {
+                    tracing::warn!("live view: cannot open the database for queue figures: {e}");
+                    return None;
+                }
+            }
+        }
+        let conn = self.conn.as_ref()?;
+        match crate::queue::counts(conn, now) {
+            Ok(counts) => Some(QueueFigures {
+                due: counts.due,
+                delayed: counts.delayed,
+                oldest_due_age_seconds: counts.oldest_due.map(|t| (now - t).max(0) as f64 / 1e6),
+            }),
+            Err(e) => {
+                tracing::warn!("live view: cannot count the queue: {e}");
+                self.conn = None;
+                None
+            }
+        }
+    }
+}
+
+/// Tells a client's thread that it was cut off; dropping its queue (with the `Client`)
+/// wakes it.
+fn cut_off(client: &Client) {
+    client.slow.store(true, Ordering::SeqCst);
+}
+
+/// `{"type":…,"channel":…,"seq":…, <the payload's fields>}`.
+fn envelope(
+    kind: &str,
+    channel: &str,
+    seq: u64,
+    payload: &impl Serialize,
+) -> serde_json::Result<String> {
+    let body = serde_json::to_string(payload)?;
+    let mut text = String::with_capacity(body.len() + channel.len() + 48);
+    text.push_str("{\"type\":");
+    text.push_str(&serde_json::to_string(kind)?);
+    text.push_str(",\"channel\":");
+    text.push_str(&serde_json::to_string(channel)?);
+    text.push_str(",\"seq\":");
+    text.push_str(itoa::Buffer::new().format(seq));
+    // Every payload is an object with at least one field: splice its fields in.
+    match body.strip_prefix('{') {
+        Some(fields) if fields != "}" => {
+            text.push(',');
+            text.push_str(fields);
+        }
+        _ => text.push('}'),
+    }
+    Ok(text)
+}
+
+#[derive(Serialize, Default)]
+struct TaskPayload<'a> {
+    id: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task: Option<&'a str>,
+    at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    late_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fraction: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct MonitorPayload<'a> {
+    #[serde(flatten)]
+    result: &'a crate::monitor::RoundResult,
+    /// One line for the page, as `snapq monitor list` shows it.
+    summary: String,
+}
+
+#[derive(Serialize)]
+struct QueueFigures {
+    due: i64,
+    delayed: i64,
+    oldest_due_age_seconds: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Heartbeat {
+    at: String,
+    pid: u32,
+    uptime_seconds: u64,
+    rss_bytes: Option<u64>,
+    threads: Option<u64>,
+    cpu_percent: Option<f64>,
+    workers: usize,
+    running: usize,
+    tasks: Option<QueueFigures>,
+    clients: usize,
+    events_dropped: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_envelope_puts_type_channel_and_seq_first() {
+        let payload = TaskPayload {
+            id: 7,
+            task: Some("noop"),
+            at: "t".into(),
+            ..TaskPayload::default()
+        };
+        let text = envelope("task.started", "task:7", 3, &payload).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"task.started","channel":"task:7","seq":3,"id":7,"task":"noop","at":"t"}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["seq"], 3);
+    }
+}

@@ -1,0 +1,250 @@
+//! The live view (SPEC "Live view"): `snapq run --http ADDR` serves a page, a status
+//! document, Prometheus metrics and a WebSocket feed of task and monitor events.
+//!
+//! # How events flow, and why the foreman never waits for a browser
+//!
+//! ```text
+//! workers, foreman loop ──try_send──▶ [events, bounded] ──▶ hub thread ──try_send──▶ [client queue, bounded] ──▶ client thread ──▶ socket
+//! ```
+//!
+//! - Producers (workers for task events, the foreman loop for monitor results) build a
+//!   small `Event` and `try_send` it: never a block, never a lock. If the hub has fallen
+//!   `EVENT_QUEUE` events behind, the event is dropped and counted (`/metrics`,
+//!   `snapq_live_events_dropped_total`; the heartbeat's `events_dropped`).
+//! - The hub thread (src/live/hub.rs) owns every channel's history: it numbers each
+//!   message (`seq`, per channel), serialises it once, keeps it, and offers it to each
+//!   subscribed client's own bounded queue with `try_send`. A client whose queue is full
+//!   is cut off (its thread sends a close frame with the reason) — it never slows the hub.
+//!   A subscription is handled on the hub thread too, between two messages: the replay of
+//!   the history and the live messages after it are therefore one gap-free, duplicate-free
+//!   sequence.
+//! - One thread a connection (src/live/http.rs, src/live/ws.rs), at most
+//!   `MAX_CONNECTIONS` at a time, serves plain requests and WebSockets.
+//!
+//! Memory is bounded by `LiveConfig`: channels kept, messages a channel, messages a
+//! client's queue, connections.
+
+mod http;
+mod hub;
+mod metrics;
+mod ws;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Sender, bounded};
+
+use crate::error::{Error, Result};
+use crate::monitor::RoundResult;
+
+pub use hub::Limits;
+
+/// How many events may wait for the hub before producers drop (and count) them. At the
+/// fastest drain (~60,000 tasks/s, two events a task) this is half a second of events.
+const EVENT_QUEUE: usize = 65_536;
+
+/// What `--http` and its companions configure.
+#[derive(Debug, Clone)]
+pub struct LiveConfig {
+    /// Where to listen, as given (`127.0.0.1:8080`, `[::1]:0`).
+    pub addr: String,
+    /// Required on every request when set: `Authorization: Bearer TOKEN` or `?token=TOKEN`.
+    pub token: Option<String>,
+    pub limits: Limits,
+    /// The database, for `/api/status`, `/metrics` and the heartbeat's queue figures.
+    pub db: PathBuf,
+    /// The foreman's worker count, for the page.
+    pub workers: usize,
+}
+
+impl LiveConfig {
+    /// Checks the address and token; a non-loopback address is allowed (the user gave it)
+    /// but logged as a warning by `start`.
+    pub fn validate(&self) -> Result<SocketAddr> {
+        let addr: SocketAddr = self.addr.parse().map_err(|e| {
+            Error::bad_input(
+                "--http",
+                format!(
+                    "{:?} is not an address to listen on ({e}); give IP:PORT, e.g. 127.0.0.1:8080",
+                    self.addr
+                ),
+            )
+        })?;
+        if let Some(token) = &self.token {
+            if token.is_empty()
+                || !token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+            {
+                return Err(Error::bad_input(
+                    "--http-token",
+                    "use letters, digits and - . _ ~ only (it travels in URLs), e.g. the output of \
+                     `head -c 24 /dev/urandom | base64 | tr '+/' '-_'`",
+                ));
+            }
+        }
+        Ok(addr)
+    }
+}
+
+/// One thing that happened, as producers hand it to the hub. Cheap to build: the hub
+/// serialises it.
+#[derive(Debug)]
+pub enum Event {
+    TaskStarted {
+        id: i64,
+        task: Arc<str>,
+        at: i64,
+        late_ms: f64,
+    },
+    TaskProgress {
+        id: i64,
+        task: Arc<str>,
+        at: i64,
+        fraction: Option<f64>,
+        message: String,
+    },
+    TaskFinished {
+        id: i64,
+        task: Arc<str>,
+        at: i64,
+        duration: Duration,
+    },
+    TaskFailed {
+        id: i64,
+        task: Option<Arc<str>>,
+        at: i64,
+        /// `None` when the task never started (rejected).
+        duration: Option<Duration>,
+        /// `failed`, `panicked` or `rejected`.
+        reason: &'static str,
+        error: String,
+    },
+    MonitorResult(Box<RoundResult>),
+}
+
+/// The producers' handle: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct Publisher {
+    tx: Sender<Event>,
+    /// Events dropped because the hub was `EVENT_QUEUE` behind; a count only, Relaxed.
+    dropped: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Publisher")
+    }
+}
+
+impl Publisher {
+    pub fn publish(&self, event: Event) {
+        if self.tx.try_send(event).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The running live view: the hub and the acceptor. `stop` ends both and tells every
+/// connected client that the foreman is stopping.
+pub struct Live {
+    publisher: Publisher,
+    /// Set once by `stop`; read by the acceptor and every connection thread.
+    stopping: Arc<AtomicBool>,
+    local_addr: SocketAddr,
+    hub: Option<JoinHandle<()>>,
+    acceptor: Option<JoinHandle<()>>,
+    hub_stop: Sender<hub::Command>,
+}
+
+impl Live {
+    /// Binds the address and starts the hub and acceptor threads.
+    pub fn start(config: LiveConfig) -> Result<Live> {
+        let addr = config.validate()?;
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+            Error::bad_input(
+                "--http",
+                format!("cannot listen on {addr} ({e}); pick a free port or another address"),
+            )
+        })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::Runtime(format!("reading the live view's address: {e}")))?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                addr = %local_addr,
+                token = config.token.is_some(),
+                "the live view listens beyond this machine; anyone who can reach it sees task \
+                 and monitor data{}",
+                if config.token.is_some() { "" } else { " (no --http-token is set)" }
+            );
+        }
+        let (tx, rx) = bounded(EVENT_QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (hub, handle) = hub::Hub::start(
+            rx,
+            config.limits.clone(),
+            config.db.clone(),
+            config.workers,
+            Arc::clone(&dropped),
+        )?;
+        let commands = handle.commands.clone();
+        let acceptor = http::Server::start(
+            listener,
+            Arc::new(http::Server::new(
+                config,
+                handle,
+                Arc::clone(&stopping),
+                Arc::clone(&dropped),
+            )),
+        )?;
+        tracing::info!(url = %format!("http://{local_addr}/"), "live view listening");
+        Ok(Live {
+            publisher: Publisher { tx, dropped },
+            stopping,
+            local_addr,
+            hub: Some(hub),
+            acceptor: Some(acceptor),
+            hub_stop: commands,
+        })
+    }
+
+    pub fn publisher(&self) -> Publisher {
+        self.publisher.clone()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, closes every client with "the foreman is stopping", ends the hub.
+    pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = self.hub_stop.send(hub::Command::Stop);
+        // The acceptor sits in accept(): a connection of our own wakes it to see the flag.
+        let _ = std::net::TcpStream::connect_timeout(&self.local_addr, Duration::from_secs(1));
+        for handle in [self.acceptor.take(), self.hub.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if self.hub.is_some() || self.acceptor.is_some() {
+            self.stop_now();
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! The live view: real HTTP and real WebSocket clients against the real foreman's
+//! `--http` server on 127.0.0.1.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use snapq::monitor::prometheus;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+use crate::support::{Foreman, Home, wait_until};
+
+/// Starts a foreman serving the live view on a free port; returns it and `host:port`.
+pub(crate) fn start_live(home: &Home, extra: &[&str]) -> (Foreman, String) {
+    let mut args = vec!["--http", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let foreman = home.start(&args);
+    let mut addr = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            if let Some(event) = foreman.events("live view listening").first() {
+                let url = event["url"].as_str().unwrap();
+                addr = url
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_owned();
+                return true;
+            }
+            false
+        }),
+        "no 'live view listening' line:\n{}",
+        foreman.log_text()
+    );
+    (foreman, addr)
+}
+
+/// A plain HTTP GET; returns the status and the body.
+pub(crate) fn get(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client subscribed to `channels`.
+pub(crate) fn subscribe(addr: &str, query: &str, channels: &[&str]) -> Ws {
+    let (mut ws, _) = tungstenite::connect(format!("ws://{addr}/events{query}")).unwrap();
+    if let MaybeTlsStream::Plain(s) = ws.get_mut() {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+    }
+    let request = serde_json::json!({ "subscribe": channels }).to_string();
+    ws.send(Message::text(request)).unwrap();
+    ws
+}
+
+/// The next JSON message, or `None` if none came within the socket's read timeout.
+fn next(ws: &mut Ws) -> Option<Value> {
+    loop {
+        match ws.read() {
+            Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None;
+            }
+            Err(e) => panic!("the feed broke: {e}"),
+        }
+    }
+}
+
+/// Messages until one satisfies `last` (included), or panics after `timeout`.
+fn until(ws: &mut Ws, timeout: Duration, last: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    while Instant::now() < deadline {
+        if let Some(m) = next(ws) {
+            let done = last(&m);
+            got.push(m);
+            if done {
+                return got;
+            }
+        }
+    }
+    panic!("the awaited message did not come within {timeout:?}; got {got:?}");
+}
+
+fn types(messages: &[Value]) -> Vec<&str> {
+    messages
+        .iter()
+        .map(|m| m["type"].as_str().unwrap())
+        .collect()
+}
+
+fn enqueue_sleep(home: &Home, seconds: f64) -> i64 {
+    home.ok(&[
+        "enqueue",
+        "sleep",
+        "--kwargs",
+        &format!("{{\"seconds\": {seconds}}}"),
+    ])
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+#[test]
+fn a_late_subscriber_gets_the_whole_history_in_order_then_live_messages() {
+    let home = Home::new();
+    let (mut foreman, addr) = start_live(&home, &[]);
+    // One client from the start, on every channel.
+    let mut early = subscribe(&addr, "", &["*"]);
+    let id = enqueue_sleep(&home, 0.8);
+    let channel = format!("task:{id}");
+    // A second client joins while the task runs, a third after it finished.
+    let mut first = until(&mut early, Duration::from_secs(10), |m| {
+        m["channel"] == channel.as_str() && m["type"] == "task.progress"
+    });
+    let mut middle = subscribe(&addr, "", &[&channel]);
+    first.extend(until(&mut early, Duration::from_secs(10), |m| {
+        m["channel"] == channel.as_str() && m["type"] == "task.finished"
+    }));
+    let live: Vec<Value> = first
+        .into_iter()
+        .filter(|m| m["channel"] == channel.as_str())
+        .collect();
+    let mut late = subscribe(&addr, "", &[&channel]);
+    let replayed = until(&mut late, Duration::from_secs(5), |m| {
+        m["type"] == "task.finished"
+    });
+    let joined = until(&mut middle, Duration::from_secs(5), |m| {
+        m["type"] == "task.finished"
+    });
+
+    // Started, progress reports from the sleep task, finished; seq 1, 2, 3… without gaps.
+    let kinds = types(&live);
+    assert_eq!(kinds.first(), Some(&"task.started"), "{live:?}");
+    assert_eq!(kinds.last(), Some(&"task.finished"), "{live:?}");
+    assert!(
+        kinds.iter().filter(|k| **k == "task.progress").count() >= 3,
+        "a 0.8 s sleep reports progress every 0.1 s: {kinds:?}"
+    );
+    for (i, m) in live.iter().enumerate() {
+        assert_eq!(m["seq"], i as u64 + 1, "{live:?}");
+        assert_eq!(m["id"], id);
+        assert_eq!(m["task"], "sleep");
+    }
+    let last_progress = live.iter().rev().find(|m| m["type"] == "task.progress");
+    assert_eq!(last_progress.unwrap()["fraction"], 1.0);
+    // The late and the middle subscriber saw exactly what the early one saw live.
+    assert_eq!(replayed, live);
+    assert_eq!(joined, live);
+    // And nothing more arrives for that channel.
+    assert_eq!(next(&mut late), None);
+
+    // Live messages follow the replay on the same connection.
+    let second = enqueue_sleep(&home, 0.1);
+    let mut more = subscribe(&addr, "", &[&format!("task:{second}")]);
+    let after = until(&mut more, Duration::from_secs(10), |m| {
+        m["type"] == "task.finished"
+    });
+    assert_eq!(types(&after).first(), Some(&"task.started"));
+    foreman.stop();
+}
+
+#[test]
+fn a_channel_is_forgotten_after_the_retention() {
+    let home = Home::new();
+    let (mut foreman, addr) = start_live(&home, &["--http-retention", "1"]);
+    let id = enqueue_sleep(&home, 0.0);
+    let channel = format!("task:{id}");
+    let mut watcher = subscribe(&addr, "", &[&channel]);
+    let history = until(&mut watcher, Duration::from_secs(10), |m| {
+        m["type"] == "task.finished"
+    });
+    let ended = Instant::now();
+    // Still there within the retention...
+    let mut soon = subscribe(&addr, "", &[&channel]);
+    assert_eq!(
+        until(&mut soon, Duration::from_secs(2), |m| m["type"]
+            == "task.finished"),
+        history
+    );
+    assert!(
+        ended.elapsed() < Duration::from_secs(1),
+        "the check above came too late"
+    );
+    // ...and gone once it passed (the hub sweeps every second).
+    std::thread::sleep(Duration::from_millis(2_500));
+    let mut late = subscribe(&addr, "", &[&channel]);
+    assert_eq!(next(&mut late), None, "the history outlived the retention");
+    assert_eq!(next(&mut late), None);
+    foreman.stop();
+}
+
+#[test]
+fn a_slow_client_is_cut_off_while_a_fast_one_and_the_foreman_keep_going() {
+    let home = Home::new();
+    const TASKS: usize = 20_000;
+    let lines: String = (0..TASKS).map(|_| "{\"task\":\"noop\"}\n").collect();
+    let (mut foreman, addr) = start_live(
+        &home,
+        &[
+            "--http-client-queue",
+            "5000",
+            "--synchronous",
+            "normal",
+            "--no-telemetry",
+        ],
+    );
+    // The slow client subscribes and then never reads.
+    let stream = TcpStream::connect(&addr).unwrap();
+    let (mut slow, _) = tungstenite::client(format!("ws://{addr}/events"), stream).unwrap();
+    slow.send(Message::text(r#"{"subscribe":["*"]}"#)).unwrap();
+    // The fast one reads everything on its own thread.
+    let fast_addr = addr.clone();
+    let fast = std::thread::spawn(move || {
+        let mut ws = subscribe(&fast_addr, "", &["*"]);
+        let mut finished = 0;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while finished < TASKS && Instant::now() < deadline {
+            if let Some(m) = next(&mut ws) {
+                if m["type"] == "task.finished" {
+                    finished += 1;
+                }
+            }
+        }
+        finished
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    home.enqueue_lines(&lines);
+    assert_eq!(
+        fast.join().unwrap(),
+        TASKS,
+        "the fast client missed messages"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || home.queued() == 0),
+        "the foreman did not drain the queue"
+    );
+
+    // The slow client now reads what was buffered for it, then the close frame.
+    slow.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut received = 0;
+    let close = loop {
+        match slow.read() {
+            Ok(Message::Text(_)) => received += 1,
+            Ok(Message::Close(frame)) => break frame,
+            Ok(_) => {}
+            Err(e) => panic!("expected a close frame after {received} messages, got {e}"),
+        }
+    };
+    let close = close.expect("the close frame has a code and reason");
+    assert_eq!(u16::from(close.code), 1008);
+    assert!(close.reason.contains("too slow"), "{close:?}");
+    assert!(
+        received < 2 * TASKS,
+        "the slow client was not cut off early"
+    );
+    let (status, metrics) = get(&addr, "/metrics", &[]);
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("snapq_live_clients_cut_off_total 1"),
+        "{metrics}"
+    );
+    foreman.stop();
+}
+
+#[test]
+fn a_wrong_or_missing_token_gets_401_on_every_route() {
+    let home = Home::new();
+    let (mut foreman, addr) = start_live(&home, &["--http-token", "s3cret-Token"]);
+    for path in ["/", "/api/status", "/api/monitors", "/metrics", "/events"] {
+        assert_eq!(get(&addr, path, &[]).0, 401, "{path} without a token");
+        let wrong = format!("{path}?token=s3cret-Tokem");
+        assert_eq!(get(&addr, &wrong, &[]).0, 401, "{path} with a wrong token");
+        let header = [("Authorization", "Bearer nope")];
+        assert_eq!(
+            get(&addr, path, &header).0,
+            401,
+            "{path} with a wrong header"
+        );
+    }
+    let (status, body) = get(&addr, "/api/status?token=s3cret-Token", &[]);
+    assert_eq!(status, 200);
+    let status_doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status_doc["foreman"]["pid"], foreman.pid());
+    let header = [("Authorization", "Bearer s3cret-Token")];
+    assert_eq!(get(&addr, "/metrics", &header).0, 200);
+    let (status, page) = get(&addr, "/?token=s3cret-Token", &[]);
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>snapq"));
+
+    // The WebSocket handshake is refused without the token, accepted with it.
+    match tungstenite::connect(format!("ws://{addr}/events")) {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+        other => panic!("expected a 401, got {:?}", other.map(|_| ())),
+    }
+    let mut ws = subscribe(&addr, "?token=s3cret-Token", &["foreman"]);
+    let beat = until(&mut ws, Duration::from_secs(5), |m| {
+        m["type"] == "heartbeat"
+    });
+    assert_eq!(beat.last().unwrap()["pid"], foreman.pid());
+    foreman.stop();
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_count_tasks_and_monitors() {
+    let home = Home::new();
+    let (mut foreman, addr) = start_live(&home, &[]);
+    crate::monitors::add(&home, "system", "box", serde_json::json!({}), "0.5");
+    let mut feed = subscribe(&addr, "", &["monitor:box"]);
+    let result = until(&mut feed, Duration::from_secs(10), |m| {
+        m["type"] == "monitor.result"
+    });
+    let result = result.last().unwrap();
+    assert_eq!(result["channel"], "monitor:box");
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(result["kind"], "system");
+
+    home.enqueue_lines(&"{\"task\":\"noop\"}\n".repeat(5));
+    home.ok(&["enqueue", "fail", "--kwargs", r#"{"message": "boom"}"#]);
+    let (status, text) = get(&addr, "/metrics", &[]);
+    assert_eq!(status, 200);
+    let metric_with = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        prometheus::parse(&get(&addr, "/metrics", &[]).1)
+            .unwrap()
+            .iter()
+            .find(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(v)))
+            .map(|s| s.value)
+    };
+    let metric = |name: &str, label: (&str, &str)| metric_with(name, &[label]);
+    prometheus::parse(&text).unwrap_or_else(|e| panic!("{e}:\n{text}"));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            metric("snapq_tasks_finished_total", ("task", "noop")) == Some(5.0)
+                && metric("snapq_tasks_failed_total", ("task", "fail")) == Some(1.0)
+        }),
+        "{}",
+        get(&addr, "/metrics", &[]).1
+    );
+    assert_eq!(
+        metric("snapq_task_duration_seconds_count", ("task", "noop")),
+        Some(5.0)
+    );
+    assert_eq!(
+        metric_with(
+            "snapq_task_duration_seconds_bucket",
+            &[("task", "noop"), ("le", "+Inf")]
+        ),
+        Some(5.0)
+    );
+    assert_eq!(metric("snapq_monitor_up", ("monitor", "box")), Some(1.0));
+    let samples = prometheus::parse(&get(&addr, "/metrics", &[]).1).unwrap();
+    let due = samples
+        .iter()
+        .find(|s| s.name == "snapq_tasks_due")
+        .unwrap();
+    assert_eq!(due.value, 0.0);
+    foreman.stop();
+}
+
+#[test]
+fn bad_live_view_settings_exit_2_naming_the_flag() {
+    let home = Home::new();
+    for (args, needle) in [
+        (vec!["--http", "nowhere"], "--http"),
+        (
+            vec!["--http", "127.0.0.1:0", "--http-token", "a b"],
+            "--http-token",
+        ),
+    ] {
+        let mut all = vec!["run"];
+        all.extend(args);
+        let out = home.snapq(&all);
+        assert_eq!(out.status.code(), Some(2), "{all:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+    // A port already taken: the second foreman's database is untouched (no pid file left).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = listener.local_addr().unwrap().to_string();
+    let out = home.snapq(&["run", "--http", &taken]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+    assert!(!home.file("snapq.pid").exists());
+}
