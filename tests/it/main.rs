@@ -4,6 +4,7 @@
 
 mod amqp;
 mod bad_input;
+mod browser;
 mod delay;
 mod drain;
 mod fake_http;
