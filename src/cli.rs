@@ -210,7 +210,7 @@ pub struct RunArgs {
     pub http_max_connections: u16,
     /// The most live view messages waiting for one WebSocket client; a client further
     /// behind is disconnected (close code 1008, "too slow")
-    #[arg(long, env = "SNAPQ_HTTP_CLIENT_QUEUE", value_name = "MESSAGES", default_value_t = 20_000,
+    #[arg(long, env = "SNAPQ_HTTP_CLIENT_QUEUE", value_name = "MESSAGES", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub http_client_queue: u32,
     /// Seconds between re-reads of the queue when no wake-up comes (tests raise it to

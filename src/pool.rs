@@ -442,7 +442,7 @@ impl Slot<'_> {
             at,
             duration: self.ran.then_some(duration),
             reason,
-            error: error.clone(),
+            error: error.as_str().into(),
         });
     }
 }

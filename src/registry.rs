@@ -230,7 +230,7 @@ impl TaskContext {
             task: Arc::clone(&self.name),
             at: now,
             fraction: (!fraction.is_nan()).then(|| fraction.clamp(0.0, 1.0)),
-            message: message.into(),
+            message: message.into().into_boxed_str(),
         });
     }
 }

@@ -78,6 +78,7 @@ impl Server {
 }
 
 fn accept(listener: &TcpListener, server: &Arc<Server>) {
+    super::lower_priority();
     for stream in listener.incoming() {
         if server.stopping.load(Ordering::SeqCst) {
             return;
@@ -108,6 +109,7 @@ fn accept(listener: &TcpListener, server: &Arc<Server>) {
             .name("snapq-live-conn".into())
             .stack_size(CONNECTION_STACK)
             .spawn(move || {
+                super::lower_priority();
                 serve(stream, &shared);
                 shared.active.fetch_sub(1, Ordering::SeqCst);
             });

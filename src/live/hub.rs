@@ -10,16 +10,17 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, select, unbounded};
+use crossbeam_channel::{Receiver, Sender, select, unbounded};
 use parking_lot::Mutex;
 use serde::Serialize;
 use tungstenite::Utf8Bytes;
 
 use super::Event;
+use super::feed::{Entry, Feed};
 use super::metrics::{Counters, TaskCounts};
 use crate::clock::{format_micros, now_micros};
 use crate::db::{self, Synchronous};
@@ -52,19 +53,20 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             retention: Duration::from_secs(300),
-            max_channels: 10_000,
+            max_channels: 2_000,
             max_channel_messages: 1_000,
-            max_messages: 50_000,
-            client_queue: 20_000,
+            max_messages: 10_000,
+            client_queue: 10_000,
             max_connections: 128,
         }
     }
 }
 
-/// What the hub sends a client: one live message, or a replayed history at once.
-pub(crate) enum Out {
-    One(Utf8Bytes),
-    Many(Vec<Utf8Bytes>),
+/// The hub's answer to a subscription: the history to send first, and the feed position
+/// from which the subscribed channels' live messages follow it.
+pub(crate) struct Subscribed {
+    pub replay: Vec<Utf8Bytes>,
+    pub from: u64,
 }
 
 /// What connection threads (and `Live::stop`) tell the hub.
@@ -73,10 +75,7 @@ pub(crate) enum Command {
     Subscribe {
         client: u64,
         channels: Vec<String>,
-        queue: Sender<Out>,
-        /// Set by the hub when it cuts the client off for being too slow; read by the
-        /// client's thread, which then closes the socket with that reason.
-        slow: Arc<AtomicBool>,
+        reply: Sender<Subscribed>,
     },
     /// The client's connection ended.
     Leave {
@@ -90,7 +89,14 @@ pub(crate) enum Command {
 pub(crate) struct HubHandle {
     pub commands: Sender<Command>,
     pub counters: Arc<Mutex<Counters>>,
+    pub feed: Arc<Feed>,
 }
+
+/// How long the hub lets events gather after handling some (see `run`).
+const GATHER: Duration = Duration::from_millis(2);
+
+/// The most events handled before the hub looks at its commands again.
+const EVENT_BATCH: usize = 4096;
 
 /// How often the hub publishes a heartbeat and forgets expired channels.
 const TICK: Duration = Duration::from_secs(1);
@@ -115,18 +121,11 @@ struct Channel {
     cap: usize,
 }
 
+/// What a client has subscribed, as far as replays need to know.
+#[derive(Default)]
 struct Client {
-    id: u64,
     all: bool,
     channels: HashSet<String>,
-    queue: Sender<Out>,
-    slow: Arc<AtomicBool>,
-}
-
-impl Client {
-    fn wants(&self, channel: &str) -> bool {
-        self.all || self.channels.contains(channel)
-    }
 }
 
 pub(crate) struct Hub {
@@ -145,8 +144,12 @@ pub(crate) struct Hub {
     ended: VecDeque<(Arc<str>, u64)>,
     /// Messages kept over all channels.
     kept: usize,
+    /// The position the next message gets, in `channels` and in the feed alike.
     next_global: u64,
-    clients: Vec<Client>,
+    clients: HashMap<u64, Client>,
+    feed: Arc<Feed>,
+    /// Messages published and not yet appended to the feed (appended once per turn).
+    pending: Vec<Entry>,
     /// Tasks started and not yet ended, for the heartbeat.
     running: HashSet<i64>,
     counters: Arc<Mutex<Counters>>,
@@ -168,6 +171,7 @@ impl Hub {
         // `max_connections` threads.
         let (commands_tx, commands) = unbounded();
         let counters = Arc::new(Mutex::new(Counters::default()));
+        let feed = Arc::new(Feed::new(limits.client_queue, 0));
         let mut hub = Hub {
             events,
             commands,
@@ -180,7 +184,9 @@ impl Hub {
             ended: VecDeque::new(),
             kept: 0,
             next_global: 0,
-            clients: Vec::new(),
+            clients: HashMap::new(),
+            feed: Arc::clone(&feed),
+            pending: Vec::new(),
             running: HashSet::new(),
             counters: Arc::clone(&counters),
             started: Instant::now(),
@@ -189,13 +195,17 @@ impl Hub {
         };
         let handle = std::thread::Builder::new()
             .name("snapq-live-hub".into())
-            .spawn(move || hub.run())
+            .spawn(move || {
+                super::lower_priority();
+                hub.run()
+            })
             .map_err(|e| Error::Runtime(format!("cannot start the live view's hub thread: {e}")))?;
         Ok((
             handle,
             HubHandle {
                 commands: commands_tx,
                 counters,
+                feed,
             },
         ))
     }
@@ -206,6 +216,7 @@ impl Hub {
             if Instant::now() >= next_tick {
                 self.heartbeat();
                 self.forget_expired();
+                self.feed.append(&mut self.pending);
                 next_tick = Instant::now() + TICK;
             }
             let timeout = next_tick.saturating_duration_since(Instant::now());
@@ -214,12 +225,16 @@ impl Hub {
                     let Ok(event) = event else { return self.stop() };
                     self.on_event(event);
                     // Take what else is waiting before looking at commands again.
-                    for _ in 0..1024 {
+                    for _ in 0..EVENT_BATCH {
                         match self.events.try_recv() {
                             Ok(event) => self.on_event(event),
                             Err(_) => break,
                         }
                     }
+                    // Let more gather before looking again: while events keep coming, the
+                    // hub is then never parked on the channel, so a producer's try_send
+                    // never has to wake it (a system call on the worker's time).
+                    std::thread::sleep(GATHER);
                 }
                 recv(self.commands) -> command => match command {
                     Ok(Command::Stop) | Err(_) => return self.stop(),
@@ -227,12 +242,14 @@ impl Hub {
                 },
                 default(timeout) => {}
             }
+            self.feed.append(&mut self.pending);
         }
     }
 
-    /// Dropping every client's queue ends their threads, which close with "stopping".
+    /// Readers of the feed end, closing with "stopping".
     fn stop(&mut self) {
-        self.clients.clear();
+        self.feed.append(&mut self.pending);
+        self.feed.stop();
     }
 
     fn on_command(&mut self, command: Command) {
@@ -240,39 +257,23 @@ impl Hub {
             Command::Subscribe {
                 client,
                 channels,
-                queue,
-                slow,
-            } => self.subscribe(client, channels, queue, slow),
+                reply,
+            } => self.subscribe(client, channels, &reply),
             Command::Leave { client } => {
-                self.clients.retain(|c| c.id != client);
+                self.clients.remove(&client);
                 self.counters.lock().clients = self.clients.len();
             }
             Command::Stop => self.stop(),
         }
     }
 
-    fn subscribe(
-        &mut self,
-        id: u64,
-        channels: Vec<String>,
-        queue: Sender<Out>,
-        slow: Arc<AtomicBool>,
-    ) {
-        let index = match self.clients.iter().position(|c| c.id == id) {
-            Some(index) => index,
-            None => {
-                self.clients.push(Client {
-                    id,
-                    all: false,
-                    channels: HashSet::new(),
-                    queue,
-                    slow,
-                });
-                self.counters.lock().clients = self.clients.len();
-                self.clients.len() - 1
-            }
-        };
-        let client = &mut self.clients[index];
+    /// Answers a subscription with the history of the channels new to this client (in
+    /// order) and the feed position their live messages continue from. Both come from
+    /// this thread between two messages: no gap, no duplicate. The client applies the same
+    /// rule to its filter (src/live/ws.rs): a channel it already had keeps its older start.
+    fn subscribe(&mut self, id: u64, channels: Vec<String>, reply: &Sender<Subscribed>) {
+        self.feed.append(&mut self.pending);
+        let client = self.clients.entry(id).or_default();
         let mut replay: Vec<&Stored> = Vec::new();
         if channels.iter().any(|c| c == "*") {
             if !client.all {
@@ -283,7 +284,6 @@ impl Hub {
                     }
                 }
                 client.all = true;
-                client.channels.clear();
             }
         } else if !client.all {
             for name in channels {
@@ -296,18 +296,13 @@ impl Hub {
                 client.channels.insert(name);
             }
         }
-        if replay.is_empty() {
-            return;
-        }
         replay.sort_unstable_by_key(|m| m.global);
-        let texts = replay.into_iter().map(|m| m.text.clone()).collect();
-        if client.queue.try_send(Out::Many(texts)).is_err() {
-            cut_off(client);
-            self.clients.remove(index);
-            let mut counters = self.counters.lock();
-            counters.clients = self.clients.len();
-            counters.clients_cut_off += 1;
-        }
+        let replay = replay.into_iter().map(|m| m.text.clone()).collect();
+        let _ = reply.try_send(Subscribed {
+            replay,
+            from: self.next_global,
+        });
+        self.counters.lock().clients = self.clients.len();
     }
 
     fn on_event(&mut self, event: Event) {
@@ -419,10 +414,9 @@ impl Hub {
         self.publish(&name, kind, payload, ends);
     }
 
-    /// Numbers, serialises, keeps and fans out one message.
+    /// Numbers, serialises and keeps one message, and queues it for the feed.
     fn publish(&mut self, name: &str, kind: &str, payload: &impl Serialize, ends: bool) {
         let global = self.next_global;
-        self.next_global += 1;
         if !self.channels.contains_key(name) {
             let (keeps_first, cap) = if name == FOREMAN_CHANNEL {
                 (false, 1)
@@ -450,14 +444,16 @@ impl Hub {
         let Some(channel) = self.channels.get_mut(name) else {
             return;
         };
-        channel.seq += 1;
-        let text = match envelope(kind, name, channel.seq, payload) {
+        let text = match envelope(kind, name, channel.seq + 1, payload) {
             Ok(text) => Utf8Bytes::from(text),
             Err(e) => {
                 tracing::warn!("live view: cannot serialise a {kind} message: {e}");
                 return;
             }
         };
+        // Numbered only once it exists: seq and feed positions have no holes.
+        channel.seq += 1;
+        self.next_global += 1;
         channel.messages.push_back(Stored {
             global,
             text: text.clone(),
@@ -473,9 +469,9 @@ impl Hub {
         }
         if ends {
             channel.ended = Some((Instant::now(), global));
-            self.ended.push_back((key, global));
+            self.ended.push_back((Arc::clone(&key), global));
         }
-        self.fan_out(name, &text);
+        self.pending.push(Entry { channel: key, text });
         while self.channels.len() > self.limits.max_channels || self.kept > self.limits.max_messages
         {
             if !self.evict_one() {
@@ -484,29 +480,6 @@ impl Hub {
         }
         if self.ended.len() > 4 * self.limits.max_channels.max(1024) {
             self.compact_ended();
-        }
-    }
-
-    fn fan_out(&mut self, name: &str, text: &Utf8Bytes) {
-        let mut cut = 0;
-        self.clients.retain(|client| {
-            if !client.wants(name) {
-                return true;
-            }
-            match client.queue.try_send(Out::One(text.clone())) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_)) => {
-                    cut_off(client);
-                    cut += 1;
-                    false
-                }
-                Err(TrySendError::Disconnected(_)) => false,
-            }
-        });
-        if cut > 0 {
-            let mut counters = self.counters.lock();
-            counters.clients = self.clients.len();
-            counters.clients_cut_off += cut;
         }
     }
 
@@ -632,12 +605,6 @@ impl Hub {
             }
         }
     }
-}
-
-/// Tells a client's thread that it was cut off; dropping its queue (with the `Client`)
-/// wakes it.
-fn cut_off(client: &Client) {
-    client.slow.store(true, Ordering::SeqCst);
 }
 
 /// `{"type":…,"channel":…,"seq":…, <the payload's fields>}`.

@@ -24,6 +24,7 @@
 //! Memory is bounded by `LiveConfig`: channels kept, messages a channel, messages a
 //! client's queue, connections.
 
+mod feed;
 mod http;
 mod hub;
 mod metrics;
@@ -44,8 +45,10 @@ use crate::monitor::RoundResult;
 pub use hub::Limits;
 
 /// How many events may wait for the hub before producers drop (and count) them. At the
-/// fastest drain (~60,000 tasks/s, two events a task) this is half a second of events.
-const EVENT_QUEUE: usize = 65_536;
+/// fastest drain (~60,000 tasks/s, two events a task) this is 0.14 s of events, against
+/// the hub's 2 ms turns; the channel allocates every slot up front (~1.5 MiB), which is
+/// what keeps it from being larger.
+const EVENT_QUEUE: usize = 16_384;
 
 /// What `--http` and its companions configure.
 #[derive(Debug, Clone)]
@@ -106,7 +109,7 @@ pub enum Event {
         task: Arc<str>,
         at: i64,
         fraction: Option<f64>,
-        message: String,
+        message: Box<str>,
     },
     TaskFinished {
         id: i64,
@@ -122,9 +125,27 @@ pub enum Event {
         duration: Option<Duration>,
         /// `failed`, `panicked` or `rejected`.
         reason: &'static str,
-        error: String,
+        error: Box<str>,
     },
     MonitorResult(Box<RoundResult>),
+}
+
+/// Lowers the calling thread to the lowest normal priority (nice 19), so that under load
+/// the scheduler runs the foreman and workers first and the live view with what is left.
+/// Every live view thread calls it first thing.
+pub(crate) fn lower_priority() {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id only lowers
+    // that thread's priority, which needs no privilege.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19)
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "live view: could not lower a thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// The producers' handle: cheap to clone, never blocks.

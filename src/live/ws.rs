@@ -1,28 +1,30 @@
 //! One WebSocket client of `/events`, served on its connection's thread.
 //!
 //! The client sends `{"subscribe": ["task:42", "monitor:n1"]}` (or `["*"]`); the hub
-//! (src/live/hub.rs) puts the channels' histories and then their live messages on this
-//! client's own bounded queue, which this thread writes out. The socket is non-blocking
-//! once the client has subscribed: a peer that does not read makes this thread wait on
-//! `poll`, its queue fills, and the hub cuts it off — the hub and the foreman never wait
-//! for it. The close frame then says why (1008, "too slow").
+//! (src/live/hub.rs) answers with the channels' histories and the feed position their
+//! live messages continue from; this thread writes the history, then reads the feed
+//! (src/live/feed.rs) from that position, keeping what the client subscribed. The socket
+//! is non-blocking once the client has subscribed: a peer that does not read makes this
+//! thread wait on `poll` while the feed moves on; once the feed has dropped the client's
+//! position (it is `Limits::client_queue` messages behind), it is cut off with a close
+//! frame saying why (1008, "too slow"). The hub and the foreman never wait for it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
+use crossbeam_channel::bounded;
 use serde::Deserialize;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, Utf8Bytes, WebSocket};
 
+use super::feed::Read;
 use super::http::Server;
-use super::hub::{Command, Out};
+use super::hub::Command;
 
 /// How long the thread waits for messages before it looks at the socket again (a new
 /// subscription, a close, a ping). The first subscription is read without this delay.
@@ -31,8 +33,11 @@ const POLL: Duration = Duration::from_millis(100);
 /// How long the close frame may take to go out (after what tungstenite holds).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How many queued messages are written before the socket is flushed.
+/// The most queued messages taken at once before they are written and flushed.
 const WRITE_BATCH: usize = 1024;
+
+/// How long a client's thread lets messages gather after the first of a burst.
+const GATHER: Duration = Duration::from_millis(10);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,14 +60,15 @@ pub(crate) fn serve(stream: TcpStream, rest: Vec<u8>, server: &Server) {
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(16 * 1024)
-        .max_write_buffer_size(256 * 1024)
+        .max_write_buffer_size(64 * 1024)
         .max_message_size(Some(64 * 1024))
         .max_frame_size(Some(64 * 1024));
     let mut ws = WebSocket::from_partially_read(stream, rest, Role::Server, Some(config));
     let mut client = Client {
         id: server.next_client_id(),
-        queue: bounded(server.config.limits.client_queue.max(1)),
-        slow: Arc::new(AtomicBool::new(false)),
+        position: None,
+        all_from: None,
+        channels: HashMap::new(),
         backlog: VecDeque::new(),
         server,
     };
@@ -73,12 +79,15 @@ pub(crate) fn serve(stream: TcpStream, rest: Vec<u8>, server: &Server) {
         .send(Command::Leave { client: client.id });
     let frame = match end {
         End::Gone => None,
-        End::TooSlow => Some(CloseFrame {
-            code: CloseCode::Policy,
-            reason: Utf8Bytes::from_static(
-                "too slow: this client fell too far behind the feed; reconnect and subscribe again",
-            ),
-        }),
+        End::TooSlow => {
+            server.hub.counters.lock().clients_cut_off += 1;
+            Some(CloseFrame {
+                code: CloseCode::Policy,
+                reason: Utf8Bytes::from_static(
+                    "too slow: this client fell too far behind the feed; reconnect and subscribe again",
+                ),
+            })
+        }
         End::Stopping => Some(CloseFrame {
             code: CloseCode::Away,
             reason: Utf8Bytes::from_static("the foreman is stopping"),
@@ -98,11 +107,14 @@ pub(crate) fn serve(stream: TcpStream, rest: Vec<u8>, server: &Server) {
 
 struct Client<'a> {
     id: u64,
-    /// This client's bounded queue: the hub sends, this thread receives.
-    queue: (Sender<Out>, Receiver<Out>),
-    /// Set by the hub when it cuts this client off.
-    slow: Arc<AtomicBool>,
-    /// Messages taken from the queue and not yet handed to the socket.
+    /// Where this client reads the feed next; `None` before its first subscription.
+    position: Option<u64>,
+    /// With `*`: the feed position from which every message is this client's.
+    all_from: Option<u64>,
+    /// Each subscribed channel with the feed position its live messages start at (its
+    /// earlier ones came in the replay).
+    channels: HashMap<String, u64>,
+    /// Messages taken (replayed or read from the feed) and not yet handed to the socket.
     backlog: VecDeque<Utf8Bytes>,
     server: &'a Server,
 }
@@ -125,10 +137,8 @@ impl Client<'_> {
         if ws.get_ref().set_nonblocking(true).is_err() {
             return End::Gone;
         }
+        let feed = std::sync::Arc::clone(&self.server.hub.feed);
         loop {
-            if self.slow.load(Ordering::SeqCst) {
-                return End::TooSlow;
-            }
             if self.server.stopping.load(Ordering::SeqCst) {
                 return End::Stopping;
             }
@@ -138,40 +148,46 @@ impl Client<'_> {
             match self.write_out(ws) {
                 Ok(true) => {}
                 Ok(false) => {
-                    // The peer is not taking data: wait until it does (or says something).
+                    // The peer is not taking data: wait until it does (or says something),
+                    // unless the feed has already left this client behind.
+                    if self.position.is_some_and(|p| feed.dropped(p)) {
+                        return End::TooSlow;
+                    }
                     wait_for_socket(ws.get_ref(), POLL);
                     continue;
                 }
                 Err(end) => return end,
             }
-            match self.queue.1.recv_timeout(POLL) {
-                Ok(out) => {
-                    self.take(out);
-                    while self.backlog.len() < WRITE_BATCH {
-                        match self.queue.1.try_recv() {
-                            Ok(out) => self.take(out),
-                            Err(_) => break,
-                        }
+            match self.take(&feed, POLL) {
+                Read::Some if self.backlog.len() < WRITE_BATCH / 8 => {
+                    // A trickle: let more gather, then write them in one go — one wake-up
+                    // and a few writes for a burst, not one of each a message.
+                    std::thread::sleep(GATHER);
+                    if let Some(end) = end_of(self.take(&feed, Duration::ZERO)) {
+                        return end;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                // The hub let go of us: cut off, or stopping.
-                Err(RecvTimeoutError::Disconnected) => {
-                    return if self.slow.load(Ordering::SeqCst) {
-                        End::TooSlow
-                    } else {
-                        End::Stopping
-                    };
+                read => {
+                    if let Some(end) = end_of(read) {
+                        return end;
+                    }
                 }
             }
         }
     }
 
-    fn take(&mut self, out: Out) {
-        match out {
-            Out::One(text) => self.backlog.push_back(text),
-            Out::Many(texts) => self.backlog.extend(texts),
-        }
+    /// Takes from the feed what this client subscribed, up to a batch.
+    fn take(&mut self, feed: &super::feed::Feed, wait: Duration) -> Read {
+        let all_from = self.all_from;
+        let channels = &self.channels;
+        let wanted = |position: u64, channel: &str| {
+            all_from.is_some_and(|from| position >= from)
+                || channels.get(channel).is_some_and(|from| position >= *from)
+        };
+        let Some(position) = self.position.as_mut() else {
+            return Read::Nothing;
+        };
+        feed.read(position, WRITE_BATCH, wait, wanted, &mut self.backlog)
     }
 
     /// Reads whatever the peer sent (or, with `first`, up to its first subscription: the
@@ -181,7 +197,7 @@ impl Client<'_> {
         loop {
             match ws.read() {
                 Ok(Message::Text(text)) => {
-                    subscribed |= self.subscribe(ws, &text);
+                    subscribed |= self.subscribe(ws, &text)?;
                     if first && subscribed {
                         return Ok(true);
                     }
@@ -199,29 +215,49 @@ impl Client<'_> {
         }
     }
 
-    /// Hands a subscription to the hub, or tells the client what was wrong with it.
-    fn subscribe(&mut self, ws: &mut WebSocket<TcpStream>, text: &str) -> bool {
-        match serde_json::from_str::<Subscribe>(text) {
-            Ok(Subscribe { subscribe }) if !subscribe.is_empty() => {
-                let _ = self.server.hub.commands.send(Command::Subscribe {
-                    client: self.id,
-                    channels: subscribe,
-                    queue: self.queue.0.clone(),
-                    slow: Arc::clone(&self.slow),
-                });
-                true
-            }
+    /// Asks the hub for the channels' histories and where their live messages start, and
+    /// takes both; or tells the client what was wrong with its request.
+    fn subscribe(&mut self, ws: &mut WebSocket<TcpStream>, text: &str) -> Result<bool, End> {
+        let channels = match serde_json::from_str::<Subscribe>(text) {
+            Ok(Subscribe { subscribe }) if !subscribe.is_empty() => subscribe,
             _ => {
                 let error = serde_json::json!({
                     "type": "error",
                     "error": "send {\"subscribe\": [\"*\"]} or a list of channels such as \
                               \"task:42\" and \"monitor:NAME\"",
                 });
-                self.backlog.push_front(Utf8Bytes::from(error.to_string()));
+                self.backlog.push_back(Utf8Bytes::from(error.to_string()));
                 let _ = self.write_out(ws);
-                false
+                return Ok(false);
+            }
+        };
+        let (reply, answer) = bounded(1);
+        let asked = self.server.hub.commands.send(Command::Subscribe {
+            client: self.id,
+            channels: channels.clone(),
+            reply,
+        });
+        let Ok(subscribed) = asked
+            .map_err(drop)
+            .and_then(|()| answer.recv_timeout(Duration::from_secs(10)).map_err(drop))
+        else {
+            return Err(End::Stopping);
+        };
+        // The hub's rule (src/live/hub.rs, `subscribe`), applied to this side's filter.
+        let from = subscribed.from;
+        if self.all_from.is_none() {
+            if channels.iter().any(|c| c == "*") {
+                self.all_from = Some(from);
+            } else {
+                for channel in channels {
+                    self.channels.entry(channel).or_insert(from);
+                }
             }
         }
+        // The first subscription sets where this client starts reading the feed.
+        self.position.get_or_insert(from);
+        self.backlog.extend(subscribed.replay);
+        Ok(true)
     }
 
     /// Writes the backlog. `Ok(true)`: all of it is on the socket; `Ok(false)`: the socket
@@ -253,6 +289,15 @@ impl Client<'_> {
             Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => Ok(false),
             Err(_) => Err(End::Gone),
         }
+    }
+}
+
+/// How a read of the feed ends the connection, if it does.
+fn end_of(read: Read) -> Option<End> {
+    match read {
+        Read::Some | Read::Nothing => None,
+        Read::TooSlow => Some(End::TooSlow),
+        Read::Stopped => Some(End::Stopping),
     }
 }
 
