@@ -208,8 +208,9 @@ pub struct RunArgs {
     #[arg(long, env = "SNAPQ_HTTP_MAX_CONNECTIONS", value_name = "N", default_value_t = 128,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub http_max_connections: u16,
-    /// The most live view messages waiting for one WebSocket client; a client further
-    /// behind is disconnected (close code 1008, "too slow")
+    /// How many live view messages a WebSocket client may fall behind (the size of the
+    /// feed all clients read); a client further behind is disconnected (close code 1008,
+    /// "too slow")
     #[arg(long, env = "SNAPQ_HTTP_CLIENT_QUEUE", value_name = "MESSAGES", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub http_client_queue: u32,
