@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 
 use crate::error::{Error, Result};
@@ -75,6 +76,14 @@ pub fn open(path: &Path, synchronous: Synchronous) -> Result<Connection> {
     })?;
     conn.busy_handler(Some(busy_wait))
         .map_err(Error::sqlite("setting the busy handler"))?;
+    // Plans that do not depend on bound values. Without this, SQLite marks a statement
+    // whose plan could use a bound value (the claim's `LIMIT ?2`) for re-preparing
+    // whenever its bindings are cleared — which the statement cache does after every run
+    // — so the claim was parsed and planned again on every claim (BENCHMARKS.md,
+    // "Profile of the drain"). Every query here is one indexed lookup or scan whose plan
+    // does not depend on the values.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map_err(Error::sqlite("fixing query plans (QPSG)"))?;
 
     // A read first: a file that is not a database fails here, before any write could
     // touch it.

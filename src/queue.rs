@@ -528,3 +528,32 @@ mod tests {
         assert!(matches!(err, Error::UnknownTask { .. }));
     }
 }
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    /// The claim is planned once per connection, not once per claim (src/db.rs, QPSG).
+    #[test]
+    fn the_claim_statement_is_not_prepared_again_on_every_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::db::open(
+            &dir.path().join("q.sqlite3"),
+            crate::db::Synchronous::Normal,
+        )
+        .unwrap();
+        for i in 0..200 {
+            conn.execute(
+                "INSERT INTO tasks (task_name, created_at) VALUES ('noop', ?1)",
+                [i],
+            )
+            .unwrap();
+        }
+        for n in 0..20 {
+            assert_eq!(claim(&conn, 1_000 + n, 4).unwrap().len(), 4);
+        }
+        let stmt = conn.prepare_cached(CLAIM_MANY).unwrap();
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::Run), 20);
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
+    }
+}
