@@ -3,9 +3,10 @@
 //!
 //! Everything here is touched by the hub thread alone, except `Counters`, which the hub
 //! updates and `/metrics` reads under one mutex held for a few field updates or one
-//! rendering, never across I/O. Because subscriptions and messages are handled by this one
-//! thread in one order, a subscriber gets a channel's history and then every later message
-//! of it, with no gap and no duplicate.
+//! rendering, never across I/O, and the feed (src/live/feed.rs), which has its own.
+//! Because subscriptions and messages are handled by this one thread in one order, a
+//! subscriber gets a channel's history and then every later message of it, with no gap and
+//! no duplicate.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -42,8 +43,8 @@ pub struct Limits {
     /// The most messages kept over all channels; past it whole channels go, oldest ended
     /// first.
     pub max_messages: usize,
-    /// How many messages may wait for one client; a client that falls further behind is
-    /// disconnected.
+    /// The feed's length: how many messages a client may fall behind the newest before
+    /// it is disconnected (every client's queue is its stretch of this one ring).
     pub client_queue: usize,
     /// The most connections served at once (page loads, API calls and WebSockets).
     pub max_connections: usize,

@@ -4,7 +4,7 @@
 //! # How events flow, and why the foreman never waits for a browser
 //!
 //! ```text
-//! workers, foreman loop ──try_send──▶ [events, bounded] ──▶ hub thread ──try_send──▶ [client queue, bounded] ──▶ client thread ──▶ socket
+//! workers, foreman loop ─try_send─▶ [events, bounded] ─▶ hub thread ─append─▶ [feed ring, bounded] ─▶ client threads ─▶ sockets
 //! ```
 //!
 //! - Producers (workers for task events, the foreman loop for monitor results) build a
@@ -12,17 +12,19 @@
 //!   `EVENT_QUEUE` events behind, the event is dropped and counted (`/metrics`,
 //!   `snapq_live_events_dropped_total`; the heartbeat's `events_dropped`).
 //! - The hub thread (src/live/hub.rs) owns every channel's history: it numbers each
-//!   message (`seq`, per channel), serialises it once, keeps it, and offers it to each
-//!   subscribed client's own bounded queue with `try_send`. A client whose queue is full
-//!   is cut off (its thread sends a close frame with the reason) — it never slows the hub.
-//!   A subscription is handled on the hub thread too, between two messages: the replay of
-//!   the history and the live messages after it are therefore one gap-free, duplicate-free
-//!   sequence.
+//!   message (`seq`, per channel), serialises it once, keeps it, and appends it to the
+//!   feed (src/live/feed.rs), a ring every client reads at its own position. The hub never
+//!   waits for a reader: the ring drops its oldest message when full, and a client whose
+//!   position it was is cut off (its thread sends a close frame with the reason).
+//!   A subscription is answered on the hub thread between two messages — the history so
+//!   far and the feed position the live messages continue from — so a client's sequence
+//!   has no gap and no duplicate.
 //! - One thread a connection (src/live/http.rs, src/live/ws.rs), at most
-//!   `MAX_CONNECTIONS` at a time, serves plain requests and WebSockets.
+//!   `Limits::max_connections` at a time, serves plain requests and WebSockets.
+//! - Every live view thread runs at nice 19: a busy foreman comes first.
 //!
-//! Memory is bounded by `LiveConfig`: channels kept, messages a channel, messages a
-//! client's queue, connections.
+//! Memory is bounded by `Limits`: channels kept, messages a channel and in all, the feed's
+//! length, connections.
 
 mod feed;
 mod http;
