@@ -216,7 +216,7 @@ fn a_channel_is_forgotten_after_the_retention() {
 #[test]
 fn a_slow_client_is_cut_off_while_a_fast_one_and_the_foreman_keep_going() {
     let home = Home::new();
-    const TASKS: usize = 20_000;
+    const TASKS: usize = 30_000;
     let lines: String = (0..TASKS).map(|_| "{\"task\":\"noop\"}\n").collect();
     let (mut foreman, addr) = start_live(
         &home,
