@@ -179,13 +179,13 @@ fn route(mut stream: TcpStream, request: Request, server: &Server) -> std::io::R
             );
         }
     }
-    if request.method != "GET" && request.method != "HEAD" {
+    if request.method != "GET" {
         return respond(
             &mut stream,
             405,
             TEXT,
-            &[("Allow", "GET, HEAD")],
-            b"only GET and HEAD are served here\n",
+            &[("Allow", "GET")],
+            b"only GET is served here\n",
         );
     }
     match request.path.as_str() {

@@ -313,6 +313,18 @@ fn a_wrong_or_missing_token_gets_401_on_every_route() {
     assert_eq!(status, 200);
     assert!(page.contains("<title>snapq"));
 
+    // Only GET is served.
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    write!(
+        stream,
+        "POST /api/status?token=s3cret-Token HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+    assert!(response.contains("Allow: GET"), "{response}");
+
     // The WebSocket handshake is refused without the token, accepted with it.
     match tungstenite::connect(format!("ws://{addr}/events")) {
         Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
