@@ -385,37 +385,17 @@ fn status_json(server: &Server) -> Result<String> {
     to_json(&status)
 }
 
-/// A monitor as the page shows it: everything `monitor list` has but the config, which
-/// may hold addresses or credentials the page has no need for.
-#[derive(Serialize)]
-struct PageMonitor {
-    name: String,
-    kind: String,
-    interval_seconds: f64,
-    enabled: bool,
-    last_status: Option<String>,
-    last_summary: Option<String>,
-    last_error: Option<String>,
-    last_run_at: Option<String>,
-    last_duration_ms: Option<f64>,
-}
-
+/// `monitor list --json` without the configs, which may hold addresses or credentials
+/// the page has no need for.
 fn monitors_json(server: &Server) -> Result<String> {
     let conn = open_db(server)?;
-    let monitors: Vec<PageMonitor> = crate::monitor::store::list(&conn)?
-        .into_iter()
-        .map(|m| PageMonitor {
-            name: m.name,
-            kind: m.kind,
-            interval_seconds: m.interval_seconds,
-            enabled: m.enabled,
-            last_status: m.last_status,
-            last_summary: m.last_summary,
-            last_error: m.last_error,
-            last_run_at: m.last_run_at,
-            last_duration_ms: m.last_duration_ms,
-        })
-        .collect();
+    let mut monitors = serde_json::to_value(crate::monitor::store::list(&conn)?)
+        .map_err(|e| Error::Runtime(format!("serialising: {e}")))?;
+    for monitor in monitors.as_array_mut().into_iter().flatten() {
+        if let Some(fields) = monitor.as_object_mut() {
+            fields.remove("config");
+        }
+    }
     to_json(&monitors)
 }
 

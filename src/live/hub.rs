@@ -63,9 +63,13 @@ impl Default for Limits {
     }
 }
 
-/// The hub's answer to a subscription: the history to send first, and the feed position
-/// from which the subscribed channels' live messages follow it.
+/// The hub's answer to a subscription: what it newly subscribed, the history to send
+/// first, and the feed position from which those channels' live messages follow it.
 pub(crate) struct Subscribed {
+    /// `*` was granted now (it was not before).
+    pub all: bool,
+    /// Channels newly subscribed (none once `*` is).
+    pub added: Vec<String>,
     pub replay: Vec<Utf8Bytes>,
     pub from: u64,
 }
@@ -268,16 +272,19 @@ impl Hub {
         }
     }
 
-    /// Answers a subscription with the history of the channels new to this client (in
-    /// order) and the feed position their live messages continue from. Both come from
-    /// this thread between two messages: no gap, no duplicate. The client applies the same
-    /// rule to its filter (src/live/ws.rs): a channel it already had keeps its older start.
+    /// Answers a subscription with what is new to this client, the history of it (in
+    /// order) and the feed position its live messages continue from. All come from this
+    /// thread between two messages: no gap, no duplicate. The client's thread adds exactly
+    /// what it is told to its filter (src/live/ws.rs).
     fn subscribe(&mut self, id: u64, channels: Vec<String>, reply: &Sender<Subscribed>) {
         self.feed.append(&mut self.pending);
         let client = self.clients.entry(id).or_default();
         let mut replay: Vec<&Stored> = Vec::new();
+        let mut all = false;
+        let mut added = Vec::new();
         if channels.iter().any(|c| c == "*") {
             if !client.all {
+                all = true;
                 // Everything kept, except what this client was already sent.
                 for (name, channel) in &self.channels {
                     if !client.channels.contains(&**name) {
@@ -294,12 +301,15 @@ impl Hub {
                 if let Some(channel) = self.channels.get(name.as_str()) {
                     replay.extend(channel.messages.iter());
                 }
-                client.channels.insert(name);
+                client.channels.insert(name.clone());
+                added.push(name);
             }
         }
         replay.sort_unstable_by_key(|m| m.global);
         let replay = replay.into_iter().map(|m| m.text.clone()).collect();
         let _ = reply.try_send(Subscribed {
+            all,
+            added,
             replay,
             from: self.next_global,
         });

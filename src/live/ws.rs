@@ -234,7 +234,7 @@ impl Client<'_> {
         let (reply, answer) = bounded(1);
         let asked = self.server.hub.commands.send(Command::Subscribe {
             client: self.id,
-            channels: channels.clone(),
+            channels,
             reply,
         });
         let Ok(subscribed) = asked
@@ -243,16 +243,13 @@ impl Client<'_> {
         else {
             return Err(End::Stopping);
         };
-        // The hub's rule (src/live/hub.rs, `subscribe`), applied to this side's filter.
+        // What the hub newly subscribed starts at `from`; what came before is in the replay.
         let from = subscribed.from;
-        if self.all_from.is_none() {
-            if channels.iter().any(|c| c == "*") {
-                self.all_from = Some(from);
-            } else {
-                for channel in channels {
-                    self.channels.entry(channel).or_insert(from);
-                }
-            }
+        if subscribed.all {
+            self.all_from = Some(from);
+        }
+        for channel in subscribed.added {
+            self.channels.insert(channel, from);
         }
         // The first subscription sets where this client starts reading the feed.
         self.position.get_or_insert(from);

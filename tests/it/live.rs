@@ -352,6 +352,14 @@ fn metrics_parse_as_prometheus_text_and_count_tasks_and_monitors() {
     assert_eq!(result["ok"], true, "{result}");
     assert_eq!(result["kind"], "system");
 
+    // The page's monitor list: `monitor list --json` without the configs.
+    let (status, body) = get(&addr, "/api/monitors", &[]);
+    assert_eq!(status, 200);
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed[0]["name"], "box", "{listed}");
+    assert_eq!(listed[0]["last_status"], "ok", "{listed}");
+    assert!(listed[0].get("config").is_none(), "{listed}");
+
     home.enqueue_lines(&"{\"task\":\"noop\"}\n".repeat(5));
     home.ok(&["enqueue", "fail", "--kwargs", r#"{"message": "boom"}"#]);
     let (status, text) = get(&addr, "/metrics", &[]);
