@@ -38,8 +38,8 @@ fn main() {
     let mut plain = Vec::new();
     let mut live = Vec::new();
     for run in 0..RUNS {
-        plain.push(drain(&scratch, 0));
-        live.push(drain(&scratch, clients()));
+        plain.push(drain(&scratch, None));
+        live.push(drain(&scratch, Some(clients())));
         let (p, l) = (&plain[run], &live[run]);
         println!(
             "run {}: without live view {:.0} tasks/s, {:.1} MiB; with {} clients {:.0} tasks/s, {:.1} MiB",
@@ -110,20 +110,16 @@ struct Drained {
 /// The clients of the live runs: CLIENTS, or LIVE_BENCH_CLIENTS (0: the live view with no
 /// client, to see what the view costs by itself).
 fn clients() -> usize {
-    match std::env::var("LIVE_BENCH_CLIENTS")
+    std::env::var("LIVE_BENCH_CLIENTS")
         .ok()
         .and_then(|v| v.parse().ok())
-    {
-        Some(0) => usize::MAX,
-        Some(n) => n,
-        None => CLIENTS,
-    }
+        .unwrap_or(CLIENTS)
 }
 
-/// Starts a foreman, connects `clients` subscribers (with the live view if > 0), enqueues
-/// the tasks, times the drain.
-fn drain(scratch: &Path, clients: usize) -> Drained {
-    let home = scratch.join(format!("home-{clients}"));
+/// Starts a foreman — with the live view and that many subscribers if `live` is given —,
+/// enqueues the tasks, times the drain.
+fn drain(scratch: &Path, live: Option<usize>) -> Drained {
+    let home = scratch.join(if live.is_some() { "home-live" } else { "home" });
     let _ = std::fs::remove_dir_all(&home);
     std::fs::create_dir_all(&home).unwrap();
     let mut cmd = Command::new(BIN);
@@ -132,16 +128,16 @@ fn drain(scratch: &Path, clients: usize) -> Drained {
         .env("RUST_LOG", "warn,snapq::foreman=info,snapq::live=info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if clients > 0 {
+    if live.is_some() {
         cmd.args(["--http", "127.0.0.1:0"]);
     }
-    let clients = if clients == usize::MAX { 0 } else { clients };
+    let clients = live.unwrap_or(0);
     let mut child = cmd.spawn().unwrap();
-    let addr = wait_ready(&mut child, cmd.get_args().any(|a| a == "--http"));
+    let addr = wait_ready(&mut child, live.is_some());
     let peak = peak_rss_sampler(child.id());
 
     let stop = Arc::new(AtomicBool::new(false));
-    let readers: Vec<JoinHandle<u64>> = (0..clients.min(CLIENTS))
+    let readers: Vec<JoinHandle<u64>> = (0..clients)
         .map(|_| {
             let addr = addr.clone().unwrap();
             let stop = Arc::clone(&stop);
