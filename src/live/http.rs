@@ -1,7 +1,8 @@
 //! The live view's HTTP side: an acceptor thread and one thread a connection, at most
-//! `Limits::max_connections` at once. A request head is parsed with httparse; plain
-//! requests get one response and the connection closes; `/events` upgrades to a
-//! WebSocket served by src/live/ws.rs on the same thread.
+//! `Limits::max_connections` connections at once (WebSockets included). A request head is
+//! parsed with httparse; plain requests get one response and the connection closes;
+//! `/events` upgrades to a WebSocket, handed to the one thread that serves them all
+//! (src/live/ws.rs).
 //!
 //! Routes: `/` (the page), `/api/status` (`snapq status --json`), `/api/monitors`
 //! (`snapq monitor list --json` without the configs), `/metrics`, `/events`.
@@ -13,11 +14,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crossbeam_channel::{Receiver, Sender, unbounded};
 use serde::Serialize;
 
 use super::LiveConfig;
 use super::hub::HubHandle;
 use super::metrics::{self, DbFigures};
+use super::ws::Upgraded;
 use crate::clock::now_micros;
 use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
@@ -31,7 +34,7 @@ const MAX_HEAD: usize = 16 * 1024;
 /// How long a client may take to send its request head, or to take a response.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connection threads need little stack: parsing, a database read, a WebSocket loop.
+/// Connection threads need little stack: parsing, a database read, a response.
 const CONNECTION_STACK: usize = 256 * 1024;
 
 pub(crate) struct Server {
@@ -39,8 +42,10 @@ pub(crate) struct Server {
     pub hub: HubHandle,
     /// Set by `Live::stop`; the acceptor and every connection thread read it.
     pub stopping: Arc<AtomicBool>,
-    /// Connections being served now; bounded by `max_connections`.
+    /// Connections being served now, WebSockets included; bounded by `max_connections`.
     active: AtomicUsize,
+    /// Upgraded sockets, to the WebSocket thread.
+    upgraded: Sender<Upgraded>,
     /// Numbers WebSocket clients for the hub.
     next_client: AtomicU64,
     /// The producers' drop count, for `/metrics`.
@@ -53,27 +58,55 @@ impl Server {
         hub: HubHandle,
         stopping: Arc<AtomicBool>,
         dropped: Arc<AtomicU64>,
-    ) -> Server {
-        Server {
+    ) -> (Server, Receiver<Upgraded>) {
+        // Unbounded: at most `max_connections` sockets are ever in flight.
+        let (upgraded, websockets) = unbounded();
+        let server = Server {
             config,
             hub,
             stopping,
             active: AtomicUsize::new(0),
+            upgraded,
             next_client: AtomicU64::new(1),
             dropped,
+        };
+        (server, websockets)
+    }
+
+    /// A WebSocket ended: its connection no longer counts.
+    pub fn release_connection(&self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Hands an upgraded socket to the WebSocket thread; it stays counted until that
+    /// thread releases it.
+    fn hand_over(&self, stream: TcpStream, rest: Vec<u8>) {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if self.upgraded.send(Upgraded { stream, rest }).is_err() {
+            self.release_connection();
+            return;
         }
+        self.hub.feed.wake();
     }
 
     pub fn next_client_id(&self) -> u64 {
         self.next_client.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Starts the acceptor thread.
-    pub fn start(listener: TcpListener, server: Arc<Server>) -> Result<JoinHandle<()>> {
-        std::thread::Builder::new()
+    /// Starts the acceptor thread and the WebSocket thread.
+    pub fn start(
+        listener: TcpListener,
+        server: Arc<Server>,
+        websockets: Receiver<Upgraded>,
+    ) -> Result<[JoinHandle<()>; 2]> {
+        let ws = super::ws::start(Arc::clone(&server), websockets)?;
+        let acceptor = std::thread::Builder::new()
             .name("snapq-live-http".into())
             .spawn(move || accept(&listener, &server))
-            .map_err(|e| Error::Runtime(format!("cannot start the live view's HTTP thread: {e}")))
+            .map_err(|e| {
+                Error::Runtime(format!("cannot start the live view's HTTP thread: {e}"))
+            })?;
+        Ok([acceptor, ws])
     }
 }
 
@@ -233,7 +266,7 @@ fn route(mut stream: TcpStream, request: Request, server: &Server) -> std::io::R
                  Sec-WebSocket-Accept: {accept}\r\n\r\n"
             );
             stream.write_all(head.as_bytes())?;
-            super::ws::serve(stream, request.rest, server);
+            server.hand_over(stream, request.rest);
             Ok(())
         }
         _ => respond(

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, select, unbounded};
 use parking_lot::Mutex;
 use serde::Serialize;
-use tungstenite::Utf8Bytes;
+use tungstenite::Bytes;
 
 use super::Event;
-use super::feed::{Entry, Feed};
+use super::feed::{Block, Feed, text_frame};
 use super::metrics::{Counters, TaskCounts};
 use crate::clock::{format_micros, now_micros};
 use crate::db::{self, Synchronous};
@@ -70,7 +70,8 @@ pub(crate) struct Subscribed {
     pub all: bool,
     /// Channels newly subscribed (none once `*` is).
     pub added: Vec<String>,
-    pub replay: Vec<Utf8Bytes>,
+    /// The channels' kept messages as frames, in the hub's order.
+    pub replay: Vec<Bytes>,
     pub from: u64,
 }
 
@@ -103,6 +104,9 @@ const GATHER: Duration = Duration::from_millis(2);
 /// The most events handled before the hub looks at its commands again.
 const EVENT_BATCH: usize = 4096;
 
+/// The hub gives up its CPU after this many events (see `super::lower_priority`).
+const YIELD_EVERY: usize = 64;
+
 /// How often the hub publishes a heartbeat and forgets expired channels.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -112,7 +116,8 @@ const FOREMAN_CHANNEL: &str = "foreman";
 struct Stored {
     /// Position in the hub's overall order, for replaying many channels in order.
     global: u64,
-    text: Utf8Bytes,
+    /// The message as a WebSocket frame.
+    frame: Bytes,
 }
 
 struct Channel {
@@ -154,7 +159,7 @@ pub(crate) struct Hub {
     clients: HashMap<u64, Client>,
     feed: Arc<Feed>,
     /// Messages published and not yet appended to the feed (appended once per turn).
-    pending: Vec<Entry>,
+    pending: Block,
     /// Tasks started and not yet ended, for the heartbeat.
     running: HashSet<i64>,
     counters: Arc<Mutex<Counters>>,
@@ -176,7 +181,9 @@ impl Hub {
         // `max_connections` threads.
         let (commands_tx, commands) = unbounded();
         let counters = Arc::new(Mutex::new(Counters::default()));
-        let feed = Arc::new(Feed::new(limits.client_queue, 0));
+        let feed = Arc::new(Feed::new(limits.client_queue, 0).map_err(|e| {
+            Error::Runtime(format!("cannot make the live view's wake-up eventfd: {e}"))
+        })?);
         let mut hub = Hub {
             events,
             commands,
@@ -191,7 +198,7 @@ impl Hub {
             next_global: 0,
             clients: HashMap::new(),
             feed: Arc::clone(&feed),
-            pending: Vec::new(),
+            pending: Block::default(),
             running: HashSet::new(),
             counters: Arc::clone(&counters),
             started: Instant::now(),
@@ -230,10 +237,13 @@ impl Hub {
                     let Ok(event) = event else { return self.stop() };
                     self.on_event(event);
                     // Take what else is waiting before looking at commands again.
-                    for _ in 0..EVENT_BATCH {
+                    for n in 1..=EVENT_BATCH {
                         match self.events.try_recv() {
                             Ok(event) => self.on_event(event),
                             Err(_) => break,
+                        }
+                        if n % YIELD_EVERY == 0 {
+                            std::thread::yield_now();
                         }
                     }
                     // Let more gather before looking again: while events keep coming, the
@@ -306,7 +316,7 @@ impl Hub {
             }
         }
         replay.sort_unstable_by_key(|m| m.global);
-        let replay = replay.into_iter().map(|m| m.text.clone()).collect();
+        let replay = replay.into_iter().map(|m| m.frame.clone()).collect();
         let _ = reply.try_send(Subscribed {
             all,
             added,
@@ -455,8 +465,8 @@ impl Hub {
         let Some(channel) = self.channels.get_mut(name) else {
             return;
         };
-        let text = match envelope(kind, name, channel.seq + 1, payload) {
-            Ok(text) => Utf8Bytes::from(text),
+        let frame = match envelope(kind, name, channel.seq + 1, payload) {
+            Ok(text) => text_frame(text),
             Err(e) => {
                 tracing::warn!("live view: cannot serialise a {kind} message: {e}");
                 return;
@@ -465,9 +475,10 @@ impl Hub {
         // Numbered only once it exists: seq and feed positions have no holes.
         channel.seq += 1;
         self.next_global += 1;
+        self.pending.push(Arc::clone(&key), &frame);
         channel.messages.push_back(Stored {
             global,
-            text: text.clone(),
+            frame: Bytes::from(frame),
         });
         self.kept += 1;
         if channel.messages.len() > channel.cap {
@@ -482,7 +493,6 @@ impl Hub {
             channel.ended = Some((Instant::now(), global));
             self.ended.push_back((Arc::clone(&key), global));
         }
-        self.pending.push(Entry { channel: key, text });
         while self.channels.len() > self.limits.max_channels || self.kept > self.limits.max_messages
         {
             if !self.evict_one() {

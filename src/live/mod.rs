@@ -4,7 +4,7 @@
 //! # How events flow, and why the foreman never waits for a browser
 //!
 //! ```text
-//! workers, foreman loop ─try_send─▶ [events, bounded] ─▶ hub thread ─append─▶ [feed ring, bounded] ─▶ client threads ─▶ sockets
+//! workers, foreman loop ─try_send─▶ [events, bounded] ─▶ hub thread ─append─▶ [feed ring, bounded] ─▶ WebSocket thread ─▶ sockets
 //! ```
 //!
 //! - Producers (workers for task events, the foreman loop for monitor results) build a
@@ -12,15 +12,16 @@
 //!   `EVENT_QUEUE` events behind, the event is dropped and counted (`/metrics`,
 //!   `snapq_live_events_dropped_total`; the heartbeat's `events_dropped`).
 //! - The hub thread (src/live/hub.rs) owns every channel's history: it numbers each
-//!   message (`seq`, per channel), serialises it once, keeps it, and appends it to the
-//!   feed (src/live/feed.rs), a ring every client reads at its own position. The hub never
-//!   waits for a reader: the ring drops its oldest message when full, and a client whose
-//!   position it was is cut off (its thread sends a close frame with the reason).
+//!   message (`seq`, per channel), serialises and frames it once, keeps it, and appends it
+//!   to the feed (src/live/feed.rs), a ring every client reads at its own position. The hub
+//!   never waits for a reader: the ring drops its oldest messages when full, and a client
+//!   whose position they held is cut off (sent a close frame with the reason).
 //!   A subscription is answered on the hub thread between two messages — the history so
 //!   far and the feed position the live messages continue from — so a client's sequence
 //!   has no gap and no duplicate.
-//! - One thread a connection (src/live/http.rs, src/live/ws.rs), at most
-//!   `Limits::max_connections` at a time, serves plain requests and WebSockets.
+//! - One thread a request serves plain requests and WebSocket upgrades (src/live/http.rs);
+//!   one thread serves every WebSocket (src/live/ws.rs); at most
+//!   `Limits::max_connections` connections at a time, WebSockets included.
 //! - Every live view thread runs at nice 19: a busy foreman comes first.
 //!
 //! Memory is bounded by `Limits`: channels kept, messages a channel and in all, the feed's
@@ -135,6 +136,14 @@ pub enum Event {
 /// Lowers the calling thread to the lowest normal priority (nice 19), so that under load
 /// the scheduler runs the foreman and workers first and the live view with what is left.
 /// Every live view thread calls it first thing.
+///
+/// Nice alone is not enough during a burst: the foreman's loop and idle workers poll with
+/// `sched_yield` (src/pool.rs), and a yield hands the CPU to whichever thread is runnable,
+/// nice 19 or not, for as long as that thread runs. So the live threads that do a burst's
+/// work (the hub, the WebSocket thread) work in short turns and yield between them — after
+/// every 64 events, after each client — giving the CPU straight back. In the fan-out
+/// benchmark this took the drain's slowdown with 100 clients from 33% to 8–16%
+/// (BENCHMARKS.md).
 pub(crate) fn lower_priority() {
     // SAFETY: gettid has no preconditions; setpriority on our own thread id only lowers
     // that thread's priority, which needs no privilege.
@@ -181,6 +190,8 @@ pub struct Live {
     local_addr: SocketAddr,
     hub: Option<JoinHandle<()>>,
     acceptor: Option<JoinHandle<()>>,
+    /// The thread serving every WebSocket; it ends once each has its close frame.
+    ws: Option<JoinHandle<()>>,
     hub_stop: Sender<hub::Command>,
 }
 
@@ -217,15 +228,9 @@ impl Live {
             Arc::clone(&dropped),
         )?;
         let commands = handle.commands.clone();
-        let acceptor = http::Server::start(
-            listener,
-            Arc::new(http::Server::new(
-                config,
-                handle,
-                Arc::clone(&stopping),
-                Arc::clone(&dropped),
-            )),
-        )?;
+        let (server, websockets) =
+            http::Server::new(config, handle, Arc::clone(&stopping), Arc::clone(&dropped));
+        let [acceptor, ws] = http::Server::start(listener, Arc::new(server), websockets)?;
         tracing::info!(url = %format!("http://{local_addr}/"), "live view listening");
         Ok(Live {
             publisher: Publisher { tx, dropped },
@@ -233,6 +238,7 @@ impl Live {
             local_addr,
             hub: Some(hub),
             acceptor: Some(acceptor),
+            ws: Some(ws),
             hub_stop: commands,
         })
     }
@@ -255,7 +261,7 @@ impl Live {
         let _ = self.hub_stop.send(hub::Command::Stop);
         // The acceptor sits in accept(): a connection of our own wakes it to see the flag.
         let _ = std::net::TcpStream::connect_timeout(&self.local_addr, Duration::from_secs(1));
-        for handle in [self.acceptor.take(), self.hub.take()]
+        for handle in [self.acceptor.take(), self.hub.take(), self.ws.take()]
             .into_iter()
             .flatten()
         {
@@ -266,7 +272,7 @@ impl Live {
 
 impl Drop for Live {
     fn drop(&mut self) {
-        if self.hub.is_some() || self.acceptor.is_some() {
+        if self.hub.is_some() || self.acceptor.is_some() || self.ws.is_some() {
             self.stop_now();
         }
     }

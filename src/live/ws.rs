@@ -1,43 +1,77 @@
-//! One WebSocket client of `/events`, served on its connection's thread.
+//! Every WebSocket client of `/events`, served by one thread (`snapq-live-ws`).
 //!
+//! A connection thread (src/live/http.rs) answers the upgrade and hands the socket here.
 //! The client sends `{"subscribe": ["task:42", "monitor:n1"]}` (or `["*"]`); the hub
 //! (src/live/hub.rs) answers with the channels' histories and the feed position their
-//! live messages continue from; this thread writes the history, then reads the feed
-//! (src/live/feed.rs) from that position, keeping what the client subscribed. The socket
-//! is non-blocking once the client has subscribed: a peer that does not read makes this
-//! thread wait on `poll` while the feed moves on; once the feed has dropped the client's
-//! position (it is `Limits::client_queue` messages behind), it is cut off with a close
-//! frame saying why (1008, "too slow"). The hub and the foreman never wait for it.
+//! live messages continue from; this thread queues the history, then takes from the feed
+//! (src/live/feed.rs) from that position what the client subscribed. A peer that does not
+//! read leaves its frames queued here while the feed moves on; once the feed has dropped
+//! the client's position (it is `Limits::client_queue` messages behind), it is cut off
+//! with a close frame saying why (1008, "too slow"). The hub and the foreman never wait
+//! for a client.
+//!
+//! Why one thread for all: the scheduler shares the CPU between runnable threads by their
+//! weight, and a nice-19 thread weighs 15 against a normal thread's 1,024. A thread for
+//! each of 100 streaming clients weighed as much as one and a half of the foreman's own
+//! threads, and took that share of a burst's CPU (BENCHMARKS.md); one thread weighs 15
+//! whatever the number of clients. Sockets are non-blocking and waited on with one
+//! `poll`, together with the feed's eventfd.
+//!
+//! tungstenite reads what a client sends, answers its pings and sends the final close; the
+//! messages themselves are frames the hub made once for every client, written here as they
+//! are (`writev`). The two never interleave inside a frame: tungstenite is asked to read
+//! (and so perhaps to send a pong) only while no frame of ours is half written, and ours
+//! go only once tungstenite has flushed what it holds.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::ErrorKind;
+use std::io::{ErrorKind, IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::bounded;
+use crossbeam_channel::{Receiver, bounded};
 use serde::Deserialize;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tungstenite::{Message, Utf8Bytes, WebSocket};
+use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
-use super::feed::Read;
+use super::feed::{Feed, Read, text_frame};
 use super::http::Server;
 use super::hub::Command;
+use crate::error::{Error, Result};
 
-/// How long the thread waits for messages before it looks at the socket again (a new
-/// subscription, a close, a ping). The first subscription is read without this delay.
-const POLL: Duration = Duration::from_millis(100);
+/// A socket whose upgrade was answered, with what the client sent past its request head.
+pub(crate) struct Upgraded {
+    pub stream: TcpStream,
+    pub rest: Vec<u8>,
+}
 
-/// How long the close frame may take to go out (after what tungstenite holds).
+/// The most messages taken from the feed for one client in one turn.
+const TAKE_MAX: usize = 1024;
+
+/// The shortest time between two turns that take from the feed while the clients keep up:
+/// in a burst the thread wakes at most this often and writes what gathered to each client
+/// in one `writev`, rather than once for each of the hub's turns.
+const GATHER: Duration = Duration::from_millis(10);
+
+/// The most slices handed to one `writev`.
+const SLICES: usize = 64;
+
+/// How long a client cut off as too slow may take to read the rest of a half-written
+/// frame and the close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The most queued messages taken at once before they are written and flushed.
-const WRITE_BATCH: usize = 1024;
+/// How long the close frames may take when the foreman stops (it waits for this thread).
+const STOP_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long a client's thread lets messages gather after the first of a burst.
-const GATHER: Duration = Duration::from_millis(10);
+/// The longest `poll` sleeps with nothing to do (it wakes sooner for anything).
+const IDLE: Duration = Duration::from_secs(1);
+
+/// How long a subscription may wait for the hub's answer.
+const HUB_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,67 +79,157 @@ struct Subscribe {
     subscribe: Vec<String>,
 }
 
-/// Why a client's connection ended.
+/// Why a client's connection ends.
 enum End {
     /// The peer closed or the connection broke: nothing more to say.
     Gone,
-    /// Cut off by the hub: its queue was full.
+    /// Its position left the feed.
     TooSlow,
     /// The foreman is stopping.
     Stopping,
 }
 
-pub(crate) fn serve(stream: TcpStream, rest: Vec<u8>, server: &Server) {
-    // Small buffers: a client reads little (subscriptions) and many may be connected.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(16 * 1024)
-        .max_write_buffer_size(64 * 1024)
-        .max_message_size(Some(64 * 1024))
-        .max_frame_size(Some(64 * 1024));
-    let mut ws = WebSocket::from_partially_read(stream, rest, Role::Server, Some(config));
-    let mut client = Client {
-        id: server.next_client_id(),
-        position: None,
-        all_from: None,
-        channels: HashMap::new(),
-        backlog: VecDeque::new(),
-        server,
-    };
-    let end = client.run(&mut ws);
-    let _ = server
-        .hub
-        .commands
-        .send(Command::Leave { client: client.id });
-    let frame = match end {
-        End::Gone => None,
-        End::TooSlow => {
-            server.hub.counters.lock().clients_cut_off += 1;
-            Some(CloseFrame {
-                code: CloseCode::Policy,
-                reason: Utf8Bytes::from_static(
-                    "too slow: this client fell too far behind the feed; reconnect and subscribe again",
-                ),
-            })
-        }
-        End::Stopping => Some(CloseFrame {
-            code: CloseCode::Away,
-            reason: Utf8Bytes::from_static("the foreman is stopping"),
-        }),
-    };
-    if let Some(frame) = frame {
-        // What was never handed to the socket is dropped; what is in tungstenite's buffer
-        // goes first, then the close frame. A peer that reads again within
-        // CLOSE_TIMEOUT gets the reason; one that never does costs this thread that long.
-        let _ = ws.get_ref().set_nonblocking(false);
-        let _ = ws.get_ref().set_write_timeout(Some(CLOSE_TIMEOUT));
-        let _ = ws.close(Some(frame));
-        let _ = ws.flush();
-    }
-    let _ = ws.get_ref().shutdown(Shutdown::Both);
+/// Starts the thread; it ends once the foreman stops and every client is closed.
+pub(crate) fn start(server: Arc<Server>, upgraded: Receiver<Upgraded>) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("snapq-live-ws".into())
+        .spawn(move || {
+            super::lower_priority();
+            serve(&server, &upgraded);
+        })
+        .map_err(|e| {
+            Error::Runtime(format!(
+                "cannot start the live view's WebSocket thread: {e}"
+            ))
+        })
 }
 
-struct Client<'a> {
+fn serve(server: &Server, upgraded: &Receiver<Upgraded>) {
+    let feed = Arc::clone(&server.hub.feed);
+    let mut clients: Vec<Client> = Vec::new();
+    // While the clients keep up after a turn that wrote feed messages: the next turn that
+    // takes from the feed is not before this.
+    let mut paced_until: Option<Instant> = None;
+    let mut stopping_since: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if stopping_since.is_none() && server.stopping.load(Ordering::SeqCst) {
+            stopping_since = Some(now);
+        }
+        while let Ok(Upgraded { stream, rest }) = upgraded.try_recv() {
+            match Client::new(stream, rest, server) {
+                Some(client) if stopping_since.is_none() => clients.push(client),
+                _ => server.release_connection(),
+            }
+        }
+        let take = paced_until.is_none_or(|t| now >= t);
+        let mut wrote = false;
+        let mut more = false;
+        for client in &mut clients {
+            if let Some(since) = stopping_since {
+                client.end(End::Stopping, since + STOP_TIMEOUT, server);
+            }
+            if client.closing.is_none() {
+                let turn = client.turn(server, take);
+                wrote |= turn.wrote;
+                more |= turn.more;
+                if let Err(end) = turn.result {
+                    let deadline = match stopping_since {
+                        Some(since) => since + STOP_TIMEOUT,
+                        None => now + CLOSE_TIMEOUT,
+                    };
+                    client.end(end, deadline, server);
+                }
+            }
+            if client.closing.is_some() {
+                client.close_step();
+            }
+            // One client's turn at a time (see `super::lower_priority`).
+            std::thread::yield_now();
+        }
+        clients.retain_mut(|client| {
+            if client.done {
+                let _ = client.ws.get_ref().shutdown(Shutdown::Both);
+                let _ = server
+                    .hub
+                    .commands
+                    .send(Command::Leave { client: client.id });
+                server.release_connection();
+            }
+            !client.done
+        });
+        if stopping_since.is_some() && clients.is_empty() {
+            return;
+        }
+        if take {
+            paced_until = (wrote && !more).then(|| now + GATHER);
+        }
+        wait(&clients, &feed, paced_until, more);
+    }
+}
+
+/// Sleeps in `poll` until a socket needs this thread, the feed (while not paced) has
+/// something, a pace or close deadline passes, or IDLE.
+fn wait(clients: &[Client], feed: &Feed, paced_until: Option<Instant>, more: bool) {
+    let now = Instant::now();
+    let mut until = match paced_until {
+        Some(t) if t > now => t,
+        _ => now + IDLE,
+    };
+    let mut fds = Vec::with_capacity(clients.len() + 1);
+    if paced_until.is_none_or(|t| t <= now) {
+        fds.push(libc::pollfd {
+            fd: feed.waker_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+    }
+    for client in clients {
+        let mut events = 0;
+        if client.closing.is_none() && !client.partial {
+            events |= libc::POLLIN;
+        }
+        if client.blocked {
+            events |= libc::POLLOUT;
+        }
+        if let Some(deadline) = client.closing {
+            until = until.min(deadline);
+        }
+        fds.push(libc::pollfd {
+            fd: client.ws.get_ref().as_raw_fd(),
+            events,
+            revents: 0,
+        });
+    }
+    let ms = if more {
+        0
+    } else {
+        // Round up: a pace of 0.4 ms must not become a busy loop of zero-timeout polls.
+        let ms = until.saturating_duration_since(now).as_millis() + 1;
+        i32::try_from(ms).unwrap_or(i32::MAX)
+    };
+    // SAFETY: a valid array of pollfds, alive for the call; every fd is open (the feed's
+    // eventfd, each client's socket).
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if fds
+        .first()
+        .is_some_and(|fd| fd.fd == feed.waker_fd() && fd.revents != 0)
+    {
+        feed.clear_wake();
+    }
+}
+
+/// What one client's turn did.
+struct Turn {
+    /// Feed messages were written.
+    wrote: bool,
+    /// The feed read stopped at TAKE_MAX with more left.
+    more: bool,
+    result: std::result::Result<(), End>,
+}
+
+struct Client {
+    ws: WebSocket<TcpStream>,
     id: u64,
     /// Where this client reads the feed next; `None` before its first subscription.
     position: Option<u64>,
@@ -114,70 +238,101 @@ struct Client<'a> {
     /// Each subscribed channel with the feed position its live messages start at (its
     /// earlier ones came in the replay).
     channels: HashMap<String, u64>,
-    /// Messages taken (replayed or read from the feed) and not yet handed to the socket.
-    backlog: VecDeque<Utf8Bytes>,
-    server: &'a Server,
+    /// Frames taken (replayed or read from the feed) and not yet written, as slices of
+    /// whole frames.
+    out: VecDeque<Bytes>,
+    /// The first slice of `out` was partly written: a frame may be half on the wire.
+    partial: bool,
+    /// The socket (or tungstenite's buffer) could not take everything: wait for POLLOUT.
+    blocked: bool,
+    /// Ending: the close frame to send (taken once handed to tungstenite).
+    close: Option<CloseFrame>,
+    /// Ending: give up on the peer at this time.
+    closing: Option<Instant>,
+    /// Ended: to be dropped.
+    done: bool,
 }
 
-impl Client<'_> {
-    fn run(&mut self, ws: &mut WebSocket<TcpStream>) -> End {
-        // Until the first subscription there is nothing to send: block on reading it
-        // (waking every second to see whether the foreman stops).
-        let _ = ws.get_ref().set_read_timeout(Some(Duration::from_secs(1)));
-        let mut subscribed = false;
-        while !subscribed {
-            if self.server.stopping.load(Ordering::SeqCst) {
-                return End::Stopping;
-            }
-            match self.read(ws, true) {
-                Ok(got) => subscribed = got,
-                Err(end) => return end,
-            }
+impl Client {
+    fn new(stream: TcpStream, rest: Vec<u8>, server: &Server) -> Option<Client> {
+        stream.set_nonblocking(true).ok()?;
+        // Small buffers: a client sends little (subscriptions) and many may be connected;
+        // what it is sent does not go through tungstenite's buffer.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(4096)
+            .max_write_buffer_size(64 * 1024)
+            .max_message_size(Some(64 * 1024))
+            .max_frame_size(Some(64 * 1024));
+        Some(Client {
+            ws: WebSocket::from_partially_read(stream, rest, Role::Server, Some(config)),
+            id: server.next_client_id(),
+            position: None,
+            all_from: None,
+            channels: HashMap::new(),
+            out: VecDeque::new(),
+            partial: false,
+            blocked: false,
+            close: None,
+            closing: None,
+            done: false,
+        })
+    }
+
+    /// Reads what the peer sent, takes from the feed (if `take`), writes.
+    fn turn(&mut self, server: &Server, take: bool) -> Turn {
+        let feed = &server.hub.feed;
+        let mut turn = Turn {
+            wrote: false,
+            more: false,
+            result: Ok(()),
+        };
+        if !self.partial
+            && let Err(end) = self.read(server)
+        {
+            turn.result = Err(end);
+            return turn;
         }
-        if ws.get_ref().set_nonblocking(true).is_err() {
-            return End::Gone;
-        }
-        let feed = std::sync::Arc::clone(&self.server.hub.feed);
+        // What is queued goes first; only a client whose socket took all of it takes more
+        // from the feed (so one that does not read falls behind the feed, and is cut off).
+        let mut taken = false;
         loop {
-            if self.server.stopping.load(Ordering::SeqCst) {
-                return End::Stopping;
-            }
-            if let Err(end) = self.read(ws, false) {
-                return end;
-            }
-            match self.write_out(ws) {
-                Ok(true) => {}
-                Ok(false) => {
-                    // The peer is not taking data: wait until it does (or says something),
-                    // unless the feed has already left this client behind.
-                    if self.position.is_some_and(|p| feed.dropped(p)) {
-                        return End::TooSlow;
+            if !self.out.is_empty() {
+                match self.write_out() {
+                    Ok(true) => turn.wrote |= taken,
+                    Ok(false) => {
+                        if self.position.is_some_and(|p| feed.dropped(p)) {
+                            turn.result = Err(End::TooSlow);
+                        }
+                        return turn;
                     }
-                    wait_for_socket(ws.get_ref(), POLL);
-                    continue;
-                }
-                Err(end) => return end,
-            }
-            match self.take(&feed, POLL) {
-                Read::Some if self.backlog.len() < WRITE_BATCH / 8 => {
-                    // A trickle: let more gather, then write them in one go — one wake-up
-                    // and a few writes for a burst, not one of each a message.
-                    std::thread::sleep(GATHER);
-                    if let Some(end) = end_of(self.take(&feed, Duration::ZERO)) {
-                        return end;
+                    Err(end) => {
+                        turn.result = Err(end);
+                        return turn;
                     }
                 }
-                read => {
-                    if let Some(end) = end_of(read) {
-                        return end;
-                    }
+            }
+            if !take || taken {
+                return turn;
+            }
+            taken = true;
+            match self.take(feed) {
+                Read::Some { more } => turn.more = more,
+                Read::Nothing => return turn,
+                Read::TooSlow => {
+                    turn.result = Err(End::TooSlow);
+                    return turn;
+                }
+                Read::Stopped => {
+                    turn.result = Err(End::Stopping);
+                    return turn;
                 }
             }
         }
     }
 
-    /// Takes from the feed what this client subscribed, up to a batch.
-    fn take(&mut self, feed: &super::feed::Feed, wait: Duration) -> Read {
+    /// Takes from the feed what this client subscribed, up to TAKE_MAX messages.
+    fn take(&mut self, feed: &Feed) -> Read {
         let all_from = self.all_from;
         let channels = &self.channels;
         let wanted = |position: u64, channel: &str| {
@@ -187,28 +342,19 @@ impl Client<'_> {
         let Some(position) = self.position.as_mut() else {
             return Read::Nothing;
         };
-        feed.read(position, WRITE_BATCH, wait, wanted, &mut self.backlog)
+        feed.read(position, TAKE_MAX, wanted, &mut self.out)
     }
 
-    /// Reads whatever the peer sent (or, with `first`, up to its first subscription: the
-    /// socket is still blocking then). `Ok(true)` if a subscription was among it.
-    fn read(&mut self, ws: &mut WebSocket<TcpStream>, first: bool) -> Result<bool, End> {
-        let mut subscribed = false;
+    /// Reads whatever the peer sent, subscribing as asked.
+    fn read(&mut self, server: &Server) -> std::result::Result<(), End> {
         loop {
-            match ws.read() {
-                Ok(Message::Text(text)) => {
-                    subscribed |= self.subscribe(ws, &text)?;
-                    if first && subscribed {
-                        return Ok(true);
-                    }
-                }
+            match self.ws.read() {
+                Ok(Message::Text(text)) => self.subscribe(&text, server)?,
                 Ok(Message::Close(_)) => return Err(End::Gone),
-                // Pings are answered by tungstenite at the next write or flush.
+                // Pings are answered by tungstenite at this read or the next flush.
                 Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-                {
-                    return Ok(subscribed);
+                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                    return Ok(());
                 }
                 Err(_) => return Err(End::Gone),
             }
@@ -216,8 +362,9 @@ impl Client<'_> {
     }
 
     /// Asks the hub for the channels' histories and where their live messages start, and
-    /// takes both; or tells the client what was wrong with its request.
-    fn subscribe(&mut self, ws: &mut WebSocket<TcpStream>, text: &str) -> Result<bool, End> {
+    /// queues the history; or tells the client what was wrong with its request. The hub
+    /// answers between two of its turns: this thread waits for it, briefly.
+    fn subscribe(&mut self, text: &str, server: &Server) -> std::result::Result<(), End> {
         let channels = match serde_json::from_str::<Subscribe>(text) {
             Ok(Subscribe { subscribe }) if !subscribe.is_empty() => subscribe,
             _ => {
@@ -226,20 +373,20 @@ impl Client<'_> {
                     "error": "send {\"subscribe\": [\"*\"]} or a list of channels such as \
                               \"task:42\" and \"monitor:NAME\"",
                 });
-                self.backlog.push_back(Utf8Bytes::from(error.to_string()));
-                let _ = self.write_out(ws);
-                return Ok(false);
+                self.out
+                    .push_back(Bytes::from(text_frame(error.to_string())));
+                return Ok(());
             }
         };
         let (reply, answer) = bounded(1);
-        let asked = self.server.hub.commands.send(Command::Subscribe {
+        let asked = server.hub.commands.send(Command::Subscribe {
             client: self.id,
             channels,
             reply,
         });
         let Ok(subscribed) = asked
             .map_err(drop)
-            .and_then(|()| answer.recv_timeout(Duration::from_secs(10)).map_err(drop))
+            .and_then(|()| answer.recv_timeout(HUB_TIMEOUT).map_err(drop))
         else {
             return Err(End::Stopping);
         };
@@ -253,61 +400,129 @@ impl Client<'_> {
         }
         // The first subscription sets where this client starts reading the feed.
         self.position.get_or_insert(from);
-        self.backlog.extend(subscribed.replay);
-        Ok(true)
+        self.out.extend(subscribed.replay);
+        Ok(())
     }
 
-    /// Writes the backlog. `Ok(true)`: all of it is on the socket; `Ok(false)`: the socket
-    /// is full and some is left for later.
-    fn write_out(&mut self, ws: &mut WebSocket<TcpStream>) -> Result<bool, End> {
-        while let Some(text) = self.backlog.pop_front() {
-            match ws.write(Message::Text(text.clone())) {
+    /// Writes what is queued. `Ok(true)`: all of it is on the socket; `Ok(false)`: the
+    /// socket is full (or tungstenite's buffer not yet empty) and some is left for later.
+    fn write_out(&mut self) -> std::result::Result<bool, End> {
+        self.blocked = false;
+        if !self.partial {
+            // A pong tungstenite holds goes whole before any frame of ours.
+            match self.ws.flush() {
                 Ok(()) => {}
-                Err(tungstenite::Error::WriteBufferFull(_)) => {
-                    // tungstenite drains its buffer only on a flush.
-                    self.backlog.push_front(text);
-                    match ws.flush() {
-                        Ok(()) => {}
-                        Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
-                            return Ok(false);
-                        }
-                        Err(_) => return Err(End::Gone),
-                    }
-                }
-                // The frame is in tungstenite's buffer; the socket took what it could.
                 Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                    self.blocked = true;
                     return Ok(false);
                 }
                 Err(_) => return Err(End::Gone),
             }
         }
-        match ws.flush() {
-            Ok(()) => Ok(true),
-            Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => Ok(false),
-            Err(_) => Err(End::Gone),
+        while !self.out.is_empty() {
+            let slices: Vec<IoSlice<'_>> = self
+                .out
+                .iter()
+                .take(SLICES)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            match self.ws.get_mut().write_vectored(&slices) {
+                Ok(0) => return Err(End::Gone),
+                Ok(written) => self.consume(written),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.blocked = true;
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Err(End::Gone),
+            }
         }
+        Ok(true)
     }
-}
 
-/// How a read of the feed ends the connection, if it does.
-fn end_of(read: Read) -> Option<End> {
-    match read {
-        Read::Some | Read::Nothing => None,
-        Read::TooSlow => Some(End::TooSlow),
-        Read::Stopped => Some(End::Stopping),
+    /// Drops what the socket took from the front of `out`.
+    fn consume(&mut self, mut written: usize) {
+        while let Some(front) = self.out.front_mut() {
+            if written < front.len() {
+                *front = front.slice(written..);
+                self.partial = true;
+                return;
+            }
+            written -= front.len();
+            self.out.pop_front();
+        }
+        self.partial = false;
     }
-}
 
-/// Waits until the socket can take data or has something to read, or `timeout` passes.
-fn wait_for_socket(stream: &TcpStream, timeout: Duration) {
-    let mut fd = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLIN | libc::POLLOUT,
-        revents: 0,
-    };
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: one valid pollfd, alive for the call; the fd is the stream's, open.
-    unsafe {
-        libc::poll(&mut fd, 1, ms);
+    /// Starts ending the connection (once): what was never written is dropped, but for
+    /// the rest of a half-written frame; then the close frame saying why, if there is
+    /// something to say, sent by `close_step` until `deadline`.
+    fn end(&mut self, end: End, deadline: Instant, server: &Server) {
+        if self.closing.is_some() || self.done {
+            return;
+        }
+        self.close = match end {
+            End::Gone => {
+                self.done = true;
+                return;
+            }
+            End::TooSlow => {
+                server.hub.counters.lock().clients_cut_off += 1;
+                Some(CloseFrame {
+                    code: CloseCode::Policy,
+                    reason: Utf8Bytes::from_static(
+                        "too slow: this client fell too far behind the feed; reconnect and subscribe again",
+                    ),
+                })
+            }
+            End::Stopping => Some(CloseFrame {
+                code: CloseCode::Away,
+                reason: Utf8Bytes::from_static("the foreman is stopping"),
+            }),
+        };
+        if self.partial {
+            self.out.truncate(1);
+        } else {
+            self.out.clear();
+        }
+        self.closing = Some(deadline);
+    }
+
+    /// Goes on sending the rest of a half-written frame, then the close frame; done once
+    /// all is out, the peer is gone, or the deadline passed.
+    fn close_step(&mut self) {
+        if self
+            .closing
+            .is_some_and(|deadline| Instant::now() >= deadline)
+        {
+            self.done = true;
+            return;
+        }
+        match self.write_out() {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => {
+                self.done = true;
+                return;
+            }
+        }
+        if let Some(frame) = self.close.take() {
+            // Queued in tungstenite's buffer and written as far as the socket takes it.
+            match self.ws.close(Some(frame)) {
+                Ok(()) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    self.done = true;
+                    return;
+                }
+            }
+        }
+        match self.ws.flush() {
+            Ok(()) => self.done = true,
+            Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                self.blocked = true;
+            }
+            Err(_) => self.done = true,
+        }
     }
 }

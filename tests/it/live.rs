@@ -441,3 +441,29 @@ fn bad_live_view_settings_exit_2_naming_the_flag() {
     assert!(stderr.contains("cannot listen"), "{stderr}");
     assert!(!home.file("snapq.pid").exists());
 }
+
+#[test]
+fn on_sigterm_every_client_is_told_the_foreman_is_stopping() {
+    let home = Home::new();
+    let (mut foreman, addr) = start_live(&home, &[]);
+    // Two clients: one reading, one that never reads anything after subscribing.
+    let mut reading = subscribe(&addr, "", &["*"]);
+    let mut idle = subscribe(&addr, "", &["task:1"]);
+    // The heartbeat proves the subscription is in.
+    until(&mut reading, Duration::from_secs(5), |m| {
+        m["type"] == "heartbeat"
+    });
+    foreman.stop();
+    for ws in [&mut reading, &mut idle] {
+        let close = loop {
+            match ws.read() {
+                Ok(Message::Close(frame)) => break frame,
+                Ok(_) => {}
+                Err(e) => panic!("expected a close frame, got {e}"),
+            }
+        };
+        let close = close.expect("the close frame has a code and reason");
+        assert_eq!(u16::from(close.code), 1001);
+        assert!(close.reason.contains("stopping"), "{close:?}");
+    }
+}
