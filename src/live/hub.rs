@@ -177,8 +177,8 @@ impl Hub {
         workers: usize,
         dropped: Arc<AtomicU64>,
     ) -> Result<(JoinHandle<()>, HubHandle)> {
-        // Unbounded: commands come one a connection event, from at most
-        // `max_connections` threads.
+        // Unbounded: commands come one a client's subscription or departure, from the
+        // WebSocket thread (which waits for each subscription's answer), and one at stop.
         let (commands_tx, commands) = unbounded();
         let counters = Arc::new(Mutex::new(Counters::default()));
         let feed = Arc::new(Feed::new(limits.client_queue, 0).map_err(|e| {
