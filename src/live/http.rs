@@ -1,4 +1,4 @@
-//! The live view's HTTP side: an acceptor thread and one thread a connection, at most
+//! The live view's HTTP side: an acceptor thread and one short-lived thread a request, at most
 //! `Limits::max_connections` connections at once (WebSockets included). A request head is
 //! parsed with httparse; plain requests get one response and the connection closes;
 //! `/events` upgrades to a WebSocket, handed to the one thread that serves them all
@@ -40,7 +40,7 @@ const CONNECTION_STACK: usize = 256 * 1024;
 pub(crate) struct Server {
     pub config: LiveConfig,
     pub hub: HubHandle,
-    /// Set by `Live::stop`; the acceptor and every connection thread read it.
+    /// Set by `Live::stop`; the acceptor and the WebSocket thread read it.
     pub stopping: Arc<AtomicBool>,
     /// Connections being served now, WebSockets included; bounded by `max_connections`.
     active: AtomicUsize,

@@ -75,7 +75,7 @@ pub(crate) struct Subscribed {
     pub from: u64,
 }
 
-/// What connection threads (and `Live::stop`) tell the hub.
+/// What the WebSocket thread (and `Live::stop`) tell the hub.
 pub(crate) enum Command {
     /// Subscribe (more) channels; the first subscription registers the client.
     Subscribe {

@@ -164,13 +164,13 @@ fn serve(server: &Server, upgraded: &Receiver<Upgraded>) {
         if take {
             paced_until = (wrote && !more).then(|| now + GATHER);
         }
-        wait(&clients, &feed, paced_until, more);
+        wait(&mut clients, &feed, paced_until, more);
     }
 }
 
 /// Sleeps in `poll` until a socket needs this thread, the feed (while not paced) has
 /// something, a pace or close deadline passes, or IDLE.
-fn wait(clients: &[Client], feed: &Feed, paced_until: Option<Instant>, more: bool) {
+fn wait(clients: &mut [Client], feed: &Feed, paced_until: Option<Instant>, more: bool) {
     let now = Instant::now();
     let mut until = match paced_until {
         Some(t) if t > now => t,
@@ -184,7 +184,7 @@ fn wait(clients: &[Client], feed: &Feed, paced_until: Option<Instant>, more: boo
             revents: 0,
         });
     }
-    for client in clients {
+    for client in clients.iter() {
         let mut events = 0;
         if client.closing.is_none() && !client.partial {
             events |= libc::POLLIN;
@@ -210,12 +210,19 @@ fn wait(clients: &[Client], feed: &Feed, paced_until: Option<Instant>, more: boo
     };
     // SAFETY: a valid array of pollfds, alive for the call; every fd is open (the feed's
     // eventfd, each client's socket).
-    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-    if fds
-        .first()
-        .is_some_and(|fd| fd.fd == feed.waker_fd() && fd.revents != 0)
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if ready <= 0 {
+        return;
+    }
+    let mut fds = fds.iter();
+    if paced_until.is_none_or(|t| t <= now)
+        && let Some(waker) = fds.next()
+        && waker.revents != 0
     {
         feed.clear_wake();
+    }
+    for (client, fd) in clients.iter_mut().zip(fds) {
+        client.readable |= fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
     }
 }
 
@@ -245,6 +252,9 @@ struct Client {
     partial: bool,
     /// The socket (or tungstenite's buffer) could not take everything: wait for POLLOUT.
     blocked: bool,
+    /// `poll` said the peer sent something (or hung up) since the last read; set at first,
+    /// as the request's last bytes may already hold the subscription.
+    readable: bool,
     /// Ending: the close frame to send (taken once handed to tungstenite).
     close: Option<CloseFrame>,
     /// Ending: give up on the peer at this time.
@@ -273,6 +283,7 @@ impl Client {
             out: VecDeque::new(),
             partial: false,
             blocked: false,
+            readable: true,
             close: None,
             closing: None,
             done: false,
@@ -287,7 +298,8 @@ impl Client {
             more: false,
             result: Ok(()),
         };
-        if !self.partial
+        if self.readable
+            && !self.partial
             && let Err(end) = self.read(server)
         {
             turn.result = Err(end);
@@ -354,6 +366,7 @@ impl Client {
                 // Pings are answered by tungstenite at this read or the next flush.
                 Ok(_) => {}
                 Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                    self.readable = false;
                     return Ok(());
                 }
                 Err(_) => return Err(End::Gone),
