@@ -28,7 +28,7 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 /// A text message as the WebSocket frame a server sends (unmasked, final), framed by
 /// tungstenite.
-pub(crate) fn text_frame(text: String) -> Vec<u8> {
+pub(crate) fn text_frame(text: impl Into<Bytes>) -> Vec<u8> {
     let frame = Frame::message(text, OpCode::Data(Data::Text), true);
     let mut out = Vec::with_capacity(frame.len());
     // Writing into a Vec cannot fail.

@@ -8,6 +8,7 @@
 //! subscriber gets a channel's history and then every later message of it, with no gap and
 //! no duplicate.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -121,6 +122,8 @@ struct Stored {
 }
 
 struct Channel {
+    /// Its name, shared with the `channels` key, the feed and `ended`.
+    name: Arc<str>,
     seq: u64,
     messages: VecDeque<Stored>,
     /// When and with which message (its `global`) the channel last ended, if it did.
@@ -438,6 +441,7 @@ impl Hub {
     /// Numbers, serialises and keeps one message, and queues it for the feed.
     fn publish(&mut self, name: &str, kind: &str, payload: &impl Serialize, ends: bool) {
         let global = self.next_global;
+        // One lookup for a channel that exists (most messages), two for a new one.
         if !self.channels.contains_key(name) {
             let (keeps_first, cap) = if name == FOREMAN_CHANNEL {
                 (false, 1)
@@ -447,9 +451,11 @@ impl Hub {
                     self.limits.max_channel_messages.max(1),
                 )
             };
+            let name: Arc<str> = Arc::from(name);
             self.channels.insert(
-                Arc::from(name),
+                Arc::clone(&name),
                 Channel {
+                    name,
                     seq: 0,
                     messages: VecDeque::new(),
                     ended: None,
@@ -458,13 +464,10 @@ impl Hub {
                 },
             );
         }
-        let Some((key, _)) = self.channels.get_key_value(name) else {
-            return;
-        };
-        let key = Arc::clone(key);
         let Some(channel) = self.channels.get_mut(name) else {
             return;
         };
+        let key = Arc::clone(&channel.name);
         let frame = match envelope(kind, name, channel.seq + 1, payload) {
             Ok(text) => text_frame(text),
             Err(e) => {
@@ -508,8 +511,7 @@ impl Hub {
     /// open, which only running tasks are) the open one with the oldest message.
     fn evict_one(&mut self) -> bool {
         while let Some((name, global)) = self.ended.pop_front() {
-            if self.is_current_end(&name, global) {
-                self.remove_channel(&name);
+            if self.remove_if_ended(name, global) {
                 return true;
             }
         }
@@ -532,6 +534,18 @@ impl Hub {
             .get(name)
             .and_then(|c| c.ended)
             .is_some_and(|(_, g)| g == global)
+    }
+
+    /// Removes the channel if `global` is still its ending message (one lookup: this
+    /// runs for every channel evicted during a burst).
+    fn remove_if_ended(&mut self, name: Arc<str>, global: u64) -> bool {
+        match self.channels.entry(name) {
+            Entry::Occupied(entry) if entry.get().ended.is_some_and(|(_, g)| g == global) => {
+                self.kept -= entry.remove().messages.len();
+                true
+            }
+            _ => false,
+        }
     }
 
     fn remove_channel(&mut self, name: &str) {
@@ -563,9 +577,7 @@ impl Hub {
             let Some((name, global)) = self.ended.pop_front() else {
                 break;
             };
-            if self.is_current_end(&name, global) {
-                self.remove_channel(&name);
-            }
+            self.remove_if_ended(name, global);
         }
         let mut counters = self.counters.lock();
         counters.channels = self.channels.len();
@@ -628,28 +640,30 @@ impl Hub {
     }
 }
 
-/// `{"type":…,"channel":…,"seq":…, <the payload's fields>}`.
+/// `{"type":…,"channel":…,"seq":…, <the payload's fields>}`, as UTF-8 JSON written into
+/// one buffer (no string a field).
 fn envelope(
     kind: &str,
     channel: &str,
     seq: u64,
     payload: &impl Serialize,
-) -> serde_json::Result<String> {
-    let body = serde_json::to_string(payload)?;
-    let mut text = String::with_capacity(body.len() + channel.len() + 48);
-    text.push_str("{\"type\":");
-    text.push_str(&serde_json::to_string(kind)?);
-    text.push_str(",\"channel\":");
-    text.push_str(&serde_json::to_string(channel)?);
-    text.push_str(",\"seq\":");
-    text.push_str(itoa::Buffer::new().format(seq));
-    // Every payload is an object with at least one field: splice its fields in.
-    match body.strip_prefix('{') {
-        Some(fields) if fields != "}" => {
-            text.push(',');
-            text.push_str(fields);
-        }
-        _ => text.push('}'),
+) -> serde_json::Result<Vec<u8>> {
+    let mut text = Vec::with_capacity(channel.len() + 192);
+    text.extend_from_slice(b"{\"type\":");
+    serde_json::to_writer(&mut text, kind)?;
+    text.extend_from_slice(b",\"channel\":");
+    serde_json::to_writer(&mut text, channel)?;
+    text.extend_from_slice(b",\"seq\":");
+    text.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    // The payload is an object: its opening brace becomes the comma before its fields
+    // (or, with none, the envelope's closing brace).
+    let start = text.len();
+    serde_json::to_writer(&mut text, payload)?;
+    if text[start..] == *b"{}" {
+        text.truncate(start);
+        text.push(b'}');
+    } else {
+        text[start] = b',';
     }
     Ok(text)
 }
@@ -716,12 +730,15 @@ mod tests {
             at: "t".into(),
             ..TaskPayload::default()
         };
-        let text = envelope("task.started", "task:7", 3, &payload).unwrap();
+        let text =
+            String::from_utf8(envelope("task.started", "task:7", 3, &payload).unwrap()).unwrap();
         assert_eq!(
             text,
             r#"{"type":"task.started","channel":"task:7","seq":3,"id":7,"task":"noop","at":"t"}"#
         );
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["seq"], 3);
+        let bare = envelope("heartbeat", "foreman", 1, &serde_json::json!({})).unwrap();
+        assert_eq!(bare, br#"{"type":"heartbeat","channel":"foreman","seq":1}"#);
     }
 }
