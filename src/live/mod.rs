@@ -142,7 +142,7 @@ pub enum Event {
 /// nice 19 or not, for as long as that thread runs. So the live threads that do a burst's
 /// work (the hub, the WebSocket thread) work in short turns and yield between them — after
 /// every 64 events, after each client — giving the CPU straight back. In the fan-out
-/// benchmark this took the drain's slowdown with 100 clients from 33–38% to 1–13%
+/// benchmark this took the drain's slowdown with 100 clients from 33–38% to 1–15%
 /// (BENCHMARKS.md).
 pub(crate) fn lower_priority() {
     // SAFETY: gettid has no preconditions; setpriority on our own thread id only lowers
