@@ -2,7 +2,9 @@
 //! one bounded ring of blocks that all clients read from, each at its own position.
 //!
 //! The hub frames each message once and appends one block a turn: the turn's frames back
-//! to back in one buffer, with where each ends and its channel. A client takes byte ranges
+//! to back in one buffer, with where each ends and its channel. A message no client
+//! wanted when it came is a place holder: it has a position and no bytes, and nobody
+//! takes it (a client subscribing later gets it, framed, in its replay). A client takes byte ranges
 //! of that buffer (reference-counted slices, one for each run of consecutive messages it
 //! wants: one a block for a client on `*`) and writes them to its socket as they are, so
 //! the work and memory a message costs do not grow with the clients.
@@ -43,7 +45,8 @@ pub(crate) struct Block {
     frames: Vec<u8>,
     /// Where each message's frame ends in `frames`.
     ends: Vec<usize>,
-    channels: Vec<Arc<str>>,
+    /// Each message's channel; `None` for a place holder (`skip`).
+    channels: Vec<Option<Arc<str>>>,
 }
 
 impl Block {
@@ -51,7 +54,14 @@ impl Block {
     pub fn push(&mut self, channel: Arc<str>, frame: &[u8]) {
         self.frames.extend_from_slice(frame);
         self.ends.push(self.frames.len());
-        self.channels.push(channel);
+        self.channels.push(Some(channel));
+    }
+
+    /// Adds a place holder for a message no client wanted when it came (the hub kept it
+    /// unrendered): it takes a position, no bytes, and no reader takes it.
+    pub fn skip(&mut self) {
+        self.ends.push(self.frames.len());
+        self.channels.push(None);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -65,7 +75,7 @@ struct Shared {
     first: u64,
     frames: Bytes,
     ends: Vec<usize>,
-    channels: Vec<Arc<str>>,
+    channels: Vec<Option<Arc<str>>>,
 }
 
 impl Shared {
@@ -162,6 +172,8 @@ impl Feed {
         if block.is_empty() {
             return;
         }
+        // Place holders only: the positions move, but no reader has anything to take.
+        let wake = !block.frames.is_empty();
         let Block {
             frames,
             ends,
@@ -183,7 +195,9 @@ impl Feed {
             }
         }
         drop(ring);
-        self.wake();
+        if wake {
+            self.wake();
+        }
     }
 
     /// Whether the message at `position` is gone from the ring: its reader fell more than
@@ -199,7 +213,7 @@ impl Feed {
 
     /// Takes (as slices of the shared frames) up to `max` messages from `*position` that
     /// `wanted` accepts, consecutive ones as one slice, and moves `*position` past what
-    /// it looked at.
+    /// it looked at. Place holders count towards `max` but are never taken.
     pub fn read(
         &self,
         position: &mut u64,
@@ -229,7 +243,10 @@ impl Feed {
             let mut index = from;
             while index < block.ends.len() && looked < max {
                 let at = *position;
-                if wanted(at, &block.channels[index]) {
+                let taken = block.channels[index]
+                    .as_deref()
+                    .is_some_and(|channel| wanted(at, channel));
+                if taken {
                     run.get_or_insert(index);
                 } else if let Some(start) = run.take() {
                     out.push_back(block.frames.slice(block.start(start)..block.start(index)));
@@ -355,6 +372,32 @@ mod tests {
         assert!(!readable(feed.waker_fd()));
         feed.stop();
         assert!(readable(feed.waker_fd()));
+    }
+
+    #[test]
+    fn place_holders_take_positions_but_no_reader_gets_them_nor_is_woken() {
+        let feed = Feed::new(10, 0).unwrap();
+        let mut quiet = Block::default();
+        quiet.skip();
+        quiet.skip();
+        feed.append(&mut quiet);
+        assert!(!readable(feed.waker_fd()));
+        let mut mixed = Block::default();
+        mixed.push(Arc::from("a"), b"3");
+        mixed.skip();
+        mixed.push(Arc::from("a"), b"5");
+        feed.append(&mut mixed);
+        assert!(readable(feed.waker_fd()));
+        let all = |_: u64, _: &str| true;
+        let mut out = VecDeque::new();
+        let mut at = 0;
+        assert!(matches!(
+            feed.read(&mut at, 10, all, &mut out),
+            Read::Some { more: false }
+        ));
+        // The place holder between them splits the run.
+        assert_eq!(joined(&mut out), "3|5");
+        assert_eq!(at, 5);
     }
 
     #[test]

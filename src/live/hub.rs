@@ -117,8 +117,120 @@ const FOREMAN_CHANNEL: &str = "foreman";
 struct Stored {
     /// Position in the hub's overall order, for replaying many channels in order.
     global: u64,
+    /// Its number within its channel.
+    seq: u64,
+    body: Body,
+}
+
+/// A kept message: framed when some client wanted it as it came, else as it came and
+/// framed only if a subscription replays it. During a burst with no one watching (or
+/// after slow clients were cut off) the hub then keeps the histories without rendering
+/// a single message.
+enum Body {
     /// The message as a WebSocket frame.
-    frame: Bytes,
+    Frame(Bytes),
+    Unsent(Message),
+}
+
+/// What a message says, before it is rendered as JSON.
+enum Message {
+    Event(Event),
+    Heartbeat(Box<Heartbeat>),
+}
+
+impl Message {
+    /// The message as a WebSocket text frame, with its envelope.
+    fn frame(&self, channel: &str, seq: u64) -> serde_json::Result<Vec<u8>> {
+        let text = match self {
+            Message::Heartbeat(payload) => envelope("heartbeat", channel, seq, &**payload)?,
+            Message::Event(Event::MonitorResult(result)) => {
+                let payload = MonitorPayload {
+                    summary: result.summary(),
+                    result,
+                };
+                envelope("monitor.result", channel, seq, &payload)?
+            }
+            Message::Event(event) => {
+                let (kind, payload) = task_payload(event);
+                envelope(kind, channel, seq, &payload)?
+            }
+        };
+        Ok(text_frame(text))
+    }
+}
+
+/// A task event's type and payload.
+fn task_payload(event: &Event) -> (&'static str, TaskPayload<'_>) {
+    match event {
+        Event::TaskStarted {
+            id,
+            task,
+            at,
+            late_ms,
+        } => (
+            "task.started",
+            TaskPayload {
+                id: *id,
+                task: Some(task),
+                at: format_micros(*at),
+                late_ms: Some(*late_ms),
+                ..TaskPayload::default()
+            },
+        ),
+        Event::TaskProgress {
+            id,
+            task,
+            at,
+            fraction,
+            message,
+        } => (
+            "task.progress",
+            TaskPayload {
+                id: *id,
+                task: Some(task),
+                at: format_micros(*at),
+                fraction: *fraction,
+                message: Some(message),
+                ..TaskPayload::default()
+            },
+        ),
+        Event::TaskFinished {
+            id,
+            task,
+            at,
+            duration,
+        } => (
+            "task.finished",
+            TaskPayload {
+                id: *id,
+                task: Some(task),
+                at: format_micros(*at),
+                duration_ms: Some(round_ms(*duration)),
+                ..TaskPayload::default()
+            },
+        ),
+        Event::TaskFailed {
+            id,
+            task,
+            at,
+            duration,
+            reason,
+            error,
+        } => (
+            "task.failed",
+            TaskPayload {
+                id: *id,
+                task: task.as_deref(),
+                at: format_micros(*at),
+                duration_ms: duration.map(round_ms),
+                reason: Some(reason),
+                error: Some(error),
+                ..TaskPayload::default()
+            },
+        ),
+        // Not a task event; `Message::frame` renders it.
+        Event::MonitorResult(_) => ("monitor.result", TaskPayload::default()),
+    }
 }
 
 struct Channel {
@@ -134,7 +246,24 @@ struct Channel {
     cap: usize,
 }
 
-/// What a client has subscribed, as far as replays need to know.
+impl Channel {
+    /// Frames the messages kept as they came, for a replay (once: they stay framed).
+    fn render(&mut self) {
+        for stored in &mut self.messages {
+            if let Body::Unsent(message) = &stored.body {
+                match message.frame(&self.name, stored.seq) {
+                    Ok(frame) => stored.body = Body::Frame(Bytes::from(frame)),
+                    Err(e) => tracing::warn!(
+                        "live view: cannot serialise a message of {}: {e}",
+                        self.name
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// What a client has subscribed, as far as replays and rendering need to know.
 #[derive(Default)]
 struct Client {
     all: bool,
@@ -160,6 +289,10 @@ pub(crate) struct Hub {
     /// The position the next message gets, in `channels` and in the feed alike.
     next_global: u64,
     clients: HashMap<u64, Client>,
+    /// Clients on `*`.
+    all_clients: usize,
+    /// Channels some client subscribed by name, with how many did.
+    watched: HashMap<String, usize>,
     feed: Arc<Feed>,
     /// Messages published and not yet appended to the feed (appended once per turn).
     pending: Block,
@@ -200,6 +333,8 @@ impl Hub {
             kept: 0,
             next_global: 0,
             clients: HashMap::new(),
+            all_clients: 0,
+            watched: HashMap::new(),
             feed: Arc::clone(&feed),
             pending: Block::default(),
             running: HashSet::new(),
@@ -278,7 +413,19 @@ impl Hub {
                 reply,
             } => self.subscribe(client, channels, &reply),
             Command::Leave { client } => {
-                self.clients.remove(&client);
+                if let Some(client) = self.clients.remove(&client) {
+                    if client.all {
+                        self.all_clients -= 1;
+                    }
+                    for name in client.channels {
+                        if let Entry::Occupied(mut watched) = self.watched.entry(name) {
+                            *watched.get_mut() -= 1;
+                            if *watched.get() == 0 {
+                                watched.remove();
+                            }
+                        }
+                    }
+                }
                 self.counters.lock().clients = self.clients.len();
             }
             Command::Stop => self.stop(),
@@ -292,125 +439,88 @@ impl Hub {
     fn subscribe(&mut self, id: u64, channels: Vec<String>, reply: &Sender<Subscribed>) {
         self.feed.append(&mut self.pending);
         let client = self.clients.entry(id).or_default();
-        let mut replay: Vec<&Stored> = Vec::new();
+        // The channels to replay.
+        let mut replayed: Vec<Arc<str>> = Vec::new();
         let mut all = false;
         let mut added = Vec::new();
         if channels.iter().any(|c| c == "*") {
             if !client.all {
                 all = true;
                 // Everything kept, except what this client was already sent.
-                for (name, channel) in &self.channels {
-                    if !client.channels.contains(&**name) {
-                        replay.extend(channel.messages.iter());
-                    }
-                }
+                replayed.extend(
+                    self.channels
+                        .keys()
+                        .filter(|name| !client.channels.contains(&***name))
+                        .cloned(),
+                );
                 client.all = true;
+                self.all_clients += 1;
             }
         } else if !client.all {
             for name in channels {
                 if client.channels.contains(&name) {
                     continue;
                 }
-                if let Some(channel) = self.channels.get(name.as_str()) {
-                    replay.extend(channel.messages.iter());
+                if let Some((key, _)) = self.channels.get_key_value(name.as_str()) {
+                    replayed.push(Arc::clone(key));
                 }
                 client.channels.insert(name.clone());
+                *self.watched.entry(name.clone()).or_default() += 1;
                 added.push(name);
             }
         }
-        replay.sort_unstable_by_key(|m| m.global);
-        let replay = replay.into_iter().map(|m| m.frame.clone()).collect();
+        let mut replay: Vec<(u64, Bytes)> = Vec::new();
+        for name in replayed {
+            if let Some(channel) = self.channels.get_mut(&name) {
+                channel.render();
+                replay.extend(channel.messages.iter().filter_map(|m| match &m.body {
+                    Body::Frame(frame) => Some((m.global, frame.clone())),
+                    Body::Unsent(_) => None,
+                }));
+            }
+        }
+        replay.sort_unstable_by_key(|(global, _)| *global);
         let _ = reply.try_send(Subscribed {
             all,
             added,
-            replay,
+            replay: replay.into_iter().map(|(_, frame)| frame).collect(),
             from: self.next_global,
         });
         self.counters.lock().clients = self.clients.len();
     }
 
     fn on_event(&mut self, event: Event) {
-        match event {
-            Event::TaskStarted {
-                id,
-                task,
-                at,
-                late_ms,
-            } => {
-                self.count(id, &task, true, |c| c.started += 1);
-                let payload = TaskPayload {
-                    id,
-                    task: Some(&task),
-                    at: format_micros(at),
-                    late_ms: Some(late_ms),
-                    ..TaskPayload::default()
-                };
-                self.publish_task(id, "task.started", &payload, false);
+        let (id, ends) = match &event {
+            Event::TaskStarted { id, task, .. } => {
+                self.count(*id, task, true, |c| c.started += 1);
+                (*id, false)
             }
-            Event::TaskProgress {
-                id,
-                task,
-                at,
-                fraction,
-                message,
-            } => {
-                let payload = TaskPayload {
-                    id,
-                    task: Some(&task),
-                    at: format_micros(at),
-                    fraction,
-                    message: Some(&message),
-                    ..TaskPayload::default()
-                };
-                self.publish_task(id, "task.progress", &payload, false);
-            }
+            Event::TaskProgress { id, .. } => (*id, false),
             Event::TaskFinished {
-                id,
-                task,
-                at,
-                duration,
+                id, task, duration, ..
             } => {
-                self.count(id, &task, false, |c| c.finished(duration));
-                let payload = TaskPayload {
-                    id,
-                    task: Some(&task),
-                    at: format_micros(at),
-                    duration_ms: Some(round_ms(duration)),
-                    ..TaskPayload::default()
-                };
-                self.publish_task(id, "task.finished", &payload, true);
+                self.count(*id, task, false, |c| c.finished(*duration));
+                (*id, true)
             }
             Event::TaskFailed {
-                id,
-                task,
-                at,
-                duration,
-                reason,
-                error,
+                id, task, duration, ..
             } => {
-                let name = task.clone().unwrap_or_else(|| Arc::from("?"));
-                self.count(id, &name, false, |c| c.failed(duration.unwrap_or_default()));
-                let payload = TaskPayload {
-                    id,
-                    task: task.as_deref(),
-                    at: format_micros(at),
-                    duration_ms: duration.map(round_ms),
-                    reason: Some(reason),
-                    error: Some(&error),
-                    ..TaskPayload::default()
-                };
-                self.publish_task(id, "task.failed", &payload, true);
+                let unknown: Arc<str> = Arc::from("?");
+                let name = task.as_ref().unwrap_or(&unknown);
+                self.count(*id, name, false, |c| c.failed(duration.unwrap_or_default()));
+                (*id, true)
             }
             Event::MonitorResult(result) => {
-                self.counters.lock().monitor(&result);
-                let payload = MonitorPayload {
-                    summary: result.summary(),
-                    result: &result,
-                };
+                self.counters.lock().monitor(result);
                 let channel = format!("monitor:{}", result.monitor);
-                self.publish(&channel, "monitor.result", &payload, true);
+                self.publish(&channel, Message::Event(event), true);
+                return;
             }
-        }
+        };
+        let mut name = String::with_capacity(24);
+        name.push_str("task:");
+        name.push_str(itoa::Buffer::new().format(id));
+        self.publish(&name, Message::Event(event), ends);
     }
 
     /// Marks a task running or not, and updates its counters.
@@ -431,15 +541,15 @@ impl Hub {
         counters.running = self.running.len();
     }
 
-    fn publish_task(&mut self, id: i64, kind: &str, payload: &TaskPayload<'_>, ends: bool) {
-        let mut name = String::with_capacity(24);
-        name.push_str("task:");
-        name.push_str(itoa::Buffer::new().format(id));
-        self.publish(&name, kind, payload, ends);
+    /// Whether a client would take a message of this channel now.
+    fn wanted(&self, name: &str) -> bool {
+        self.all_clients > 0 || (!self.watched.is_empty() && self.watched.contains_key(name))
     }
 
-    /// Numbers, serialises and keeps one message, and queues it for the feed.
-    fn publish(&mut self, name: &str, kind: &str, payload: &impl Serialize, ends: bool) {
+    /// Numbers and keeps one message, and queues it for the feed: framed if a client wants
+    /// it, else as a place holder that no reader takes (`Block::skip`).
+    fn publish(&mut self, name: &str, message: Message, ends: bool) {
+        let wanted = self.wanted(name);
         let global = self.next_global;
         // One lookup for a channel that exists (most messages), two for a new one.
         if !self.channels.contains_key(name) {
@@ -468,21 +578,26 @@ impl Hub {
             return;
         };
         let key = Arc::clone(&channel.name);
-        let frame = match envelope(kind, name, channel.seq + 1, payload) {
-            Ok(text) => text_frame(text),
-            Err(e) => {
-                tracing::warn!("live view: cannot serialise a {kind} message: {e}");
-                return;
+        let seq = channel.seq + 1;
+        let body = if wanted {
+            match message.frame(name, seq) {
+                Ok(frame) => {
+                    self.pending.push(Arc::clone(&key), &frame);
+                    Body::Frame(Bytes::from(frame))
+                }
+                Err(e) => {
+                    tracing::warn!("live view: cannot serialise a message of {name}: {e}");
+                    return;
+                }
             }
+        } else {
+            self.pending.skip();
+            Body::Unsent(message)
         };
         // Numbered only once it exists: seq and feed positions have no holes.
-        channel.seq += 1;
+        channel.seq = seq;
         self.next_global += 1;
-        self.pending.push(Arc::clone(&key), &frame);
-        channel.messages.push_back(Stored {
-            global,
-            frame: Bytes::from(frame),
-        });
+        channel.messages.push_back(Stored { global, seq, body });
         self.kept += 1;
         if channel.messages.len() > channel.cap {
             if channel.keeps_first && channel.messages.len() > 1 {
@@ -598,7 +713,7 @@ impl Hub {
                 (cpu / wall * 1000.0).round() / 10.0
             })
         });
-        let payload = Heartbeat {
+        let payload = Box::new(Heartbeat {
             at: format_micros(now),
             pid: std::process::id(),
             uptime_seconds: self.started.elapsed().as_secs(),
@@ -610,8 +725,8 @@ impl Hub {
             tasks,
             clients: self.clients.len(),
             events_dropped: self.dropped.load(Ordering::Relaxed),
-        };
-        self.publish(FOREMAN_CHANNEL, "heartbeat", &payload, false);
+        });
+        self.publish(FOREMAN_CHANNEL, Message::Heartbeat(payload), false);
     }
 
     fn queue_figures(&mut self, now: i64) -> Option<QueueFigures> {

@@ -12,8 +12,10 @@
 //!   `EVENT_QUEUE` events behind, the event is dropped and counted (`/metrics`,
 //!   `snapq_live_events_dropped_total`; the heartbeat's `events_dropped`).
 //! - The hub thread (src/live/hub.rs) owns every channel's history: it numbers each
-//!   message (`seq`, per channel), serialises and frames it once, keeps it, and appends it
-//!   to the feed (src/live/feed.rs), a ring every client reads at its own position. The hub
+//!   message (`seq`, per channel), keeps it, and appends it to the feed (src/live/feed.rs),
+//!   a ring every client reads at its own position. It serialises and frames a message
+//!   once, when it comes if a client wants it then, else only if a replay needs it: with
+//!   no one watching, a burst costs the hub no JSON at all. The hub
 //!   never waits for a reader: the ring drops its oldest messages when full, and a client
 //!   whose position they held is cut off (sent a close frame with the reason).
 //!   A subscription is answered on the hub thread between two messages — the history so
