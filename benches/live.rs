@@ -56,6 +56,17 @@ fn main() {
             l.rate,
             l.peak_rss_mib
         );
+        if std::env::var_os("LIVE_BENCH_CPU").is_some() {
+            let show = |cpu: &[(String, f64)]| {
+                cpu.iter()
+                    .filter(|(_, ms)| *ms >= 1.0)
+                    .map(|(n, ms)| format!("{n} {ms:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!("  CPU ms without: {}", show(&p.cpu));
+            println!("  CPU ms with: {}; clients {}", show(&l.cpu), show(&l.own));
+        }
     }
     let median = |runs: &mut Vec<Drained>| {
         runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
@@ -111,6 +122,10 @@ struct Drained {
     /// Messages each client received, sorted.
     received: Vec<u64>,
     figures: Option<Figures>,
+    /// The foreman's CPU during the drain, in ms by thread name.
+    cpu: Vec<(String, f64)>,
+    /// This benchmark's own CPU during the drain (its clients), in ms by thread name.
+    own: Vec<(String, f64)>,
 }
 
 /// The clients of the live runs: CLIENTS, or LIVE_BENCH_CLIENTS (0: the live view with no
@@ -168,6 +183,8 @@ fn drain(scratch: &Path, live: Option<usize>) -> Drained {
     )
     .unwrap();
     q.enqueue_many(&tasks).unwrap();
+    let cpu_before = thread_cpu(child.id());
+    let own_before = thread_cpu(std::process::id());
     let started = Instant::now();
     while !sentinel.exists() {
         assert!(
@@ -177,6 +194,8 @@ fn drain(scratch: &Path, live: Option<usize>) -> Drained {
         std::thread::sleep(Duration::from_micros(500));
     }
     let wall = started.elapsed();
+    let cpu = cpu_delta(&cpu_before, &thread_cpu(child.id()));
+    let own = cpu_delta(&own_before, &thread_cpu(std::process::id()));
 
     // Let the clients take what is still on its way, then read the live view's figures.
     std::thread::sleep(Duration::from_secs(2));
@@ -192,7 +211,43 @@ fn drain(scratch: &Path, live: Option<usize>) -> Drained {
         peak_rss_mib: peak.load(Ordering::Relaxed) as f64 / 1024.0,
         received,
         figures,
+        cpu,
+        own,
     }
+}
+
+/// CPU time (ns, from schedstat) of each thread of `pid`, by thread id, with its name.
+fn thread_cpu(pid: u32) -> Vec<(u64, String, u64)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        let tid = entry.file_name().to_string_lossy().parse().unwrap_or(0);
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let ns = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        out.push((tid, name.trim().to_owned(), ns));
+    }
+    out
+}
+
+/// CPU ms spent between two `thread_cpu` readings, summed by thread name.
+fn cpu_delta(before: &[(u64, String, u64)], after: &[(u64, String, u64)]) -> Vec<(String, f64)> {
+    let mut by_name: Vec<(String, f64)> = Vec::new();
+    for (tid, name, ns) in after {
+        let was = before.iter().find(|b| b.0 == *tid).map_or(0, |b| b.2);
+        let ms = (ns - was.min(*ns)) as f64 / 1e6;
+        match by_name.iter_mut().find(|(n, _)| n == name) {
+            Some((_, total)) => *total += ms,
+            None => by_name.push((name.clone(), ms)),
+        }
+    }
+    by_name.sort_by(|a, b| b.1.total_cmp(&a.1));
+    by_name
 }
 
 /// Waits for "foreman ready" (and the live view's address); the rest of stderr is drained
