@@ -8,8 +8,9 @@
 //! subscriber gets a channel's history and then every later message of it, with no gap and
 //! no duplicate.
 
+use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select, unbounded};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use parking_lot::Mutex;
 use serde::Serialize;
 use tungstenite::Bytes;
@@ -113,6 +115,39 @@ const TICK: Duration = Duration::from_secs(1);
 
 /// The channel heartbeats go to (SPEC: every message names a channel).
 const FOREMAN_CHANNEL: &str = "foreman";
+
+/// A channel's identity: a task's by its id (a burst's events then build and hash no
+/// name), any other by its name.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Task(i64),
+    Named(Arc<str>),
+}
+
+impl Key {
+    /// The key of a channel name as a client writes it: `task:<id>` is a task's when the id
+    /// is written as the hub writes it (`task:7`, not `task:07`: that one never has
+    /// messages, as before).
+    fn of(name: &str) -> Key {
+        if let Some(id) = name
+            .strip_prefix("task:")
+            .and_then(|digits| digits.parse::<i64>().ok())
+            .filter(|id| itoa::Buffer::new().format(*id) == &name["task:".len()..])
+        {
+            return Key::Task(id);
+        }
+        Key::Named(Arc::from(name))
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Key::Task(id) => write!(f, "task:{id}"),
+            Key::Named(name) => f.write_str(name),
+        }
+    }
+}
 
 struct Stored {
     /// Position in the hub's overall order, for replaying many channels in order.
@@ -234,8 +269,8 @@ fn task_payload(event: &Event) -> (&'static str, TaskPayload<'_>) {
 }
 
 struct Channel {
-    /// Its name, shared with the `channels` key, the feed and `ended`.
-    name: Arc<str>,
+    /// Its name as the feed and the envelope carry it, made when first needed.
+    name: Option<Arc<str>>,
     seq: u64,
     messages: VecDeque<Stored>,
     /// When and with which message (its `global`) the channel last ended, if it did.
@@ -247,16 +282,24 @@ struct Channel {
 }
 
 impl Channel {
+    fn name(&mut self, key: &Key) -> Arc<str> {
+        let name = self.name.get_or_insert_with(|| match key {
+            Key::Named(name) => Arc::clone(name),
+            Key::Task(_) => Arc::from(key.to_string()),
+        });
+        Arc::clone(name)
+    }
+
     /// Frames the messages kept as they came, for a replay (once: they stay framed).
-    fn render(&mut self) {
+    fn render(&mut self, key: &Key) {
+        let name = self.name(key);
         for stored in &mut self.messages {
             if let Body::Unsent(message) = &stored.body {
-                match message.frame(&self.name, stored.seq) {
+                match message.frame(&name, stored.seq) {
                     Ok(frame) => stored.body = Body::Frame(Bytes::from(frame)),
-                    Err(e) => tracing::warn!(
-                        "live view: cannot serialise a message of {}: {e}",
-                        self.name
-                    ),
+                    Err(e) => {
+                        tracing::warn!("live view: cannot serialise a message of {name}: {e}")
+                    }
                 }
             }
         }
@@ -264,10 +307,9 @@ impl Channel {
 }
 
 /// What a client has subscribed, as far as replays and rendering need to know.
-#[derive(Default)]
 struct Client {
     all: bool,
-    channels: HashSet<String>,
+    channels: HashSet<Key>,
 }
 
 pub(crate) struct Hub {
@@ -280,10 +322,10 @@ pub(crate) struct Hub {
     workers: usize,
     /// Producers' drop count (src/live/mod.rs, `Publisher`).
     dropped: Arc<AtomicU64>,
-    channels: HashMap<Arc<str>, Channel>,
+    channels: HashMap<Key, Channel>,
     /// Channels in the order they ended, each with the `global` of its ending message; an
     /// entry whose channel has ended again since, or is gone, is stale and skipped.
-    ended: VecDeque<(Arc<str>, u64)>,
+    ended: VecDeque<(Key, u64)>,
     /// Messages kept over all channels.
     kept: usize,
     /// The position the next message gets, in `channels` and in the feed alike.
@@ -292,10 +334,12 @@ pub(crate) struct Hub {
     /// Clients on `*`.
     all_clients: usize,
     /// Channels some client subscribed by name, with how many did.
-    watched: HashMap<String, usize>,
+    watched: HashMap<Key, usize>,
     feed: Arc<Feed>,
     /// Messages published and not yet appended to the feed (appended once per turn).
     pending: Block,
+    /// `FOREMAN_CHANNEL`, made once.
+    foreman_channel: Arc<str>,
     /// Tasks started and not yet ended, for the heartbeat.
     running: HashSet<i64>,
     counters: Arc<Mutex<Counters>>,
@@ -337,6 +381,7 @@ impl Hub {
             watched: HashMap::new(),
             feed: Arc::clone(&feed),
             pending: Block::default(),
+            foreman_channel: Arc::from(FOREMAN_CHANNEL),
             running: HashSet::new(),
             counters: Arc::clone(&counters),
             started: Instant::now(),
@@ -438,9 +483,12 @@ impl Hub {
     /// what it is told to its filter (src/live/ws.rs).
     fn subscribe(&mut self, id: u64, channels: Vec<String>, reply: &Sender<Subscribed>) {
         self.feed.append(&mut self.pending);
-        let client = self.clients.entry(id).or_default();
+        let client = self.clients.entry(id).or_insert_with(|| Client {
+            all: false,
+            channels: HashSet::new(),
+        });
         // The channels to replay.
-        let mut replayed: Vec<Arc<str>> = Vec::new();
+        let mut replayed: Vec<Key> = Vec::new();
         let mut all = false;
         let mut added = Vec::new();
         if channels.iter().any(|c| c == "*") {
@@ -450,7 +498,7 @@ impl Hub {
                 replayed.extend(
                     self.channels
                         .keys()
-                        .filter(|name| !client.channels.contains(&***name))
+                        .filter(|key| !client.channels.contains(*key))
                         .cloned(),
                 );
                 client.all = true;
@@ -458,21 +506,22 @@ impl Hub {
             }
         } else if !client.all {
             for name in channels {
-                if client.channels.contains(&name) {
+                let key = Key::of(&name);
+                if client.channels.contains(&key) {
                     continue;
                 }
-                if let Some((key, _)) = self.channels.get_key_value(name.as_str()) {
-                    replayed.push(Arc::clone(key));
+                if self.channels.contains_key(&key) {
+                    replayed.push(key.clone());
                 }
-                client.channels.insert(name.clone());
-                *self.watched.entry(name.clone()).or_default() += 1;
+                client.channels.insert(key.clone());
+                *self.watched.entry(key).or_default() += 1;
                 added.push(name);
             }
         }
         let mut replay: Vec<(u64, Bytes)> = Vec::new();
-        for name in replayed {
-            if let Some(channel) = self.channels.get_mut(&name) {
-                channel.render();
+        for key in replayed {
+            if let Some(channel) = self.channels.get_mut(&key) {
+                channel.render(&key);
                 replay.extend(channel.messages.iter().filter_map(|m| match &m.body {
                     Body::Frame(frame) => Some((m.global, frame.clone())),
                     Body::Unsent(_) => None,
@@ -512,15 +561,12 @@ impl Hub {
             }
             Event::MonitorResult(result) => {
                 self.counters.lock().monitor(result);
-                let channel = format!("monitor:{}", result.monitor);
-                self.publish(&channel, Message::Event(event), true);
+                let key = Key::Named(Arc::from(format!("monitor:{}", result.monitor)));
+                self.publish(key, Message::Event(event), true);
                 return;
             }
         };
-        let mut name = String::with_capacity(24);
-        name.push_str("task:");
-        name.push_str(itoa::Buffer::new().format(id));
-        self.publish(&name, Message::Event(event), ends);
+        self.publish(Key::Task(id), Message::Event(event), ends);
     }
 
     /// Marks a task running or not, and updates its counters.
@@ -542,47 +588,37 @@ impl Hub {
     }
 
     /// Whether a client would take a message of this channel now.
-    fn wanted(&self, name: &str) -> bool {
-        self.all_clients > 0 || (!self.watched.is_empty() && self.watched.contains_key(name))
+    fn wanted(&self, key: &Key) -> bool {
+        self.all_clients > 0 || (!self.watched.is_empty() && self.watched.contains_key(key))
     }
 
     /// Numbers and keeps one message, and queues it for the feed: framed if a client wants
     /// it, else as a place holder that no reader takes (`Block::skip`).
-    fn publish(&mut self, name: &str, message: Message, ends: bool) {
-        let wanted = self.wanted(name);
+    fn publish(&mut self, key: Key, message: Message, ends: bool) {
+        let wanted = self.wanted(&key);
         let global = self.next_global;
-        // One lookup for a channel that exists (most messages), two for a new one.
-        if !self.channels.contains_key(name) {
-            let (keeps_first, cap) = if name == FOREMAN_CHANNEL {
-                (false, 1)
-            } else {
-                (
-                    name.starts_with("task:"),
-                    self.limits.max_channel_messages.max(1),
-                )
+        let limits = &self.limits;
+        let channel = self.channels.entry(key.clone()).or_insert_with(|| {
+            let (keeps_first, cap) = match &key {
+                Key::Task(_) => (true, limits.max_channel_messages.max(1)),
+                Key::Named(name) if &**name == FOREMAN_CHANNEL => (false, 1),
+                Key::Named(_) => (false, limits.max_channel_messages.max(1)),
             };
-            let name: Arc<str> = Arc::from(name);
-            self.channels.insert(
-                Arc::clone(&name),
-                Channel {
-                    name,
-                    seq: 0,
-                    messages: VecDeque::new(),
-                    ended: None,
-                    keeps_first,
-                    cap,
-                },
-            );
-        }
-        let Some(channel) = self.channels.get_mut(name) else {
-            return;
-        };
-        let key = Arc::clone(&channel.name);
+            Channel {
+                name: None,
+                seq: 0,
+                messages: VecDeque::new(),
+                ended: None,
+                keeps_first,
+                cap,
+            }
+        });
         let seq = channel.seq + 1;
         let body = if wanted {
-            match message.frame(name, seq) {
+            let name = channel.name(&key);
+            match message.frame(&name, seq) {
                 Ok(frame) => {
-                    self.pending.push(Arc::clone(&key), &frame);
+                    self.pending.push(name, &frame);
                     Body::Frame(Bytes::from(frame))
                 }
                 Err(e) => {
@@ -609,7 +645,7 @@ impl Hub {
         }
         if ends {
             channel.ended = Some((Instant::now(), global));
-            self.ended.push_back((Arc::clone(&key), global));
+            self.ended.push_back((key, global));
         }
         while self.channels.len() > self.limits.max_channels || self.kept > self.limits.max_messages
         {
@@ -625,36 +661,37 @@ impl Hub {
     /// Forgets one channel to stay within the caps: the one that ended first, else (all
     /// open, which only running tasks are) the open one with the oldest message.
     fn evict_one(&mut self) -> bool {
-        while let Some((name, global)) = self.ended.pop_front() {
-            if self.remove_if_ended(name, global) {
+        while let Some((key, global)) = self.ended.pop_front() {
+            if self.remove_if_ended(key, global) {
                 return true;
             }
         }
         let oldest = self
             .channels
             .iter()
-            .filter_map(|(name, c)| c.messages.front().map(|m| (m.global, Arc::clone(name))))
-            .min();
+            .filter_map(|(key, c)| c.messages.front().map(|m| (m.global, key)))
+            .min_by_key(|(global, _)| *global)
+            .map(|(_, key)| key.clone());
         match oldest {
-            Some((_, name)) => {
-                self.remove_channel(&name);
+            Some(key) => {
+                self.remove_channel(&key);
                 true
             }
             None => false,
         }
     }
 
-    fn is_current_end(&self, name: &str, global: u64) -> bool {
+    fn is_current_end(&self, key: &Key, global: u64) -> bool {
         self.channels
-            .get(name)
+            .get(key)
             .and_then(|c| c.ended)
             .is_some_and(|(_, g)| g == global)
     }
 
     /// Removes the channel if `global` is still its ending message (one lookup: this
     /// runs for every channel evicted during a burst).
-    fn remove_if_ended(&mut self, name: Arc<str>, global: u64) -> bool {
-        match self.channels.entry(name) {
+    fn remove_if_ended(&mut self, key: Key, global: u64) -> bool {
+        match self.channels.entry(key) {
             Entry::Occupied(entry) if entry.get().ended.is_some_and(|(_, g)| g == global) => {
                 self.kept -= entry.remove().messages.len();
                 true
@@ -663,8 +700,8 @@ impl Hub {
         }
     }
 
-    fn remove_channel(&mut self, name: &str) {
-        if let Some(channel) = self.channels.remove(name) {
+    fn remove_channel(&mut self, key: &Key) {
+        if let Some(channel) = self.channels.remove(key) {
             self.kept -= channel.messages.len();
         }
     }
@@ -673,15 +710,15 @@ impl Hub {
         let ended = std::mem::take(&mut self.ended);
         self.ended = ended
             .into_iter()
-            .filter(|(name, global)| self.is_current_end(name, *global))
+            .filter(|(key, global)| self.is_current_end(key, *global))
             .collect();
     }
 
     /// Forgets channels whose final message is older than the retention.
     fn forget_expired(&mut self) {
         let now = Instant::now();
-        while let Some((name, global)) = self.ended.front() {
-            let expired = match self.channels.get(&**name).and_then(|c| c.ended) {
+        while let Some((key, global)) = self.ended.front() {
+            let expired = match self.channels.get(key).and_then(|c| c.ended) {
                 Some((at, g)) if g == *global => now.duration_since(at) >= self.limits.retention,
                 // Stale: ended again later, or gone.
                 _ => true,
@@ -689,10 +726,10 @@ impl Hub {
             if !expired {
                 break;
             }
-            let Some((name, global)) = self.ended.pop_front() else {
+            let Some((key, global)) = self.ended.pop_front() else {
                 break;
             };
-            self.remove_if_ended(name, global);
+            self.remove_if_ended(key, global);
         }
         let mut counters = self.counters.lock();
         counters.channels = self.channels.len();
@@ -726,7 +763,8 @@ impl Hub {
             clients: self.clients.len(),
             events_dropped: self.dropped.load(Ordering::Relaxed),
         });
-        self.publish(FOREMAN_CHANNEL, Message::Heartbeat(payload), false);
+        let key = Key::Named(Arc::clone(&self.foreman_channel));
+        self.publish(key, Message::Heartbeat(payload), false);
     }
 
     fn queue_figures(&mut self, now: i64) -> Option<QueueFigures> {
@@ -836,6 +874,28 @@ struct Heartbeat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_channel_is_keyed_by_its_id_when_written_as_the_hub_writes_it() {
+        assert!(matches!(Key::of("task:42"), Key::Task(42)));
+        assert!(matches!(Key::of("task:-3"), Key::Task(-3)));
+        for other in [
+            "task:042",
+            "task:+42",
+            "task:",
+            "task:x",
+            "monitor:n1",
+            "foreman",
+        ] {
+            let key = Key::of(other);
+            assert!(
+                matches!(&key, Key::Named(name) if &**name == other),
+                "{other}"
+            );
+            assert_eq!(key.to_string(), other);
+        }
+        assert_eq!(Key::Task(42).to_string(), "task:42");
+    }
 
     #[test]
     fn the_envelope_puts_type_channel_and_seq_first() {
