@@ -50,7 +50,7 @@ use crate::monitor::RoundResult;
 pub use hub::Limits;
 
 /// How many events may wait for the hub before producers drop (and count) them. At the
-/// fastest drain (~60,000 tasks/s, two events a task) this is 0.14 s of events, against
+/// fastest drain (~100,000 tasks/s, two events a task) this is 80 ms of events, against
 /// the hub's 2 ms turns; the channel allocates every slot up front (~1.5 MiB), which is
 /// what keeps it from being larger.
 const EVENT_QUEUE: usize = 16_384;
