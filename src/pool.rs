@@ -293,6 +293,8 @@ fn run_one<'a>(task: &Claimed, shared: &'a Shared, slot: &mut Slot<'a>) -> Outco
     let late_ms = (now - task.due) as f64 / 1e3;
     tracing::info!(id = task.id, task = %entry.name, late_ms, "task started");
     if let Some(live) = &shared.live {
+        // Uncounted when the slot drops (`Slot::drop`, unwinding included).
+        live.task_started();
         live.publish(Event::TaskStarted {
             id: task.id,
             task: Arc::clone(&entry.name),
@@ -407,6 +409,9 @@ impl Drop for Slot<'_> {
             Outcome::Round(_) => {}
         }
         if let Some(live) = self.live {
+            if self.ran {
+                live.task_ended();
+            }
             self.publish_end(live, duration);
         }
         // The foreman is gone only if it abandoned us at its deadline.

@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, Sender, unbounded};
 use serde::Serialize;
 
 use super::LiveConfig;
+use super::Tally;
 use super::hub::HubHandle;
 use super::metrics::{self, DbFigures};
 use super::ws::Upgraded;
@@ -48,8 +49,8 @@ pub(crate) struct Server {
     upgraded: Sender<Upgraded>,
     /// Numbers WebSocket clients for the hub.
     next_client: AtomicU64,
-    /// The producers' drop count, for `/metrics`.
-    pub dropped: Arc<AtomicU64>,
+    /// The producers' own figures, for `/metrics`.
+    pub tally: Arc<Tally>,
 }
 
 impl Server {
@@ -57,7 +58,7 @@ impl Server {
         config: LiveConfig,
         hub: HubHandle,
         stopping: Arc<AtomicBool>,
-        dropped: Arc<AtomicU64>,
+        tally: Arc<Tally>,
     ) -> (Server, Receiver<Upgraded>) {
         // Unbounded: at most `max_connections` sockets are ever in flight.
         let (upgraded, websockets) = unbounded();
@@ -68,7 +69,7 @@ impl Server {
             active: AtomicUsize::new(0),
             upgraded,
             next_client: AtomicU64::new(1),
-            dropped,
+            tally,
         };
         (server, websockets)
     }
@@ -454,11 +455,10 @@ fn metrics_text(server: &Server) -> String {
         now,
     };
     let counters = server.hub.counters.lock();
-    let running = counters.running;
     metrics::render(
         &counters,
         &db,
-        running,
-        server.dropped.load(Ordering::Relaxed),
+        server.tally.running.load(Ordering::Relaxed),
+        server.tally.dropped.load(Ordering::Relaxed),
     )
 }

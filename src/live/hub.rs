@@ -13,7 +13,7 @@ use std::collections::hash_map::Entry;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,9 +23,9 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tungstenite::Bytes;
 
-use super::Event;
 use super::feed::{Block, Feed, text_frame};
 use super::metrics::{Counters, TaskCounts};
+use super::{Event, Tally};
 use crate::clock::{format_micros, now_micros};
 use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
@@ -320,8 +320,8 @@ pub(crate) struct Hub {
     /// Opened at the first heartbeat; `None` again after an error (reopened next tick).
     conn: Option<rusqlite::Connection>,
     workers: usize,
-    /// Producers' drop count (src/live/mod.rs, `Publisher`).
-    dropped: Arc<AtomicU64>,
+    /// The producers' own figures (src/live/mod.rs, `Tally`).
+    tally: Arc<Tally>,
     channels: HashMap<Key, Channel>,
     /// Channels in the order they ended, each with the `global` of its ending message; an
     /// entry whose channel has ended again since, or is gone, is stale and skipped.
@@ -340,8 +340,6 @@ pub(crate) struct Hub {
     pending: Block,
     /// `FOREMAN_CHANNEL`, made once.
     foreman_channel: Arc<str>,
-    /// Tasks started and not yet ended, for the heartbeat.
-    running: HashSet<i64>,
     counters: Arc<Mutex<Counters>>,
     started: Instant,
     /// CPU ticks and wall time at the previous heartbeat, for the CPU share.
@@ -355,7 +353,7 @@ impl Hub {
         limits: Limits,
         db: PathBuf,
         workers: usize,
-        dropped: Arc<AtomicU64>,
+        tally: Arc<Tally>,
     ) -> Result<(JoinHandle<()>, HubHandle)> {
         // Unbounded: commands come one a client's subscription or departure, from the
         // WebSocket thread (which waits for each subscription's answer), and one at stop.
@@ -371,7 +369,7 @@ impl Hub {
             db,
             conn: None,
             workers,
-            dropped,
+            tally,
             channels: HashMap::new(),
             ended: VecDeque::new(),
             kept: 0,
@@ -382,7 +380,6 @@ impl Hub {
             feed: Arc::clone(&feed),
             pending: Block::default(),
             foreman_channel: Arc::from(FOREMAN_CHANNEL),
-            running: HashSet::new(),
             counters: Arc::clone(&counters),
             started: Instant::now(),
             last_cpu: None,
@@ -541,14 +538,14 @@ impl Hub {
     fn on_event(&mut self, event: Event) {
         let (id, ends) = match &event {
             Event::TaskStarted { id, task, .. } => {
-                self.count(*id, task, true, |c| c.started += 1);
+                self.count(task, |c| c.started += 1);
                 (*id, false)
             }
             Event::TaskProgress { id, .. } => (*id, false),
             Event::TaskFinished {
                 id, task, duration, ..
             } => {
-                self.count(*id, task, false, |c| c.finished(*duration));
+                self.count(task, |c| c.finished(*duration));
                 (*id, true)
             }
             Event::TaskFailed {
@@ -556,7 +553,7 @@ impl Hub {
             } => {
                 let unknown: Arc<str> = Arc::from("?");
                 let name = task.as_ref().unwrap_or(&unknown);
-                self.count(*id, name, false, |c| c.failed(duration.unwrap_or_default()));
+                self.count(name, |c| c.failed(duration.unwrap_or_default()));
                 (*id, true)
             }
             Event::MonitorResult(result) => {
@@ -569,22 +566,9 @@ impl Hub {
         self.publish(Key::Task(id), Message::Event(event), ends);
     }
 
-    /// Marks a task running or not, and updates its counters.
-    fn count(
-        &mut self,
-        id: i64,
-        task: &Arc<str>,
-        running: bool,
-        update: impl FnOnce(&mut TaskCounts),
-    ) {
-        if running {
-            self.running.insert(id);
-        } else {
-            self.running.remove(&id);
-        }
-        let mut counters = self.counters.lock();
-        update(counters.task(task));
-        counters.running = self.running.len();
+    /// Updates a task's counters.
+    fn count(&mut self, task: &Arc<str>, update: impl FnOnce(&mut TaskCounts)) {
+        update(self.counters.lock().task(task));
     }
 
     /// Whether a client would take a message of this channel now.
@@ -758,10 +742,10 @@ impl Hub {
             threads: stat.as_ref().map(|s| s.threads),
             cpu_percent,
             workers: self.workers,
-            running: self.running.len(),
+            running: self.tally.running.load(Ordering::Relaxed),
             tasks,
             clients: self.clients.len(),
-            events_dropped: self.dropped.load(Ordering::Relaxed),
+            events_dropped: self.tally.dropped.load(Ordering::Relaxed),
         });
         let key = Key::Named(Arc::clone(&self.foreman_channel));
         self.publish(key, Message::Heartbeat(payload), false);

@@ -65,8 +65,6 @@ pub(crate) struct MonitorCounts {
 pub(crate) struct Counters {
     pub tasks: BTreeMap<Arc<str>, TaskCounts>,
     pub monitors: BTreeMap<String, MonitorCounts>,
-    /// Tasks started and not yet ended.
-    pub running: usize,
     pub clients: usize,
     pub clients_cut_off: u64,
     pub channels: usize,

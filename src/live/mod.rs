@@ -10,7 +10,8 @@
 //! - Producers (workers for task events, the foreman loop for monitor results) build a
 //!   small `Event` and `try_send` it: never a block, never a lock. If the hub has fallen
 //!   `EVENT_QUEUE` events behind, the event is dropped and counted (`/metrics`,
-//!   `snapq_live_events_dropped_total`; the heartbeat's `events_dropped`).
+//!   `snapq_live_events_dropped_total`; the heartbeat's `events_dropped`). What must stay
+//!   right regardless, the workers count themselves (`Tally`: tasks running).
 //! - The hub thread (src/live/hub.rs) owns every channel's history: it numbers each
 //!   message (`seq`, per channel), keeps it, and appends it to the feed (src/live/feed.rs),
 //!   a ring every client reads at its own position. It serialises and frames a message
@@ -38,7 +39,7 @@ mod ws;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -161,12 +162,24 @@ pub(crate) fn lower_priority() {
     }
 }
 
+/// What the producers count themselves, for the heartbeat and `/metrics`: figures that
+/// must stay right even when events are dropped. Relaxed atomics: each is a figure on its
+/// own, read now and then, ordered with nothing else.
+#[derive(Default)]
+pub(crate) struct Tally {
+    /// Events dropped because the hub was `EVENT_QUEUE` behind.
+    pub dropped: AtomicU64,
+    /// Tasks started and not yet ended by the workers. Counted where they run, not by the
+    /// hub from events: a dropped `task.finished` cannot leave a task running here
+    /// forever.
+    pub running: AtomicUsize,
+}
+
 /// The producers' handle: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct Publisher {
     tx: Sender<Event>,
-    /// Events dropped because the hub was `EVENT_QUEUE` behind; a count only, Relaxed.
-    dropped: Arc<AtomicU64>,
+    tally: Arc<Tally>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -178,8 +191,18 @@ impl std::fmt::Debug for Publisher {
 impl Publisher {
     pub fn publish(&self, event: Event) {
         if self.tx.try_send(event).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.tally.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a task running (the worker, as it publishes `task.started`).
+    pub(crate) fn task_started(&self) {
+        self.tally.running.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a started task ended (the worker, as it publishes its end).
+    pub(crate) fn task_ended(&self) {
+        self.tally.running.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -220,22 +243,22 @@ impl Live {
             );
         }
         let (tx, rx) = bounded(EVENT_QUEUE);
-        let dropped = Arc::new(AtomicU64::new(0));
+        let tally = Arc::new(Tally::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let (hub, handle) = hub::Hub::start(
             rx,
             config.limits.clone(),
             config.db.clone(),
             config.workers,
-            Arc::clone(&dropped),
+            Arc::clone(&tally),
         )?;
         let commands = handle.commands.clone();
         let (server, websockets) =
-            http::Server::new(config, handle, Arc::clone(&stopping), Arc::clone(&dropped));
+            http::Server::new(config, handle, Arc::clone(&stopping), Arc::clone(&tally));
         let [acceptor, ws] = http::Server::start(listener, Arc::new(server), websockets)?;
         tracing::info!(url = %format!("http://{local_addr}/"), "live view listening");
         Ok(Live {
-            publisher: Publisher { tx, dropped },
+            publisher: Publisher { tx, tally },
             stopping,
             local_addr,
             hub: Some(hub),

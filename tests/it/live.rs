@@ -416,6 +416,32 @@ fn metrics_parse_as_prometheus_text_and_count_tasks_and_monitors() {
 }
 
 #[test]
+fn the_running_gauge_and_the_heartbeat_count_a_task_while_it_runs() {
+    let home = Home::new();
+    let (mut foreman, addr) = start_live(&home, &[]);
+    let running = || {
+        prometheus::parse(&get(&addr, "/metrics", &[]).1)
+            .unwrap()
+            .iter()
+            .find(|s| s.name == "snapq_tasks_running")
+            .map(|s| s.value)
+    };
+    assert_eq!(running(), Some(0.0));
+    let mut beats = subscribe(&addr, "", &["foreman"]);
+    let id = enqueue_sleep(&home, 2.0);
+    assert!(wait_until(Duration::from_secs(5), || running() == Some(1.0)));
+    // Heartbeats come once a second: one sent while the task runs says so.
+    until(&mut beats, Duration::from_secs(5), |m| m["running"] == 1);
+    assert!(
+        wait_until(Duration::from_secs(10), || running() == Some(0.0)),
+        "task {id} still counted running:\n{}",
+        foreman.log_text()
+    );
+    until(&mut beats, Duration::from_secs(5), |m| m["running"] == 0);
+    foreman.stop();
+}
+
+#[test]
 fn bad_live_view_settings_exit_2_naming_the_flag() {
     let home = Home::new();
     for (args, needle) in [
