@@ -551,9 +551,12 @@ impl Hub {
             Event::TaskFailed {
                 id, task, duration, ..
             } => {
-                let unknown: Arc<str> = Arc::from("?");
-                let name = task.as_ref().unwrap_or(&unknown);
-                self.count(name, |c| c.failed(duration.unwrap_or_default()));
+                let failed = |c: &mut TaskCounts| c.failed(duration.unwrap_or_default());
+                match task {
+                    Some(task) => self.count(task, failed),
+                    // A row naming a task this foreman does not know.
+                    None => self.count(&Arc::from("?"), failed),
+                }
                 (*id, true)
             }
             Event::MonitorResult(result) => {
@@ -567,7 +570,7 @@ impl Hub {
     }
 
     /// Updates a task's counters.
-    fn count(&mut self, task: &Arc<str>, update: impl FnOnce(&mut TaskCounts)) {
+    fn count(&self, task: &Arc<str>, update: impl FnOnce(&mut TaskCounts)) {
         update(self.counters.lock().task(task));
     }
 
