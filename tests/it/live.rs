@@ -105,6 +105,26 @@ fn until(ws: &mut Ws, timeout: Duration, last: impl Fn(&Value) -> bool) -> Vec<V
     panic!("the awaited message did not come within {timeout:?}; got {got:?}");
 }
 
+/// Reads up to the close frame; returns the text messages before it and the frame.
+fn read_to_close<S: Read + Write>(
+    ws: &mut WebSocket<S>,
+) -> (usize, tungstenite::protocol::CloseFrame) {
+    let mut received = 0;
+    loop {
+        match ws.read() {
+            Ok(Message::Text(_)) => received += 1,
+            Ok(Message::Close(frame)) => {
+                return (
+                    received,
+                    frame.expect("the close frame has a code and reason"),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => panic!("expected a close frame after {received} messages, got {e}"),
+        }
+    }
+}
+
 fn types(messages: &[Value]) -> Vec<&str> {
     messages
         .iter()
@@ -276,16 +296,7 @@ fn a_slow_client_is_cut_off_while_a_fast_one_and_the_foreman_keep_going() {
     slow.get_mut()
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut received = 0;
-    let close = loop {
-        match slow.read() {
-            Ok(Message::Text(_)) => received += 1,
-            Ok(Message::Close(frame)) => break frame,
-            Ok(_) => {}
-            Err(e) => panic!("expected a close frame after {received} messages, got {e}"),
-        }
-    };
-    let close = close.expect("the close frame has a code and reason");
+    let (received, close) = read_to_close(&mut slow);
     assert_eq!(u16::from(close.code), 1008);
     assert!(close.reason.contains("too slow"), "{close:?}");
     assert!(
@@ -481,14 +492,7 @@ fn on_sigterm_every_client_is_told_the_foreman_is_stopping() {
     });
     foreman.stop();
     for ws in [&mut reading, &mut idle] {
-        let close = loop {
-            match ws.read() {
-                Ok(Message::Close(frame)) => break frame,
-                Ok(_) => {}
-                Err(e) => panic!("expected a close frame, got {e}"),
-            }
-        };
-        let close = close.expect("the close frame has a code and reason");
+        let (_, close) = read_to_close(ws);
         assert_eq!(u16::from(close.code), 1001);
         assert!(close.reason.contains("stopping"), "{close:?}");
     }
