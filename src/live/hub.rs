@@ -3,7 +3,8 @@
 //!
 //! Everything here is touched by the hub thread alone, except `Counters`, which the hub
 //! updates and `/metrics` reads under one mutex held for a few field updates or one
-//! rendering, never across I/O, and the feed (src/live/feed.rs), which has its own.
+//! rendering, never across I/O, the feed (src/live/feed.rs), which has its own, and the
+//! producers' `Tally` (atomics the hub only reads).
 //! Because subscriptions and messages are handled by this one thread in one order, a
 //! subscriber gets a channel's history and then every later message of it, with no gap and
 //! no duplicate.
