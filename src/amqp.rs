@@ -109,6 +109,11 @@ impl Sink for AmqpSink {
         }
         Ok(())
     }
+
+    fn rolled_back(&mut self) {
+        // The outbox rows went with the transaction; nothing to send.
+        self.staged = false;
+    }
 }
 
 /// How PANIC's `meta_data` names a Chainlink node: the optional `node_name`, `node_id` and

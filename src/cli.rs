@@ -30,7 +30,8 @@ use crate::wakeup::WakeDir;
     about = "Background tasks for one machine: a SQLite file is the queue, inotify wakes the foreman.",
     after_help = "Every flag can also be set as SNAPQ_<FLAG> (e.g. SNAPQ_HOME, SNAPQ_WORKERS); \
                   a flag wins over the environment.\n\
-                  Exit status: 0 success, 2 bad usage or input (nothing was written), 1 any other failure."
+                  Exit status: 0 success, 2 bad usage or input (nothing was written), 3 `run --burst` \
+                  ran tasks that failed, 1 any other failure."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -166,7 +167,9 @@ pub struct RunArgs {
     #[arg(long, env = "SNAPQ_GRACEFUL_TIMEOUT", value_name = "SECS", default_value = "30",
           value_parser = seconds, allow_negative_numbers = true)]
     pub graceful_timeout: Duration,
-    /// Run every task that is due, wait for them, exit 0
+    /// Run every task that is due, wait for them, and exit: 0 if every one succeeded, 3 if
+    /// any failed, panicked or was rejected (the rest still ran), 1 if the queue could not
+    /// be read
     #[arg(long)]
     pub burst: bool,
     /// Publish monitor results to RabbitMQ (through an outbox in the database) instead of
@@ -312,7 +315,7 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         if paths.db.exists() {
             crate::amqp::clear_state(&db::open(&paths.db, synchronous)?)?;
         }
-        return foreman::run(&config, Registry::with_builtins()).map(drop);
+        return foreman::run(&config, Registry::with_builtins()).and_then(burst_outcome);
     };
     // The publisher outlives the foreman loop: it is dropped (and stopped) after it.
     if args.heartbeat_interval < Duration::from_millis(100) {
@@ -327,7 +330,20 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         args.heartbeat_interval,
         args.outbox_cap,
     )?;
-    foreman::run_with_sink(&config, Registry::with_builtins(), Box::new(sink)).map(drop)
+    foreman::run_with_sink(&config, Registry::with_builtins(), Box::new(sink))
+        .and_then(burst_outcome)
+}
+
+/// SPEC: a `--burst` run exits 3 when any task it ran did not succeed, so that a cron job
+/// sees it. (A foreman stopped by a signal exits 0: its tasks' outcomes are in the log.)
+fn burst_outcome((stopped, totals): (foreman::Stopped, foreman::Totals)) -> Result<()> {
+    if stopped == foreman::Stopped::Drained && totals.failed > 0 {
+        return Err(Error::TasksFailed {
+            failed: totals.failed,
+            ran: totals.failed + totals.succeeded,
+        });
+    }
+    Ok(())
 }
 
 /// The live view's settings, checked before anything is opened (bad input changes nothing).
@@ -456,8 +472,8 @@ fn monitor_command(paths: &Paths, synchronous: Synchronous, command: MonitorComm
             print(&format!("updated monitor {name:?} to version {version}\n"))
         }
         MonitorCommand::Remove { name } => {
-            let (conn, wake) = writer()?;
-            store::remove(&conn, &name)?;
+            let (mut conn, wake) = writer()?;
+            store::remove(&mut conn, &name)?;
             wake.wake()?;
             print(&format!("removed monitor {name:?}\n"))
         }

@@ -19,6 +19,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/0002_monitors.sql"),
     ),
     ("0003_outbox", include_str!("../migrations/0003_outbox.sql")),
+    (
+        "0004_monitor_versions",
+        include_str!("../migrations/0004_monitor_versions.sql"),
+    ),
 ];
 
 /// The schema version this build writes and understands.
@@ -74,7 +78,7 @@ pub fn open(path: &Path, synchronous: Synchronous) -> Result<Connection> {
         path: path.to_owned(),
         problem: format!("cannot be opened ({e}); check the path and its permissions"),
     })?;
-    conn.busy_handler(Some(busy_wait))
+    conn.busy_handler(Some(busy_wait::<{ BUSY_TIMEOUT.as_millis() as u64 }>))
         .map_err(Error::sqlite("setting the busy handler"))?;
     // Plans that do not depend on bound values. Without this, SQLite marks a statement
     // whose plan could use a bound value (the claim's `LIMIT ?2`) for re-preparing
@@ -118,18 +122,30 @@ pub fn open(path: &Path, synchronous: Synchronous) -> Result<Connection> {
 /// SQLite's default busy handler sleeps in steps that grow to 100 ms, so a writer that
 /// just missed the lock waits far longer than the lock is held (MEASUREMENTS.md: 0.2–0.9 s
 /// for single inserts). The foreman's and an enqueuer's transactions last microseconds,
-/// so short sleeps find the lock free much sooner.
-fn busy_wait(attempt: i32) -> bool {
+/// so short sleeps find the lock free much sooner. `MAX_MS` bounds the total wait.
+fn busy_wait<const MAX_MS: u64>(attempt: i32) -> bool {
     const STEP_CAP: Duration = Duration::from_millis(1);
     let step = Duration::from_micros(50 << attempt.clamp(0, 5)).min(STEP_CAP);
     // Past the first few attempts each sleep is STEP_CAP long, so this bounds the total.
-    let max_attempts = (BUSY_TIMEOUT.as_micros() / STEP_CAP.as_micros()) as i32;
+    let max_attempts = (MAX_MS as u128 * 1000 / STEP_CAP.as_micros()) as i32;
     if attempt >= max_attempts {
         return false;
     }
     std::thread::sleep(step);
     true
 }
+
+/// Makes `conn` give up on a held write lock after `LOOP_BUSY_TIMEOUT` instead of
+/// `BUSY_TIMEOUT`: for the foreman loop's connections, which must keep turning (invariant
+/// 11) and retry on their own schedule.
+pub(crate) fn wait_briefly_when_busy(conn: &mut Connection) -> Result<()> {
+    conn.busy_handler(Some(busy_wait::<{ LOOP_BUSY_TIMEOUT.as_millis() as u64 }>))
+        .map_err(Error::sqlite("setting the busy handler"))
+}
+
+/// How long the foreman loop waits for a write lock another process holds before it goes
+/// on with other work (and tries again later).
+pub const LOOP_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 
 fn refuse(path: &Path, e: rusqlite::Error) -> Error {
     match e.sqlite_error_code() {

@@ -1,6 +1,7 @@
 //! The library's one error type. Every message says what is wrong and what to do; paths,
 //! ids and line numbers travel as data. `exit_code` is the only place that maps an error to
-//! the process's exit status (SPEC: 2 bad usage or input, 1 anything else).
+//! the process's exit status (SPEC: 2 bad usage or input, 3 tasks of a `--burst` run
+//! failed, 1 anything else).
 
 use std::path::PathBuf;
 
@@ -77,6 +78,13 @@ pub enum Error {
     /// A failure of the machinery the foreman stands on (threads, signals, inotify).
     #[error("{0}")]
     Runtime(String),
+
+    /// `run --burst` ran every due task, and some of them did not succeed.
+    #[error(
+        "{failed} of {ran} tasks did not succeed (failed, panicked or rejected: see the log \
+         above); the others ran"
+    )]
+    TasksFailed { failed: u64, ran: u64 },
 }
 
 impl Error {
@@ -95,7 +103,16 @@ impl Error {
             | Error::Sqlite { .. }
             | Error::Io { .. }
             | Error::Runtime(_) => 1,
+            Error::TasksFailed { .. } => 3,
         }
+    }
+
+    /// Whether this is SQLite saying another connection holds the lock it needs (after the
+    /// connection's busy handler gave up).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Error::Sqlite { source, .. }
+            if matches!(source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)))
     }
 
     pub(crate) fn sqlite(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> Error {

@@ -8,7 +8,11 @@
 //!    so a claimed row is committed as gone before it is handed to a worker, and never
 //!    waits in memory. A `kill -9` loses at most the tasks handed out and not finished:
 //!    at most `--workers`. Two foremen on one database serialise their claims on SQLite's
-//!    write lock; a row deleted by one is not there for the other.
+//!    write lock; a row deleted by one is not there for the other. A monitor round is
+//!    claimed the same way: `take_rounds` moves its `next_due` only if the row still holds
+//!    the time it read, so of two foremen only the one whose move wrote starts the round.
+//!    A row another program wrote badly cannot take the rows claimed with it: `queue::claim`
+//!    returns it flagged unreadable, and the worker rejects it alone (invariant 7).
 //! 2. **Nothing lost that had not started.** The first signal moves the loop into
 //!    `shut_down`, which claims nothing and starts no monitor round. Unclaimed rows are
 //!    never touched.
@@ -45,6 +49,15 @@
 //!    are telemetry's buffer mutexes, never held across I/O (src/telemetry.rs).
 //!    Under systemd the loop itself sends WATCHDOG=1 (src/systemd.rs), so a loop that
 //!    stops turning stops the pings and systemd restarts it.
+//! 11. **The loop keeps turning.** After start-up the loop's two connections wait at most
+//!     `db::LOOP_BUSY_TIMEOUT` (100 ms) for a write lock another process holds (a bulk
+//!     enqueue of millions of lines, a backup, `sqlite3` left in a transaction). A write that
+//!     gives up changes nothing and is tried again `BUSY_RETRY` later: a claim at `next_due`,
+//!     a schedule move at `next_round`, finished rounds' results on the next turn (kept in
+//!     memory meanwhile), the heartbeat at the next beat. So a turn lasts at most a few of
+//!     those waits, WATCHDOG=1 keeps going, and STATUS= says "database busy for N s".
+//!     `snapq status` takes a late heartbeat from a live snapq process for a busy foreman,
+//!     not a dead one.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -95,6 +108,21 @@ const SPIN: Duration = Duration::from_micros(100);
 
 /// The longest `gather_completions` waits, whatever a claim costs.
 const MAX_GATHER: Duration = Duration::from_millis(2);
+
+/// How long the loop waits before it tries again a write that found the database busy.
+const BUSY_RETRY: Duration = Duration::from_millis(200);
+
+/// The most finished monitor rounds kept in memory while the database cannot record them
+/// (a round a second for ~3 hours with one monitor; beyond it the oldest are dropped).
+const MAX_UNRECORDED: usize = 10_000;
+
+/// A finished round, its result made and waiting to be recorded.
+struct FinishedRound {
+    result: RoundResult,
+    /// What the round left for the next one.
+    state: serde_json::Value,
+    started_us: i64,
+}
 
 /// Everything `snapq run` needs, resolved and validated.
 #[derive(Debug, Clone)]
@@ -169,9 +197,9 @@ pub fn run_with_sink(
     }
     // Signals first: from here on SIGTERM is ours to handle, never the default death.
     let signals = SignalThread::start()?;
-    let conn = db::open(&config.db, config.synchronous)?;
+    let mut conn = db::open(&config.db, config.synchronous)?;
     db::set_and_verify(&conn, "cache_size", FOREMAN_CACHE_SIZE)?;
-    let books = db::open(&config.db, Synchronous::Normal)?;
+    let mut books = db::open(&config.db, Synchronous::Normal)?;
     db::set_and_verify(&books, "cache_size", FOREMAN_CACHE_SIZE)?;
     let _pid_file = config
         .pid_file
@@ -191,6 +219,11 @@ pub fn run_with_sink(
         params![pid, started_at, config.workers as i64],
     )
     .map_err(Error::sqlite("recording the foreman"))?;
+    // From here on the loop's writes give up on a held lock quickly and are retried on the
+    // loop's own schedule (invariant 11); the writes above may wait for it as long as any
+    // enqueuer does.
+    db::wait_briefly_when_busy(&mut conn)?;
+    db::wait_briefly_when_busy(&mut books)?;
 
     let telemetry = config
         .telemetry_dir
@@ -231,6 +264,9 @@ pub fn run_with_sink(
         last_read: Instant::now(),
         next_beat: Instant::now() + HEARTBEAT_INTERVAL,
         claim_cost: Duration::ZERO,
+        claim_failed: false,
+        fatal: None,
+        busy_since: None,
         totals: Totals::default(),
         // Monitors run in a long-lived foreman only; `--burst` is for tasks.
         monitors_maybe_due: !config.burst,
@@ -290,8 +326,9 @@ struct Foreman<'a> {
     /// fifth of the foreman's CPU with 1,000 monitors (BENCHMARKS.md).
     books: Connection,
     /// Rounds finished and not yet recorded: recorded together, in one transaction, once
-    /// the loop has taken every completion that arrived.
-    finished_rounds: Vec<(String, i64, RoundDone, Duration)>,
+    /// the loop has taken every completion that arrived. A transaction that fails (a busy
+    /// database) leaves them here for the next turn, up to `MAX_UNRECORDED`.
+    finished_rounds: Vec<FinishedRound>,
     pool: Option<Pool>,
     wake_rx: Receiver<()>,
     signal_rx: Receiver<i32>,
@@ -309,6 +346,14 @@ struct Foreman<'a> {
     next_beat: Instant,
     /// What a claim transaction costs lately; bounds `gather_completions`.
     claim_cost: Duration,
+    /// The last claim failed and is to be tried again at `next_due` (`--burst` must not
+    /// take that for an empty queue).
+    claim_failed: bool,
+    /// `--burst` gave up on the queue: returned once the running tasks end (exit 1).
+    fatal: Option<Error>,
+    /// Since when the database has refused this loop its write lock (another process
+    /// holds it), if it does now: said in STATUS= and in the log (invariant 11).
+    busy_since: Option<Instant>,
     totals: Totals,
     /// Whether a monitor round may be due: set by wake-ups (add, update, remove), by the
     /// next round's time, and by the safety re-read; cleared when the due rounds are read.
@@ -330,13 +375,49 @@ struct Foreman<'a> {
 impl Foreman<'_> {
     /// What `systemctl status` shows beside the unit.
     fn status_line(&self) -> String {
-        format!(
+        let mut line = format!(
             "{} of {} workers busy; {} tasks done, {} failed",
             self.running.len(),
             self.config.workers,
             self.totals.succeeded,
             self.totals.failed
-        )
+        );
+        if let Some(since) = self.busy_since {
+            line.push_str(&format!(
+                "; database busy for {} s (another process holds its write lock)",
+                since.elapsed().as_secs()
+            ));
+        }
+        line
+    }
+
+    /// A write of the loop went through: the database is not (or no longer) busy.
+    fn db_free(&mut self) {
+        if let Some(since) = self.busy_since.take() {
+            tracing::info!(
+                busy_s = round_ms(since.elapsed()) / 1e3,
+                "the database is free again"
+            );
+        }
+    }
+
+    /// A write of the loop failed with `e`; says so (a busy database once, until it is
+    /// free again) and returns how soon to try again.
+    fn db_failed(&mut self, what: &str, e: &Error) -> Duration {
+        if !e.is_busy() {
+            tracing::error!("{what} failed, retrying in 1 s: {e}");
+            return Duration::from_secs(1);
+        }
+        if self.busy_since.is_none() {
+            self.busy_since = Some(Instant::now());
+            tracing::warn!(
+                "the database is busy: another process holds its write lock (a long bulk \
+                 enqueue, a backup, sqlite3 in a transaction); {what} waits, the loop goes on \
+                 and tries again every {} ms",
+                BUSY_RETRY.as_millis()
+            );
+        }
+        BUSY_RETRY
     }
 
     fn run_loop(&mut self) -> Result<Stopped> {
@@ -344,11 +425,16 @@ impl Foreman<'_> {
             if self.monitors_maybe_due && self.running.len() < self.config.workers {
                 self.start_due_rounds()?;
             }
-            if self.maybe_due && self.running.len() < self.config.workers {
+            if self.maybe_due && self.fatal.is_none() && self.running.len() < self.config.workers {
                 self.claim_and_dispatch()?;
             }
-            if self.config.burst && !self.maybe_due && self.running.is_empty() {
-                return Ok(Stopped::Drained);
+            if self.config.burst && self.running.is_empty() {
+                if let Some(e) = self.fatal.take() {
+                    return Err(e);
+                }
+                if !self.maybe_due && !self.claim_failed {
+                    return Ok(Stopped::Drained);
+                }
             }
             if Instant::now() >= self.next_beat {
                 self.beat();
@@ -456,13 +542,26 @@ impl Foreman<'_> {
         // An exponentially weighted mean over the last ~8 claims.
         self.claim_cost = (self.claim_cost * 7 + started.elapsed().min(MAX_GATHER)) / 8;
         let claimed = match claimed {
-            Ok(claimed) => claimed,
+            Ok(claimed) => {
+                self.claim_failed = false;
+                self.db_free();
+                claimed
+            }
             Err(e) => {
                 // A busy or failing database: say so and try again shortly rather than die
-                // with tasks running.
-                tracing::error!("claiming tasks failed, retrying in 1 s: {e}");
+                // with tasks running. `--burst` gives up on a failure that is not a busy
+                // database at once, and on a busy one after `db::BUSY_TIMEOUT`, like an
+                // enqueuer would (exit 1).
+                let retry = self.db_failed("claiming tasks", &e);
                 self.maybe_due = false;
-                self.next_due = Some(now_micros() + 1_000_000);
+                self.claim_failed = true;
+                self.next_due = Some(now_micros() + micros_of(retry));
+                let busy_for = self.busy_since.map_or(Duration::ZERO, |t| t.elapsed());
+                if self.config.burst && (!e.is_busy() || busy_for >= db::BUSY_TIMEOUT) {
+                    self.fatal = Some(e);
+                    self.claim_failed = false;
+                    self.next_due = None;
+                }
                 return Ok(());
             }
         };
@@ -494,9 +593,31 @@ impl Foreman<'_> {
     fn finished(&mut self, done: Done) {
         self.running.remove(&done.key);
         match (done.key, done.outcome) {
-            (JobKey::Round(name, version), Outcome::Round(round)) => {
-                self.finished_rounds
-                    .push((name, version, *round, done.duration));
+            (JobKey::Round(name, version), Outcome::Round(done_round)) => {
+                let RoundDone {
+                    kind,
+                    round,
+                    started_us,
+                } = *done_round;
+                let (data, error) = match round.outcome {
+                    Ok(data) => (Some(data), None),
+                    Err(e) => (None, Some(e)),
+                };
+                let result = RoundResult {
+                    monitor: name,
+                    kind,
+                    version,
+                    ok: error.is_none(),
+                    started_at: format_micros(started_us),
+                    duration_ms: round_ms(done.duration),
+                    data,
+                    error,
+                };
+                self.finished_rounds.push(FinishedRound {
+                    result,
+                    state: round.state,
+                    started_us,
+                });
             }
             (_, Outcome::Succeeded) => self.totals.succeeded += 1,
             _ => self.totals.failed += 1,
@@ -525,35 +646,18 @@ impl Foreman<'_> {
             }
         };
         // Move every due row's schedule in one transaction, then start what may start.
-        let mut to_start = Vec::new();
-        {
-            let tx = self
-                .books
-                .unchecked_transaction()
-                .map_err(Error::sqlite("starting to schedule rounds"))?;
-            for row in due {
-                if to_start.len() == free {
-                    // More may be due: look again when a slot frees.
-                    self.monitors_maybe_due = true;
-                    break;
-                }
-                monitor::store::reschedule(&tx, &row, now)?;
-                if self
-                    .running
-                    .contains_key(&JobKey::Round(row.name.clone(), row.version))
-                {
-                    tracing::warn!(
-                        monitor = %row.name,
-                        interval_s = row.interval_us as f64 / 1e6,
-                        "the previous round is still running after a whole interval; skipping this one"
-                    );
-                    continue;
-                }
-                to_start.push(row);
+        let to_start = match self.take_rounds(due, free, now) {
+            Ok(to_start) => {
+                self.db_free();
+                to_start
             }
-            tx.commit()
-                .map_err(Error::sqlite("committing the schedule"))?;
-        }
+            Err(e) => {
+                // Nothing was moved, so nothing starts: the same rounds are due next time.
+                let retry = self.db_failed("scheduling monitor rounds", &e);
+                self.next_round = Some(now + micros_of(retry));
+                return Ok(());
+            }
+        };
         for row in to_start {
             let probe = match self.probe(&row) {
                 Ok(probe) => probe,
@@ -585,6 +689,48 @@ impl Foreman<'_> {
         Ok(())
     }
 
+    /// Moves the schedule of each due round this foreman may start now, in one
+    /// transaction, and returns those rounds. A round whose schedule another foreman on the
+    /// same database moved first is that foreman's to run (invariant 1 for monitors: one
+    /// round per tick, however many foremen).
+    fn take_rounds(
+        &mut self,
+        due: Vec<monitor::store::Due>,
+        free: usize,
+        now: i64,
+    ) -> Result<Vec<monitor::store::Due>> {
+        let mut to_start = Vec::new();
+        let tx = self
+            .books
+            .unchecked_transaction()
+            .map_err(Error::sqlite("starting to schedule rounds"))?;
+        for row in due {
+            if to_start.len() == free {
+                // More may be due: look again when a slot frees.
+                self.monitors_maybe_due = true;
+                break;
+            }
+            if !monitor::store::reschedule(&tx, &row, now)? {
+                continue;
+            }
+            if self
+                .running
+                .contains_key(&JobKey::Round(row.name.clone(), row.version))
+            {
+                tracing::warn!(
+                    monitor = %row.name,
+                    interval_s = row.interval_us as f64 / 1e6,
+                    "the previous round is still running after a whole interval; skipping this one"
+                );
+                continue;
+            }
+            to_start.push(row);
+        }
+        tx.commit()
+            .map_err(Error::sqlite("committing the schedule"))?;
+        Ok(to_start)
+    }
+
     /// The validated config of a due monitor, from the cache when its version is current.
     fn probe(&mut self, row: &monitor::store::Due) -> Result<Arc<dyn Probe>, String> {
         if let Some((version, probe)) = self.probes.get(&row.name) {
@@ -604,48 +750,48 @@ impl Foreman<'_> {
 
     /// Records the finished rounds' results and hands them to the sink, in one
     /// transaction; a result whose monitor was updated or removed meanwhile is discarded.
+    /// If the transaction fails (a busy database) the results wait for the next turn.
     fn record_rounds(&mut self) {
         if self.finished_rounds.is_empty() {
             return;
         }
-        let finished = std::mem::take(&mut self.finished_rounds);
-        if let Err(e) = self.try_record_rounds(finished) {
-            tracing::error!("recording monitor rounds failed: {e}");
+        match self.try_record_rounds() {
+            Ok(()) => {
+                self.finished_rounds.clear();
+                self.db_free();
+            }
+            Err(e) => {
+                self.sink.rolled_back();
+                self.db_failed("recording monitor results", &e);
+                let excess = self.finished_rounds.len().saturating_sub(MAX_UNRECORDED);
+                if excess > 0 {
+                    tracing::error!(
+                        dropped = excess,
+                        "dropping the oldest unrecorded monitor results: more than \
+                         {MAX_UNRECORDED} wait for the database"
+                    );
+                    self.finished_rounds.drain(..excess);
+                }
+            }
         }
     }
 
-    fn try_record_rounds(
-        &mut self,
-        finished: Vec<(String, i64, RoundDone, Duration)>,
-    ) -> Result<()> {
+    fn try_record_rounds(&mut self) -> Result<()> {
         let tx = self
             .books
             .transaction()
             .map_err(Error::sqlite("starting to record rounds"))?;
         let mut discarded = Vec::new();
         let mut recorded = Vec::new();
-        for (name, version, done, duration) in finished {
-            let (data, error) = match done.round.outcome {
-                Ok(data) => (Some(data), None),
-                Err(e) => (None, Some(e)),
-            };
-            let result = RoundResult {
-                monitor: name,
-                kind: done.kind,
-                version,
-                ok: error.is_none(),
-                started_at: format_micros(done.started_us),
-                duration_ms: round_ms(duration),
-                data,
-                error,
-            };
-            if monitor::store::record(&tx, &result, &done.round.state, done.started_us)? {
-                self.sink.stage(&tx, &result)?;
+        for finished in &self.finished_rounds {
+            let result = &finished.result;
+            if monitor::store::record(&tx, result, &finished.state, finished.started_us)? {
+                self.sink.stage(&tx, result)?;
                 if self.live.is_some() {
-                    recorded.push(result);
+                    recorded.push(result.clone());
                 }
             } else {
-                discarded.push((result.monitor, version));
+                discarded.push((result.monitor.clone(), result.version));
             }
         }
         tx.commit()
@@ -687,8 +833,11 @@ impl Foreman<'_> {
                     std::process::id()
                 ])
             });
-        if let Err(e) = result {
-            tracing::warn!("could not write the heartbeat: {e}");
+        match result {
+            Ok(_) => self.db_free(),
+            Err(e) => {
+                self.db_failed("writing the heartbeat", &Error::sqlite("heartbeat")(e));
+            }
         }
         self.publish_queue_figures();
     }

@@ -267,7 +267,12 @@ fn work(jobs: &Receiver<Job>, shared: &Shared) {
 
 fn run_one<'a>(task: &Claimed, shared: &'a Shared, slot: &mut Slot<'a>) -> Outcome {
     let registry = &shared.registry;
+    if let Some(problem) = &task.unreadable {
+        slot.name = Some(Arc::from(task.task_name.as_str()));
+        return Outcome::Rejected(problem.clone());
+    }
     let Some(entry) = registry.entry(&task.task_name) else {
+        slot.name = Some(Arc::from(task.task_name.as_str()));
         return Outcome::Rejected(format!(
             "unknown task {:?}; this foreman knows: {}",
             task.task_name,

@@ -9,6 +9,7 @@ use std::io::BufRead;
 use std::path::Path;
 use std::time::Duration;
 
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Deserialize;
 use serde_json::Value;
@@ -317,6 +318,10 @@ pub struct Claimed {
     pub created_at: i64,
     /// When it became due: `run_at`, or `created_at` if that is NULL.
     pub due: i64,
+    /// Why the row cannot run as its writer wrote it (text that is not UTF-8, a time that
+    /// is not a number), if so. The worker rejects such a task (invariant 7); the other rows
+    /// claimed with it run as usual.
+    pub unreadable: Option<String>,
 }
 
 /// Claims up to `limit` due tasks, oldest due first, deleting them in the same statement
@@ -324,51 +329,160 @@ pub struct Claimed {
 /// when this returns, before any of them runs (invariant 1). Public for the benchmark that
 /// measures the raw claim rate; in a running system only the foreman loop claims
 /// (invariant 8).
+///
+/// Rows written by other programs are read as SQLite's type affinity allows: a REAL time
+/// is a time, a BLOB holding UTF-8 is text. A row that cannot be read still comes back,
+/// with `unreadable` saying why, so that it is rejected on its own: the statement deleted
+/// every row it returns at its first step, so a row that failed the whole claim would take
+/// the good rows of its batch with it. Rows whose due time is text or a BLOB never compare
+/// as due; when a claim comes back short, those are claimed too (as unreadable).
 #[doc(hidden)]
 pub fn claim(conn: &Connection, now: i64, limit: usize) -> Result<Vec<Claimed>> {
     // MEASUREMENTS.md: the `id = (SELECT …)` form claims one row ~4x faster than the
     // `id IN (SELECT … LIMIT ?)` form; batches amortise either.
     let sql = if limit == 1 { CLAIM_ONE } else { CLAIM_MANY };
+    let mut claimed = claim_with(conn, sql, params![now, limit as i64])?;
+    if claimed.len() < limit && has_undated(conn)? {
+        let rest = (limit - claimed.len()) as i64;
+        claimed.extend(claim_with(conn, CLAIM_UNDATED, params![rest])?);
+    }
+    Ok(claimed)
+}
+
+fn claim_with(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<Claimed>> {
     let mut stmt = conn
         .prepare_cached(sql)
         .map_err(Error::sqlite("preparing the claim"))?;
     let rows = stmt
-        .query_map(params![now, limit as i64], |r| {
-            Ok(Claimed {
-                id: r.get(0)?,
-                task_name: r.get(1)?,
-                args: r.get(2)?,
-                kwargs: r.get(3)?,
-                created_at: r.get(4)?,
-                due: r.get(5)?,
-            })
-        })
+        .query_map(params, read_claimed)
         .map_err(Error::sqlite("claiming tasks"))?;
-    // Collecting steps the statement to its end, which commits it.
+    // Collecting steps the statement to its end, which commits it. `read_claimed` fails
+    // only if SQLite does, never on a row's contents.
     rows.collect::<rusqlite::Result<Vec<_>>>()
         .map_err(Error::sqlite("claiming tasks"))
+}
+
+/// Whether any row has a due time that is not a number (text or a BLOB sorts after every
+/// number, so this is one seek at the end of the `tasks_due` index).
+fn has_undated(conn: &Connection) -> Result<bool> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT EXISTS (SELECT 1 FROM tasks WHERE {DUE} >= '')"
+        ))
+        .map_err(Error::sqlite("preparing the undated-row check"))?;
+    stmt.query_row([], |r| r.get(0)).map_err(Error::sqlite(
+        "looking for rows with a due time that is not a number",
+    ))
+}
+
+/// One claimed row, whatever its writer put in it (see `claim`).
+fn read_claimed(r: &rusqlite::Row) -> rusqlite::Result<Claimed> {
+    let mut problems = Vec::new();
+    let id = r.get(0)?;
+    let task_name = read_text(r.get_ref(1)?, "task_name", &mut problems);
+    let args = read_text(r.get_ref(2)?, "args", &mut problems);
+    let kwargs = read_text(r.get_ref(3)?, "kwargs", &mut problems);
+    let created_at = read_time(r.get_ref(4)?, "created_at", &mut problems).unwrap_or(0);
+    let due = read_time(r.get_ref(5)?, "run_at", &mut problems).unwrap_or(created_at);
+    Ok(Claimed {
+        id,
+        task_name,
+        args,
+        kwargs,
+        created_at,
+        due,
+        unreadable: (!problems.is_empty()).then(|| {
+            format!(
+                "the row cannot be read: {}; writers must store text as UTF-8 and times as \
+                 integer Unix microseconds (README, \"Enqueueing without snapq\")",
+                problems.join("; ")
+            )
+        }),
+    })
+}
+
+/// A text column: TEXT, or a BLOB holding UTF-8. Anything else is a problem (and reads as
+/// its lossy text, so that the log can still name the task).
+fn read_text(value: ValueRef, column: &str, problems: &mut Vec<String>) -> String {
+    match value {
+        ValueRef::Text(bytes) | ValueRef::Blob(bytes) => match std::str::from_utf8(bytes) {
+            Ok(text) => text.to_owned(),
+            Err(e) => {
+                problems.push(format!("{column} is not UTF-8 ({e})"));
+                String::from_utf8_lossy(bytes).into_owned()
+            }
+        },
+        ValueRef::Integer(i) => i.to_string(),
+        ValueRef::Real(f) => f.to_string(),
+        ValueRef::Null => {
+            problems.push(format!("{column} is NULL"));
+            String::new()
+        }
+    }
+}
+
+/// A time column in Unix microseconds: an INTEGER, or a REAL (truncated). `None` for NULL
+/// and for what is not a number (then a problem).
+fn read_time(value: ValueRef, column: &str, problems: &mut Vec<String>) -> Option<i64> {
+    match value {
+        ValueRef::Integer(t) => Some(t),
+        ValueRef::Real(t) if t.is_finite() => Some(t as i64),
+        ValueRef::Null => None,
+        ValueRef::Real(t) => {
+            problems.push(format!("{column} is {t}"));
+            None
+        }
+        ValueRef::Text(bytes) => {
+            problems.push(format!(
+                "{column} is the text {:?}, not a number",
+                String::from_utf8_lossy(bytes)
+            ));
+            None
+        }
+        ValueRef::Blob(bytes) => {
+            problems.push(format!("{column} is a BLOB of {} bytes", bytes.len()));
+            None
+        }
+    }
 }
 
 const CLAIM_ONE: &str = "DELETE FROM tasks WHERE id = (SELECT id FROM tasks \
      WHERE coalesce(run_at, created_at) <= ?1 \
      ORDER BY coalesce(run_at, created_at), id LIMIT ?2) \
-     RETURNING id, task_name, args, kwargs, created_at, coalesce(run_at, created_at)";
+     RETURNING id, task_name, args, kwargs, created_at, run_at";
 
 const CLAIM_MANY: &str = "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks \
      WHERE coalesce(run_at, created_at) <= ?1 \
      ORDER BY coalesce(run_at, created_at), id LIMIT ?2) \
-     RETURNING id, task_name, args, kwargs, created_at, coalesce(run_at, created_at)";
+     RETURNING id, task_name, args, kwargs, created_at, run_at";
 
-/// The due time of the next task, if any (Unix microseconds).
+/// Rows whose due time is text or a BLOB (see `has_undated`).
+const CLAIM_UNDATED: &str = "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks \
+     WHERE coalesce(run_at, created_at) >= '' \
+     ORDER BY coalesce(run_at, created_at), id LIMIT ?1) \
+     RETURNING id, task_name, args, kwargs, created_at, run_at";
+
+/// The due time of the next task, if any (Unix microseconds). A row whose due time is not
+/// a number counts as due now: the next claim takes it (as unreadable).
 pub(crate) fn next_due(conn: &Connection) -> Result<Option<i64>> {
     let mut stmt = conn
         .prepare_cached(&format!(
             "SELECT {DUE} FROM tasks ORDER BY {DUE}, id LIMIT 1"
         ))
         .map_err(Error::sqlite("preparing the next-due query"))?;
-    stmt.query_row([], |r| r.get(0))
+    stmt.query_row([], |r| Ok(due_time(r.get_ref(0)?).unwrap_or(i64::MIN)))
         .optional()
         .map_err(Error::sqlite("reading the next due time"))
+}
+
+/// A due time as the queries above return it: a number (a REAL one truncated), or `None`
+/// for text or a BLOB, which only sorts first when no row has a number.
+fn due_time(value: ValueRef) -> Option<i64> {
+    match value {
+        ValueRef::Integer(t) => Some(t),
+        ValueRef::Real(t) => Some(t as i64),
+        _ => None,
+    }
 }
 
 /// Tasks due now, counted up to `cap` rows (a bounded cost for periodic samples).
@@ -393,20 +507,21 @@ pub struct Counts {
     pub next_delayed: Option<i64>,
 }
 
+/// Rows whose due time is not a number count as due: the next claim takes them.
 pub fn counts(conn: &Connection, now: i64) -> Result<Counts> {
     let q = format!(
-        "SELECT (SELECT count(*) FROM tasks WHERE {DUE} <= ?1), \
-                (SELECT count(*) FROM tasks WHERE {DUE} > ?1), \
+        "SELECT (SELECT count(*) FROM tasks WHERE {DUE} <= ?1) \
+                + (SELECT count(*) FROM tasks WHERE {DUE} >= ''), \
+                (SELECT count(*) FROM tasks WHERE {DUE} > ?1 AND {DUE} < ''), \
                 (SELECT {DUE} FROM tasks ORDER BY {DUE}, id LIMIT 1), \
-                (SELECT {DUE} FROM tasks WHERE {DUE} > ?1 ORDER BY {DUE}, id LIMIT 1)"
+                (SELECT {DUE} FROM tasks WHERE {DUE} > ?1 AND {DUE} < '' ORDER BY {DUE}, id LIMIT 1)"
     );
     conn.query_row(&q, [now], |r| {
-        let oldest: Option<i64> = r.get(2)?;
         Ok(Counts {
             due: r.get(0)?,
             delayed: r.get(1)?,
-            oldest_due: oldest.filter(|&t| t <= now),
-            next_delayed: r.get(3)?,
+            oldest_due: due_time(r.get_ref(2)?).filter(|&t| t <= now),
+            next_delayed: due_time(r.get_ref(3)?),
         })
     })
     .map_err(Error::sqlite("counting tasks"))

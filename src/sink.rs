@@ -19,6 +19,9 @@ pub trait Sink: Send {
     fn stage(&mut self, tx: &Transaction<'_>, result: &RoundResult) -> Result<()>;
     /// The transaction committed: deliver what was staged.
     fn committed(&mut self) -> Result<()>;
+    /// The transaction failed and was rolled back: forget what was staged (the same
+    /// results are staged again when it is retried).
+    fn rolled_back(&mut self);
 }
 
 /// `results.jsonl`: one JSON object a line, appended.
@@ -90,6 +93,10 @@ impl Sink for FileSink {
         self.pending.push_str(&line);
         self.pending.push('\n');
         Ok(())
+    }
+
+    fn rolled_back(&mut self) {
+        self.pending.clear();
     }
 
     fn committed(&mut self) -> Result<()> {

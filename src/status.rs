@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::clock::{format_micros, now_micros};
 use crate::error::{Error, Result};
-use crate::pidfile::process_exists;
+use crate::pidfile::{is_snapq_process, process_exists};
 use crate::queue;
 
 /// A heartbeat older than this means the foreman is gone (it beats every second).
@@ -70,8 +70,17 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
     for row in rows {
         let (pid, started_at, beat_at, workers, running) =
             row.map_err(Error::sqlite("reading foremen"))?;
-        let alive =
-            now - beat_at < STALE_AFTER_MICROS && i32::try_from(pid).is_ok_and(process_exists);
+        // A late heartbeat with the process still there is a foreman whose database is
+        // busy (its heartbeat write waits for the lock; invariant 11), not a dead one: it
+        // counts as alive if that pid is a snapq process other than this one.
+        let fresh = now - beat_at < STALE_AFTER_MICROS;
+        let alive = i32::try_from(pid).is_ok_and(|pid| {
+            if fresh {
+                process_exists(pid)
+            } else {
+                pid as u32 != std::process::id() && is_snapq_process(pid)
+            }
+        });
         if alive {
             foremen.push(ForemanStatus {
                 alive,
@@ -127,10 +136,18 @@ impl Status {
     pub fn render(&self) -> String {
         let mut out = String::new();
         match &self.foreman {
-            Some(f) => out.push_str(&format!(
-                "foreman: running (pid {}, {} workers, up {:.0} s, last heartbeat {:.1} s ago)\n",
-                f.pid, f.workers, f.uptime_seconds, f.last_beat_age_seconds
-            )),
+            Some(f) => {
+                out.push_str(&format!(
+                    "foreman: running (pid {}, {} workers, up {:.0} s, last heartbeat {:.1} s ago)\n",
+                    f.pid, f.workers, f.uptime_seconds, f.last_beat_age_seconds
+                ));
+                if f.last_beat_age_seconds * 1e6 >= STALE_AFTER_MICROS as f64 {
+                    out.push_str(
+                        "  its heartbeat is late: the database is busy (another process holds \
+                         its write lock) or the foreman is stuck\n",
+                    );
+                }
+            }
             None => out.push_str("foreman: not running (start it with `snapq run`)\n"),
         }
         for other in self.foremen.iter().skip(1) {

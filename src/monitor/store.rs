@@ -73,7 +73,9 @@ pub fn check_new(kind_name: &str, name: &str, config: &Value, interval: Duration
     check_interval(interval)
 }
 
-/// Validates and stores a new monitor, due now.
+/// Validates and stores a new monitor, due now. Its version follows the last one of a
+/// removed monitor of the same name, if any: it is a new monitor, never mistaken for that
+/// one.
 pub fn add(
     conn: &Connection,
     kind_name: &str,
@@ -85,8 +87,10 @@ pub fn add(
     let now = now_micros();
     let inserted = conn
         .execute(
-            "INSERT INTO monitors (name, kind, config, interval_us, next_due, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5) ON CONFLICT (name) DO NOTHING",
+            "INSERT INTO monitors (name, kind, config, interval_us, next_due, created_at, updated_at, \
+             version) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5, \
+             1 + coalesce((SELECT version FROM monitor_retired WHERE name = ?1), 0)) \
+             ON CONFLICT (name) DO NOTHING",
             params![name, kind_name, config.to_string(), interval_us, now],
         )
         .map_err(Error::sqlite("adding the monitor"))?;
@@ -164,15 +168,26 @@ fn unknown(name: &str) -> Error {
     )
 }
 
-/// Deletes a monitor; a round still running has its result discarded.
-pub fn remove(conn: &Connection, name: &str) -> Result<()> {
-    let deleted = conn
-        .execute("DELETE FROM monitors WHERE name = ?1", [name])
+/// Deletes a monitor, remembering its version for a monitor added later under the same
+/// name; a round still running has its result discarded.
+pub fn remove(conn: &mut Connection, name: &str) -> Result<()> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(Error::sqlite("starting to remove the monitor"))?;
+    let retired = tx
+        .execute(
+            "INSERT INTO monitor_retired (name, version) \
+             SELECT name, version FROM monitors WHERE name = ?1 \
+             ON CONFLICT (name) DO UPDATE SET version = excluded.version",
+            [name],
+        )
         .map_err(Error::sqlite("removing the monitor"))?;
-    if deleted == 0 {
+    if retired == 0 {
         return Err(unknown(name));
     }
-    Ok(())
+    tx.execute("DELETE FROM monitors WHERE name = ?1", [name])
+        .map_err(Error::sqlite("removing the monitor"))?;
+    tx.commit().map_err(Error::sqlite("committing the removal"))
 }
 
 const INFO_COLUMNS: &str = "name, kind, config, interval_us, version, enabled, next_due, last_ok, \
@@ -260,15 +275,21 @@ pub(crate) fn due(conn: &Connection, now: i64, limit: usize) -> Result<Vec<Due>>
 
 /// Moves a monitor's next round: one interval after the round just due, or one interval
 /// from now if the schedule fell further behind (missed rounds are skipped, not queued).
-pub(crate) fn reschedule(conn: &Connection, due: &Due, now: i64) -> Result<i64> {
+/// Returns false, moving nothing, if the row no longer holds the schedule that `due` read:
+/// another foreman on the same database took this round first, or the monitor was updated
+/// or removed since.
+pub(crate) fn reschedule(conn: &Connection, due: &Due, now: i64) -> Result<bool> {
     let mut next = due.next_due.saturating_add(due.interval_us);
     if next <= now {
         next = now.saturating_add(due.interval_us);
     }
-    conn.prepare_cached("UPDATE monitors SET next_due = ?2 WHERE name = ?1 AND version = ?3")
-        .and_then(|mut s| s.execute(params![due.name, next, due.version]))
+    let moved = conn
+        .prepare_cached(
+            "UPDATE monitors SET next_due = ?2 WHERE name = ?1 AND version = ?3 AND next_due = ?4",
+        )
+        .and_then(|mut s| s.execute(params![due.name, next, due.version, due.next_due]))
         .map_err(Error::sqlite("rescheduling the monitor"))?;
-    Ok(next)
+    Ok(moved == 1)
 }
 
 /// The earliest next round of an enabled monitor.

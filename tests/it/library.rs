@@ -88,8 +88,9 @@ fn a_program_runs_its_own_tasks() {
         .args(["run", "--burst", "--log-format", "json"])
         .output()
         .unwrap();
-    assert!(burst.status.success());
     let log = String::from_utf8_lossy(&burst.stderr);
+    // A rejected task did not succeed: `--burst` says so with exit 3 (SPEC).
+    assert_eq!(burst.status.code(), Some(3), "{log}");
     assert!(
         log.contains("task rejected and deleted, not retried"),
         "{log}"

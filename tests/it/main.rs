@@ -4,7 +4,9 @@
 
 mod amqp;
 mod bad_input;
+mod bad_rows;
 mod browser;
+mod burst;
 mod delay;
 mod drain;
 mod fake_http;

@@ -433,3 +433,71 @@ fn bad_monitor_configs_exit_2_name_the_field_and_store_nothing() {
     let shown: Value = serde_json::from_str(&home.ok(&["monitor", "show", "s"])).unwrap();
     assert_eq!(shown["version"], 1, "a refused update changed the monitor");
 }
+
+/// Issue 13, item 4: two foremen on one database (here one home, no pid file) start each
+/// round once between them: the move of a round's schedule is claimed like a task.
+#[test]
+fn two_foremen_on_one_database_start_each_round_once() {
+    let home = Home::new();
+    let server = FakeServer::start(Mode::Text("up 1\n".into()));
+    let _a = home.start(&["--no-pid-file"]);
+    let _b = home.start(&["--no-pid-file"]);
+    let added = Instant::now();
+    add(&home, "http", "once", json!({"url": server.url()}), "0.25");
+    std::thread::sleep(Duration::from_secs(4));
+    let hits = server.hits();
+    let ticks = added.elapsed().as_secs_f64() / 0.25;
+    // One round a tick, plus one for the first round at once; two foremen each starting
+    // every round would make twice as many.
+    assert!(
+        (hits as f64) <= ticks + 1.0,
+        "{hits} rounds in {ticks:.1} ticks: rounds were started twice"
+    );
+    assert!(
+        (hits as f64) >= ticks / 2.0,
+        "only {hits} rounds in {ticks:.1} ticks"
+    );
+    assert_eq!(results(&home, "once").len(), hits);
+}
+
+/// Issue 13, item 20: a monitor removed and added again under the same name within a round
+/// is a new monitor: its rounds use the new config at once, and a round of the old one
+/// still running is discarded.
+#[test]
+fn a_monitor_removed_and_added_again_is_a_new_monitor() {
+    let home = Home::new();
+    let silent = FakeServer::start(Mode::Silent);
+    let fast = FakeServer::start(Mode::Text("up 1\n".into()));
+    let foreman = home.start(&[]);
+    add(
+        &home,
+        "http",
+        "m",
+        json!({"url": silent.url(), "timeout": 1.5}),
+        "0.2",
+    );
+    assert!(wait_until(Duration::from_secs(5), || silent.hits() >= 1));
+    home.ok(&["monitor", "remove", "m"]);
+    add(&home, "http", "m", json!({"url": fast.url()}), "0.2");
+    let shown: Value = serde_json::from_str(&home.ok(&["monitor", "show", "m"])).unwrap();
+    assert_eq!(shown["version"], 2, "{shown}");
+    let first = wait_result(&home, "m", 0, Duration::from_secs(1), |_| true)
+        .unwrap_or_else(|| panic!("no round of the new monitor:\n{}", foreman.log_text()));
+    assert_eq!(first["version"], 2);
+    assert_eq!(first["data"]["url"], fast.url(), "{first}");
+    // The old round's timeout passes: its result is discarded, and no later round goes to
+    // the old URL.
+    std::thread::sleep(Duration::from_millis(2000));
+    let old_hits = silent.hits();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(silent.hits(), old_hits, "rounds still go to the old URL");
+    for r in results(&home, "m") {
+        assert_eq!(r["version"], 2, "a result of the removed monitor: {r}");
+        assert_eq!(r["data"]["url"], fast.url(), "{r}");
+    }
+    assert!(
+        foreman.has_log("discarded the result"),
+        "{}",
+        foreman.log_text()
+    );
+}
