@@ -451,7 +451,7 @@ fn monitor_command(paths: &Paths, synchronous: Synchronous, command: MonitorComm
             store::check_new(&kind, &name, &config, interval)?;
             let (conn, wake) = writer()?;
             store::add(&conn, &kind, &name, &config, interval)?;
-            wake.wake()?;
+            wake.wake_after_commit("the monitor is");
             print(&format!("added {kind} monitor {name:?}\n"))
         }
         MonitorCommand::Update {
@@ -468,13 +468,13 @@ fn monitor_command(paths: &Paths, synchronous: Synchronous, command: MonitorComm
             let config = config.as_deref().map(parse_config).transpose()?;
             let (mut conn, wake) = writer()?;
             let version = store::update(&mut conn, &name, config.as_ref(), interval)?;
-            wake.wake()?;
+            wake.wake_after_commit("the update is");
             print(&format!("updated monitor {name:?} to version {version}\n"))
         }
         MonitorCommand::Remove { name } => {
             let (mut conn, wake) = writer()?;
             store::remove(&mut conn, &name)?;
-            wake.wake()?;
+            wake.wake_after_commit("the removal is");
             print(&format!("removed monitor {name:?}\n"))
         }
         MonitorCommand::List { json } => {

@@ -171,7 +171,7 @@ impl Enqueuer {
                 .insert(params![row.task, row.args, row.kwargs, now, row.run_at])
                 .map_err(Error::sqlite("inserting the task"))?
         };
-        self.wake.wake()?;
+        self.wake.wake_after_commit("the task is");
         Ok(id)
     }
 
@@ -236,7 +236,11 @@ impl Enqueuer {
         }
         tx.commit()
             .map_err(Error::sqlite("committing the enqueue"))?;
-        self.wake.wake()?;
+        self.wake.wake_after_commit(if rows.len() == 1 {
+            "the task is"
+        } else {
+            "the tasks are"
+        });
         Ok(rows.len())
     }
 }

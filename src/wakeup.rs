@@ -89,6 +89,22 @@ impl WakeDir {
     }
 }
 
+impl WakeDir {
+    /// `wake`, after a commit: what was committed stays committed whatever happens here, so
+    /// a failure is a warning on stderr, never an error. A command that reported a stored
+    /// task as failed would have it stored (and run) again by a script that retries on
+    /// failure. `what` says what was stored ("the task is").
+    pub fn wake_after_commit(&self, what: &str) {
+        if let Err(e) = self.wake() {
+            tracing::warn!(
+                "{what} stored, but the foreman was not woken ({e}); it will see the change \
+                 within its 5 s safety re-read. Check the wake-up directory (free space and \
+                 inodes, permissions)"
+            );
+        }
+    }
+}
+
 /// The reader's side: an inotify watch on the directory that posts wake tokens.
 pub struct Watch {
     /// Dropping the watcher stops its thread and closes the inotify descriptor.

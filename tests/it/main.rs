@@ -9,6 +9,7 @@ mod browser;
 mod burst;
 mod delay;
 mod drain;
+mod enqueue_faults;
 mod fake_http;
 mod library;
 mod live;
