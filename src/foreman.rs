@@ -27,7 +27,9 @@
 //!    that first claim or followed by an event. The inotify thread removes a wake file
 //!    before it posts a token and the loop claims after taking the token. When no token
 //!    comes the loop still re-reads the queue every `safety_interval` (5 s): a writer that
-//!    forgot the file, or a lost event, costs at most that.
+//!    forgot the file, or a lost event, costs at most that. If the directory itself is
+//!    removed (inotify says so, and the safety re-read checks its inode), the loop makes
+//!    it again, arms the watch on the new one and re-reads the queue (`check_watch`).
 //! 6. **Bounded threads.** `--workers` pool threads, started once, plus the inotify thread,
 //!    the signal thread, the telemetry thread (unless `--no-telemetry`) and this one:
 //!    `workers + 4`, whatever the number of tasks or monitor rounds (monitors resolve host
@@ -67,7 +69,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, bounded, select, unbounded};
 use rusqlite::{Connection, params};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
 
 use crate::clock::now_micros;
@@ -153,7 +155,7 @@ pub struct ForemanConfig {
 enum Event {
     /// A wake-up token: rows may have been committed.
     Wake,
-    /// SIGTERM or SIGINT.
+    /// SIGTERM or SIGINT (stop), or SIGHUP (reload).
     Signal(i32),
     /// A worker finished a task.
     Done(Done),
@@ -274,6 +276,7 @@ pub fn run_with_sink(
         probes: HashMap::new(),
         sink,
         notifier: Notifier::from_env(),
+        watch,
         telemetry: telemetry.as_ref().map(|t| Arc::clone(t.telemetry())),
         live: live.as_ref().map(Live::publisher),
     };
@@ -302,7 +305,6 @@ pub fn run_with_sink(
     if let Some(live) = live {
         live.stop();
     }
-    drop(watch);
     drop(signals);
     let stopped = result?;
     tracing::info!(
@@ -366,6 +368,8 @@ struct Foreman<'a> {
     sink: Box<dyn Sink>,
     /// systemd's notify socket, if any: READY, STATUS, STOPPING, WATCHDOG.
     notifier: Notifier,
+    /// The inotify watch on the wake-up directory; armed again if the directory goes.
+    watch: Watch,
     /// Where the heartbeat publishes the queue figures for the runtime sample.
     telemetry: Option<Arc<Telemetry>>,
     /// The live view's event queue: recorded monitor results go there.
@@ -444,7 +448,11 @@ impl Foreman<'_> {
                 Event::Wake => {
                     self.maybe_due = true;
                     self.monitors_maybe_due = !self.config.burst;
+                    if self.watch.saw_it_go() {
+                        self.check_watch();
+                    }
                 }
+                Event::Signal(SIGHUP) => self.reload(),
                 Event::Done(done) => {
                     self.finished(done);
                     if self.maybe_due {
@@ -455,6 +463,9 @@ impl Foreman<'_> {
                 Event::Timeout => {
                     let now = now_micros();
                     let safety = self.last_read.elapsed() >= self.config.safety_interval;
+                    if safety {
+                        self.check_watch();
+                    }
                     if safety || self.next_due.is_some_and(|t| t <= now) {
                         self.maybe_due = true;
                     }
@@ -470,6 +481,38 @@ impl Foreman<'_> {
             }
             self.record_rounds();
         }
+    }
+
+    /// Arms the wake-up watch again if its directory was removed (issue 13, item 6); the
+    /// wake-ups lost meanwhile are made up by reading the queue and monitors now.
+    fn check_watch(&mut self) {
+        match self.watch.rearm_if_gone() {
+            Ok(false) => {}
+            Ok(true) => {
+                self.maybe_due = true;
+                self.monitors_maybe_due = !self.config.burst;
+            }
+            Err(e) => tracing::error!(
+                "the wake-up directory is gone and cannot be watched again ({e}); \
+                 reading the queue every {:.0} s until it can",
+                self.config.safety_interval.as_secs_f64()
+            ),
+        }
+    }
+
+    /// SIGHUP (`systemctl reload`): reloads what can change under a running foreman and
+    /// never stops the loop. Monitor configs are validated again from the database, the
+    /// wake-up watch is checked, and the queue and monitors are read again. The log filter
+    /// (RUST_LOG) is read at start only: change it with a restart.
+    fn reload(&mut self) {
+        self.probes.clear();
+        self.check_watch();
+        self.maybe_due = true;
+        self.monitors_maybe_due = !self.config.burst;
+        tracing::info!(
+            "SIGHUP: reloaded (monitor configs checked again, wake-up watch checked, queue \
+             read again); the foreman goes on"
+        );
     }
 
     /// When the loop must wake up even if no event comes.
@@ -892,7 +935,10 @@ impl Foreman<'_> {
                     }
                     Err(_) => return Err(Error::Runtime("every worker thread died".into())),
                 },
-                recv(self.signal_rx) -> _ => return Ok(self.abandon("a second signal came")),
+                recv(self.signal_rx) -> signal => match signal {
+                    Ok(SIGHUP) => self.reload(),
+                    _ => return Ok(self.abandon("a second signal came")),
+                },
                 default(wait) => {}
             }
         }
@@ -934,7 +980,7 @@ struct SignalThread {
 
 impl SignalThread {
     fn start() -> Result<SignalThread> {
-        let mut signals = Signals::new([SIGTERM, SIGINT])
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
             .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;
         let handle = signals.handle();
         // Unbounded, but it carries one message per signal received.

@@ -17,7 +17,10 @@
 
 use std::fs::OpenOptions;
 use std::io::ErrorKind;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use notify::event::{EventKind, ModifyKind};
@@ -108,8 +111,15 @@ impl WakeDir {
 /// The reader's side: an inotify watch on the directory that posts wake tokens.
 pub struct Watch {
     /// Dropping the watcher stops its thread and closes the inotify descriptor.
-    _watcher: notify::RecommendedWatcher,
+    watcher: notify::RecommendedWatcher,
     path: PathBuf,
+    /// The directory the watch is on, as (device, inode): a directory removed and made
+    /// again under the same path is another one, and the watch is not on it.
+    armed_on: (u64, u64),
+    /// Set by the inotify thread when the watched directory itself is removed or moved
+    /// away; taken by the foreman loop, which then arms the watch again (`rearm_if_gone`).
+    /// A hint only (Relaxed): the loop also checks at every safety re-read.
+    gone: Arc<AtomicBool>,
 }
 
 impl Watch {
@@ -120,21 +130,18 @@ impl Watch {
         // Capacity one: a token in the channel stands for "a drain is owed"; more would
         // only repeat it.
         let (tx, rx) = bounded::<()>(1);
-        let mut watcher = notify::recommended_watcher(move |event| on_event(&tx, event))
-            .map_err(|e| Error::Runtime(format!("cannot start inotify: {e}")))?;
-        watcher
-            .watch(dir, RecursiveMode::NonRecursive)
-            .map_err(|e| {
-                Error::Runtime(format!(
-                    "cannot watch {} with inotify ({e}); if the limit of watches is reached, \
-                     raise fs.inotify.max_user_watches",
-                    dir.display()
-                ))
-            })?;
+        let gone = Arc::new(AtomicBool::new(false));
+        let (watched, flag) = (dir.to_owned(), Arc::clone(&gone));
+        let mut watcher =
+            notify::recommended_watcher(move |event| on_event(&tx, &watched, &flag, event))
+                .map_err(|e| Error::Runtime(format!("cannot start inotify: {e}")))?;
+        let armed_on = arm(&mut watcher, dir)?;
         Ok((
             Watch {
-                _watcher: watcher,
+                watcher,
                 path: dir.to_owned(),
+                armed_on,
+                gone,
             },
             rx,
         ))
@@ -154,9 +161,73 @@ impl Watch {
         }
         Ok(removed)
     }
+
+    /// Whether the inotify thread saw the directory go since the last call.
+    pub fn saw_it_go(&self) -> bool {
+        self.gone.swap(false, Ordering::Relaxed)
+    }
+
+    /// If the watched directory was removed (or replaced), makes it again and watches the
+    /// new one, with a warning. Returns true when it did: wake-ups in between were lost, so
+    /// the caller must re-read the queue. Without this a foreman would fall back to its 5 s
+    /// safety re-read for good.
+    pub fn rearm_if_gone(&mut self) -> Result<bool> {
+        if dir_id(&self.path) == Some(self.armed_on) {
+            return Ok(false);
+        }
+        // The old watch may be gone with its directory already; either way it is dropped.
+        let _ = self.watcher.unwatch(&self.path);
+        WakeDir::prepare(&self.path)?;
+        self.armed_on = arm(&mut self.watcher, &self.path)?;
+        tracing::warn!(
+            dir = %self.path.display(),
+            "the wake-up directory was removed or replaced; made it again and watching it \
+             (something cleans it: keep it out of tmp cleaners, e.g. systemd's RuntimeDirectory)"
+        );
+        Ok(true)
+    }
 }
 
-fn on_event(tx: &Sender<()>, event: notify::Result<Event>) {
+/// Watches `dir` and returns its (device, inode).
+fn arm(watcher: &mut notify::RecommendedWatcher, dir: &Path) -> Result<(u64, u64)> {
+    watcher
+        .watch(dir, RecursiveMode::NonRecursive)
+        .map_err(|e| {
+            Error::Runtime(format!(
+                "cannot watch {} with inotify ({e}); if the limit of watches is reached, \
+                 raise fs.inotify.max_user_watches",
+                dir.display()
+            ))
+        })?;
+    dir_id(dir).ok_or_else(|| {
+        Error::Runtime(format!(
+            "the wake-up directory {} vanished as it was being watched",
+            dir.display()
+        ))
+    })
+}
+
+fn dir_id(dir: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(dir)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| (m.dev(), m.ino()))
+}
+
+fn on_event(tx: &Sender<()>, dir: &Path, gone: &AtomicBool, event: notify::Result<Event>) {
+    if let Ok(ev) = &event {
+        let about_dir = ev.paths.iter().any(|p| p == dir);
+        if about_dir
+            && matches!(
+                ev.kind,
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+            )
+        {
+            gone.store(true, Ordering::Relaxed);
+            wake_loop(tx);
+            return;
+        }
+    }
     let wake = match &event {
         // An error of the watcher may mean lost events: rescan.
         Err(_) => true,
@@ -176,10 +247,14 @@ fn on_event(tx: &Sender<()>, event: notify::Result<Event>) {
         },
     };
     if wake {
-        match tx.try_send(()) {
-            Ok(()) | Err(TrySendError::Full(())) => {}
-            // The foreman has gone; nothing to wake.
-            Err(TrySendError::Disconnected(())) => {}
-        }
+        wake_loop(tx);
+    }
+}
+
+fn wake_loop(tx: &Sender<()>) {
+    match tx.try_send(()) {
+        Ok(()) | Err(TrySendError::Full(())) => {}
+        // The foreman has gone; nothing to wake.
+        Err(TrySendError::Disconnected(())) => {}
     }
 }

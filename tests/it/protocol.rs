@@ -93,3 +93,41 @@ fn any_new_file_in_the_wakeup_directory_wakes_the_foreman() {
         std::fs::read_dir(home.file("wakeup")).unwrap().count() == 0
     }));
 }
+
+/// Issue 13, item 6: a wake-up directory removed under a running foreman (a tmp cleaner,
+/// an operator's `rm -rf`) is made again and watched again at once; wake-ups keep working
+/// without waiting for the safety re-read (out of reach here).
+#[test]
+fn a_removed_wakeup_directory_is_made_again_and_watched() {
+    let home = Home::new();
+    let mut cmd = home.cmd();
+    cmd.args(["run", "--log-format", "json", "--safety-interval", "600"]);
+    let foreman = Foreman::spawn(cmd);
+    let out = home.file("out.txt");
+    let wakeup = home.file("wakeup");
+    for round in 0..2 {
+        std::fs::remove_dir_all(&wakeup).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || foreman
+                .events(
+                    "the wake-up directory was removed or replaced; made it again and \
+                         watching it (something cleans it: keep it out of tmp cleaners, e.g. \
+                         systemd's RuntimeDirectory)"
+                )
+                .len()
+                == round + 1),
+            "no warning that the directory was made again:\n{}",
+            foreman.log_text()
+        );
+        assert!(wakeup.is_dir());
+        let line = format!("after-removal-{round}");
+        let kwargs = serde_json::json!({"path": out, "line": line}).to_string();
+        home.ok(&["enqueue", "append", "--kwargs", &kwargs]);
+        assert!(
+            wait_until(Duration::from_secs(3), || read_lines(&out).last()
+                == Some(&line)),
+            "the enqueue after the removal did not wake the foreman:\n{}",
+            foreman.log_text()
+        );
+    }
+}

@@ -113,3 +113,55 @@ fn a_second_signal_exits_at_once() {
     );
     assert!(!home.file("snapq.pid").exists());
 }
+
+/// Issue 13, item 3: SIGHUP (`systemctl reload`) reloads and never stops the foreman: the
+/// running task finishes, new tasks run, and even during a graceful stop it is not taken
+/// for the second signal that stops at once.
+#[test]
+fn sighup_reloads_and_never_stops_the_foreman() {
+    let home = Home::new();
+    let out = home.file("out.txt");
+    let mut foreman = home.start(&["--graceful-timeout", "10"]);
+    home.ok(&["enqueue", "sleep", "--kwargs", "{\"seconds\": 1.0}"]);
+    assert!(wait_until(Duration::from_secs(5), || started_ids(&foreman)
+        .len()
+        == 1));
+    foreman.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || foreman
+            .has_log("SIGHUP: reloaded")),
+        "{}",
+        foreman.log_text()
+    );
+    let kwargs = serde_json::json!({"path": out, "line": "after-hup"}).to_string();
+    home.ok(&["enqueue", "append", "--kwargs", &kwargs]);
+    assert!(wait_until(
+        Duration::from_secs(5),
+        || crate::support::read_lines(&out) == ["after-hup"]
+    ));
+    assert!(wait_until(Duration::from_secs(5), || foreman
+        .events("task finished")
+        .len()
+        == 2));
+    assert!(foreman.try_exit().is_none(), "SIGHUP stopped the foreman");
+
+    // During a graceful stop, SIGHUP is not the second signal.
+    home.ok(&["enqueue", "sleep", "--kwargs", "{\"seconds\": 1.5}"]);
+    assert!(wait_until(Duration::from_secs(5), || started_ids(&foreman)
+        .len()
+        == 3));
+    foreman.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    foreman.signal(libc::SIGHUP);
+    let status = foreman
+        .wait_exit(Duration::from_secs(10))
+        .expect("the foreman did not exit after SIGTERM");
+    assert!(status.success(), "exit {status}:\n{}", foreman.log_text());
+    assert_eq!(
+        foreman.events("task finished").len(),
+        3,
+        "the sleep was abandoned:\n{}",
+        foreman.log_text()
+    );
+    assert!(!home.file("snapq.pid").exists());
+}

@@ -170,3 +170,43 @@ fn a_held_write_lock_does_not_stop_the_loop_or_its_watchdog() {
         .has_log("the database is free again")));
     foreman.stop();
 }
+
+/// Issue 13, item 12: sourcing `systemd/snapq.env` as README says gives an enqueuer the
+/// service's paths, the same ones the unit sets for the service.
+#[test]
+fn the_env_file_gives_enqueuers_the_services_paths() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    let out = std::process::Command::new("bash")
+        .args([
+            "-c",
+            "env -i bash -c 'set -a; . \"$1\"; set +a; env' sh \"$0\"",
+            dir.join("snapq.env").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let sourced: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("SNAPQ_"))
+        .map(str::to_owned)
+        .collect();
+    let unit = std::fs::read_to_string(dir.join("snapq.service")).unwrap();
+    let from_unit: Vec<String> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .map(str::to_owned)
+        .collect();
+    for needed in ["SNAPQ_HOME=", "SNAPQ_WAKEUP_DIR=", "SNAPQ_PID_FILE="] {
+        let value = sourced.iter().find(|l| l.starts_with(needed));
+        assert!(
+            value.is_some(),
+            "sourcing snapq.env sets no {needed}: {sourced:?}"
+        );
+        assert!(
+            from_unit.contains(value.unwrap()),
+            "snapq.env's {} differs from the unit's {from_unit:?}",
+            value.unwrap()
+        );
+    }
+}
