@@ -70,6 +70,24 @@ pub fn open(path: &Path, synchronous: Synchronous) -> Result<Connection> {
             problem: format!("cannot be created ({e}); choose a writable --home or --db"),
         })?;
     }
+    // Several processes opening a fresh file at once (a foreman starting, `status`, enqueuers)
+    // race to switch it to WAL and to create the schema. Some of those steps get SQLite's
+    // BUSY without its busy handler being asked (SQLite returns it at once where waiting
+    // could deadlock), which made a reader fail with "database is locked" right after a
+    // foreman started (issue 13, item 19; reproduced with 4 enqueues and 4 statuses on a
+    // fresh home). The whole opening is tried again until BUSY_TIMEOUT.
+    let started = std::time::Instant::now();
+    loop {
+        match open_once(path, synchronous) {
+            Err(e) if e.is_busy() && started.elapsed() < BUSY_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn open_once(path: &Path, synchronous: Synchronous) -> Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -204,6 +222,15 @@ fn migrate(conn: &Connection, path: &Path, found: i64) -> Result<()> {
         Ok(()) => conn
             .execute_batch("COMMIT")
             .map_err(Error::sqlite("committing the migration")),
+        Err(e)
+            if matches!(
+                e.sqlite_error_code(),
+                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+            ) =>
+        {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(Error::sqlite("applying the schema")(e))
+        }
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
             Err(Error::BadDatabase {

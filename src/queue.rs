@@ -98,11 +98,14 @@ impl Catalog {
     }
 
     /// Adds the task types recorded in the database; the registry's own win on conflict.
-    pub fn add_recorded(&mut self, conn: &Connection) -> Result<()> {
-        for spec in recorded_task_types(conn)? {
+    /// Returns how many types foremen recorded there (0: no foreman ever opened it).
+    pub fn add_recorded(&mut self, conn: &Connection) -> Result<usize> {
+        let recorded = recorded_task_types(conn)?;
+        let count = recorded.len();
+        for spec in recorded {
             self.specs.entry(spec.name.clone()).or_insert(spec);
         }
-        Ok(())
+        Ok(count)
     }
 
     pub fn specs(&self) -> impl Iterator<Item = &TaskSpec> {
@@ -145,7 +148,16 @@ impl Enqueuer {
         let wake = WakeDir::prepare(wakeup_dir)?;
         let conn = db::open(db_path, synchronous)?;
         let mut catalog = Catalog::from_registry(registry);
-        catalog.add_recorded(&conn)?;
+        if catalog.add_recorded(&conn)? == 0 {
+            // Every foreman records its task types when it starts: none here means no
+            // foreman ever ran on this database, most often a mistyped --home.
+            tracing::warn!(
+                "no foreman has ever opened the database {}: the task waits there until one \
+                 does. If your foreman runs elsewhere, give the same --home (SNAPQ_HOME) or \
+                 --db as it has (a service's are in /etc/snapq/snapq.env)",
+                db_path.display()
+            );
+        }
         Ok(Enqueuer {
             conn,
             wake,

@@ -17,6 +17,8 @@ pub const STALE_AFTER_MICROS: i64 = 3_000_000;
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub db: String,
+    /// False when there is no database file at `db` (nothing was ever enqueued there).
+    pub db_exists: bool,
     pub foreman: Option<ForemanStatus>,
     /// Every live foreman on this database (normally one).
     pub foremen: Vec<ForemanStatus>,
@@ -95,6 +97,7 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
     }
     Ok(Status {
         db: db_path.display().to_string(),
+        db_exists: true,
         foreman: foremen.first().cloned(),
         tasks: TaskStatus {
             due: counts.due,
@@ -113,6 +116,7 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
 pub fn empty(db_path: &Path) -> Status {
     Status {
         db: db_path.display().to_string(),
+        db_exists: false,
         foreman: None,
         foremen: Vec::new(),
         tasks: TaskStatus {
@@ -189,6 +193,12 @@ impl Status {
             }
         }
         out.push_str(&format!("database: {}\n", self.db));
+        if !self.db_exists {
+            out.push_str(
+                "  it does not exist: nothing was ever enqueued here and no foreman ran here. \
+                 Is --home (SNAPQ_HOME) or --db the one your foreman uses?\n",
+            );
+        }
         out
     }
 }

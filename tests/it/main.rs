@@ -11,6 +11,7 @@ mod delay;
 mod drain;
 mod enqueue_faults;
 mod fake_http;
+mod first_hour;
 mod library;
 mod live;
 mod monitors;
