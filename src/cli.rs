@@ -191,7 +191,7 @@ pub struct RunArgs {
     pub no_telemetry: bool,
     /// Serve the live view here: a web page, /api/status, /metrics and the /events
     /// WebSocket (e.g. 127.0.0.1:8080; a bare port means 127.0.0.1). Off by default; an
-    /// address beyond loopback is served with a warning
+    /// address beyond loopback needs --http-token
     #[arg(long, env = "SNAPQ_HTTP", value_name = "ADDR")]
     pub http: Option<String>,
     /// Require this token on every live view request (?token=TOKEN or Authorization:
@@ -203,6 +203,16 @@ pub struct RunArgs {
         requires = "http"
     )]
     pub http_token: Option<String>,
+    /// A host name by which the live view may be opened besides IP addresses and localhost
+    /// (repeat it, or separate names with commas); other names in a request's Host header
+    /// are refused with 421, against DNS rebinding
+    #[arg(
+        long,
+        env = "SNAPQ_HTTP_ALLOW_HOST",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub http_allow_host: Vec<String>,
     /// Seconds the live view keeps a channel's history after its final message
     #[arg(long, env = "SNAPQ_HTTP_RETENTION", value_name = "SECS", default_value = "300",
           value_parser = seconds, allow_negative_numbers = true)]
@@ -359,6 +369,7 @@ fn live_config(paths: &Paths, args: &RunArgs) -> Result<Option<LiveConfig>> {
     let config = LiveConfig {
         addr,
         token: args.http_token.clone(),
+        allow_hosts: args.http_allow_host.clone(),
         limits: Limits {
             retention: args.http_retention,
             max_connections: usize::from(args.http_max_connections),

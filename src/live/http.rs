@@ -201,6 +201,11 @@ const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
 
 fn route(mut stream: TcpStream, request: Request, server: &Server) -> std::io::Result<()> {
+    // Before anything else, the token included: a page on a name that resolves to this
+    // machine (DNS rebinding) must learn nothing, not even that a token is wanted.
+    if let Some(problem) = foreign_host(&request, &server.config.allow_hosts) {
+        return respond(&mut stream, 421, TEXT, &[], problem.as_bytes());
+    }
     if let Some(expected) = &server.config.token {
         if !authorized(&request, expected) {
             return respond(
@@ -339,6 +344,31 @@ fn authorized(request: &Request, expected: &str) -> bool {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0
     })
+}
+
+/// Refuses a Host header that names this server by a name it was not given. A browser
+/// page on `attacker.example`, whose name its owner points at 127.0.0.1 after the page has
+/// loaded (DNS rebinding), sends `Host: attacker.example`, and its Origin matches that
+/// Host, so only the Host itself tells it apart. An IP literal cannot be rebound, and
+/// `localhost` is this machine's; other names must be listed (`--http-allow-host`). A
+/// request with no Host (not a browser's) is served.
+fn foreign_host(request: &Request, allowed: &[String]) -> Option<String> {
+    let host = request.header("Host")?;
+    let name = match host.strip_prefix('[') {
+        // `[v6]` or `[v6]:port`: an IP literal, or nothing this server answers to.
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    if name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+    {
+        return None;
+    }
+    Some(format!(
+        "this live view is not served as {name:?}: open it by its IP address or localhost, or \
+         start the foreman with --http-allow-host {name} if that name is this machine's\n"
+    ))
 }
 
 /// A browser page of another site must not read the feed (WebSockets are not covered by

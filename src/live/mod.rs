@@ -62,7 +62,11 @@ pub struct LiveConfig {
     /// Where to listen, as given (`127.0.0.1:8080`, `[::1]:0`).
     pub addr: String,
     /// Required on every request when set: `Authorization: Bearer TOKEN` or `?token=TOKEN`.
+    /// Required for an address beyond loopback.
     pub token: Option<String>,
+    /// Host names a request's Host header may carry besides IP literals and `localhost`
+    /// (`--http-allow-host`): names this machine is reached by, e.g. through a proxy.
+    pub allow_hosts: Vec<String>,
     pub limits: Limits,
     /// The database, for `/api/status`, `/metrics` and the heartbeat's queue figures.
     pub db: PathBuf,
@@ -71,8 +75,8 @@ pub struct LiveConfig {
 }
 
 impl LiveConfig {
-    /// Checks the address and token; a non-loopback address is allowed (the user gave it)
-    /// but logged as a warning by `start`.
+    /// Checks the address and token. An address beyond loopback needs a token: without
+    /// one anybody who reaches the port would see (and a page could read) task data.
     pub fn validate(&self) -> Result<SocketAddr> {
         let addr: SocketAddr = self.addr.parse().map_err(|e| {
             Error::bad_input(
@@ -93,6 +97,28 @@ impl LiveConfig {
                     "--http-token",
                     "use letters, digits and - . _ ~ only (it travels in URLs), e.g. the output of \
                      `head -c 24 /dev/urandom | base64 | tr '+/' '-_'`",
+                ));
+            }
+        }
+        if !addr.ip().is_loopback() && self.token.is_none() {
+            return Err(Error::bad_input(
+                "--http",
+                format!(
+                    "{addr} is reachable from other machines; give --http-token TOKEN \
+                     (SNAPQ_HTTP_TOKEN) to serve it there, or listen on 127.0.0.1 and reach it \
+                     through an SSH tunnel"
+                ),
+            ));
+        }
+        for name in &self.allow_hosts {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            {
+                return Err(Error::bad_input(
+                    "--http-allow-host",
+                    format!("{name:?} is not a host name (letters, digits, '-', '.', '_')"),
                 ));
             }
         }

@@ -497,3 +497,59 @@ fn on_sigterm_every_client_is_told_the_foreman_is_stopping() {
         assert!(close.reason.contains("stopping"), "{close:?}");
     }
 }
+
+/// Issue 13, item 8: DNS rebinding. A page on a name its owner points at 127.0.0.1 sends
+/// that name as Host (and a matching Origin): it gets 421 on every route, before the
+/// token; IP literals, localhost and names given with --http-allow-host are served. An
+/// address beyond loopback without a token is refused at start.
+#[test]
+fn a_foreign_host_name_is_refused_on_every_route() {
+    let home = Home::new();
+    let (mut foreman, addr) = start_live(&home, &["--http-allow-host", "snapq.internal"]);
+    let port = addr.rsplit(':').next().unwrap();
+    let raw = |host: &str, path: &str, extra: &str| -> String {
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        // Answers end with the connection; an accepted WebSocket stays open, and its head
+        // is all this reads of it.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n").unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response
+    };
+    let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let rebound = format!("attacker.example:{port}");
+    for path in ["/", "/api/status", "/api/monitors", "/metrics"] {
+        let response = raw(&rebound, path, "");
+        assert!(response.starts_with("HTTP/1.1 421"), "{path}: {response}");
+        assert!(response.contains("--http-allow-host"), "{response}");
+        assert!(!response.contains("\"foreman\""), "{response}");
+    }
+    let origin = format!("Origin: http://{rebound}\r\n{upgrade}");
+    let response = raw(&rebound, "/events", &origin);
+    assert!(response.starts_with("HTTP/1.1 421"), "{response}");
+
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("LocalHost:{port}"),
+        format!("snapq.internal:{port}"),
+    ] {
+        let response = raw(&host, "/api/status", "");
+        assert!(response.starts_with("HTTP/1.1 200"), "{host}: {response}");
+    }
+    let origin = format!("Origin: http://localhost:{port}\r\n{upgrade}");
+    let response = raw(&format!("localhost:{port}"), "/events", &origin);
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    foreman.stop();
+
+    // Beyond loopback without a token: refused at start, naming the flag.
+    let out = home.snapq(&["run", "--http", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--http-token"), "{stderr}");
+    assert!(!home.file("snapq.pid").exists());
+}
