@@ -73,6 +73,18 @@ const IDLE: Duration = Duration::from_secs(1);
 /// How long a subscription may wait for the hub's answer.
 const HUB_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most channel names one client may subscribe to, over all its messages. Without a
+/// bound one client sending ever more names grew the foreman to 914 MiB (issue 13, item
+/// 10); the page subscribes to `*`, and a client that follows a few hundred tasks or
+/// monitors by name stays well within it.
+const MAX_CHANNELS_PER_CLIENT: usize = 1_000;
+
+/// The most names in one subscribe message.
+const MAX_NAMES_PER_MESSAGE: usize = 100;
+
+/// The longest channel name (`monitor:` and a monitor name of at most 200 bytes).
+const MAX_NAME_LEN: usize = 256;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Subscribe {
@@ -381,16 +393,40 @@ impl Client {
         let channels = match serde_json::from_str::<Subscribe>(text) {
             Ok(Subscribe { subscribe }) if !subscribe.is_empty() => subscribe,
             _ => {
-                let error = serde_json::json!({
-                    "type": "error",
-                    "error": "send {\"subscribe\": [\"*\"]} or a list of channels such as \
-                              \"task:42\" and \"monitor:NAME\"",
-                });
-                self.out
-                    .push_back(Bytes::from(text_frame(error.to_string())));
+                self.refuse(
+                    "send {\"subscribe\": [\"*\"]} or a list of channels such as \
+                     \"task:42\" and \"monitor:NAME\"",
+                );
                 return Ok(());
             }
         };
+        // Bounded before the hub sees anything: a refused message costs the foreman no
+        // memory (MAX_CHANNELS_PER_CLIENT).
+        if channels.len() > MAX_NAMES_PER_MESSAGE {
+            self.refuse(&format!(
+                "at most {MAX_NAMES_PER_MESSAGE} channels in one subscribe message; send \
+                 several, or subscribe to [\"*\"]"
+            ));
+            return Ok(());
+        }
+        if let Some(long) = channels.iter().find(|c| c.len() > MAX_NAME_LEN) {
+            self.refuse(&format!(
+                "a channel name is at most {MAX_NAME_LEN} bytes ({} given)",
+                long.len()
+            ));
+            return Ok(());
+        }
+        let new = channels
+            .iter()
+            .filter(|c| c.as_str() != "*" && !self.channels.contains_key(*c))
+            .count();
+        if self.all_from.is_none() && self.channels.len() + new > MAX_CHANNELS_PER_CLIENT {
+            self.refuse(&format!(
+                "at most {MAX_CHANNELS_PER_CLIENT} channels per connection; subscribe to \
+                 [\"*\"] to follow everything"
+            ));
+            return Ok(());
+        }
         let (reply, answer) = bounded(1);
         let asked = server.hub.commands.send(Command::Subscribe {
             client: self.id,
@@ -415,6 +451,14 @@ impl Client {
         self.position.get_or_insert(from);
         self.out.extend(subscribed.replay);
         Ok(())
+    }
+
+    /// Queues an `{"type": "error"}` message saying what was wrong with a request; the
+    /// connection stays open.
+    fn refuse(&mut self, error: &str) {
+        let error = serde_json::json!({ "type": "error", "error": error });
+        self.out
+            .push_back(Bytes::from(text_frame(error.to_string())));
     }
 
     /// Writes what is queued. `Ok(true)`: all of it is on the socket; `Ok(false)`: the

@@ -553,3 +553,67 @@ fn a_foreign_host_name_is_refused_on_every_route() {
     assert!(stderr.contains("--http-token"), "{stderr}");
     assert!(!home.file("snapq.pid").exists());
 }
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Issue 13, item 10: one client sending ever more channel names grew the foreman to
+/// 914 MiB. Names are bounded per message and per client; past the bound the client gets
+/// an error message and the foreman's memory stays put.
+#[test]
+fn channel_names_are_bounded_per_message_and_per_client() {
+    let home = Home::new();
+    let (mut foreman, addr) = start_live(&home, &[]);
+    let (mut ws, _) = tungstenite::connect(format!("ws://{addr}/events")).unwrap();
+    if let MaybeTlsStream::Plain(s) = ws.get_mut() {
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+    }
+    let names = |from: usize, n: usize| -> String {
+        let list: Vec<String> = (from..from + n).map(|i| format!("task:{i}")).collect();
+        serde_json::json!({ "subscribe": list }).to_string()
+    };
+    ws.send(Message::text(names(0, 101))).unwrap();
+    let error = next(&mut ws).expect("no answer to 101 names");
+    assert_eq!(error["type"], "error", "{error}");
+    assert!(
+        error["error"].as_str().unwrap().contains("at most 100"),
+        "{error}"
+    );
+    for chunk in 0..10 {
+        ws.send(Message::text(names(chunk * 100, 100))).unwrap();
+    }
+    ws.send(Message::text(names(1_000, 1))).unwrap();
+    let error = next(&mut ws).expect("no answer past 1,000 channels");
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("at most 1000 channels"),
+        "{error}"
+    );
+    // A hostile client goes on: 200,000 more names. The foreman's memory does not follow.
+    if let MaybeTlsStream::Plain(s) = ws.get_mut() {
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    }
+    let before = rss_kib(foreman.pid());
+    for chunk in 0..2_000 {
+        ws.send(Message::text(names(10_000 + chunk * 100, 100)))
+            .unwrap();
+        while let Some(m) = next(&mut ws).filter(|_| chunk % 100 == 99) {
+            assert_eq!(m["type"], "error");
+        }
+    }
+    let grown_kib = rss_kib(foreman.pid()).saturating_sub(before);
+    assert!(
+        grown_kib < 8 * 1024,
+        "the foreman grew {grown_kib} KiB for a client's refused names"
+    );
+    foreman.stop();
+}
