@@ -88,11 +88,7 @@ impl LiveConfig {
             )
         })?;
         if let Some(token) = &self.token {
-            if token.is_empty()
-                || !token
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
-            {
+            if !made_of(token, b"-._~") {
                 return Err(Error::bad_input(
                     "--http-token",
                     "use letters, digits and - . _ ~ only (it travels in URLs), e.g. the output of \
@@ -111,11 +107,7 @@ impl LiveConfig {
             ));
         }
         for name in &self.allow_hosts {
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
-            {
+            if !made_of(name, b"-._") {
                 return Err(Error::bad_input(
                     "--http-allow-host",
                     format!("{name:?} is not a host name (letters, digits, '-', '.', '_')"),
@@ -124,6 +116,14 @@ impl LiveConfig {
         }
         Ok(addr)
     }
+}
+
+/// Whether `text` is non-empty and only ASCII letters, digits and the bytes of `extra`.
+fn made_of(text: &str, extra: &[u8]) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
 }
 
 /// One thing that happened, as producers hand it to the hub. Cheap to build: the hub
