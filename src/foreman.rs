@@ -267,6 +267,7 @@ pub fn run_with_sink(
         next_beat: Instant::now() + HEARTBEAT_INTERVAL,
         claim_cost: Duration::ZERO,
         claim_failed: false,
+        sweep_undated: true,
         fatal: None,
         busy_since: None,
         totals: Totals::default(),
@@ -351,6 +352,9 @@ struct Foreman<'a> {
     /// The last claim failed and is to be tried again at `next_due` (`--burst` must not
     /// take that for an empty queue).
     claim_failed: bool,
+    /// Whether the next short claim also sweeps rows whose due time is not a number
+    /// (`queue::claim_undated`): set at start and at each safety re-read.
+    sweep_undated: bool,
     /// `--burst` gave up on the queue: returned once the running tasks end (exit 1).
     fatal: Option<Error>,
     /// Since when the database has refused this loop its write lock (another process
@@ -465,6 +469,7 @@ impl Foreman<'_> {
                     let safety = self.last_read.elapsed() >= self.config.safety_interval;
                     if safety {
                         self.check_watch();
+                        self.sweep_undated = true;
                     }
                     if safety || self.next_due.is_some_and(|t| t <= now) {
                         self.maybe_due = true;
@@ -581,7 +586,16 @@ impl Foreman<'_> {
         let asked = free.min(self.config.batch);
         let started = Instant::now();
         self.last_read = started;
-        let claimed = queue::claim(&self.conn, now_micros(), asked);
+        let claimed = queue::claim(&self.conn, now_micros(), asked).and_then(|mut claimed| {
+            if self.sweep_undated && claimed.len() < asked {
+                let room = asked - claimed.len();
+                let undated = queue::claim_undated(&self.conn, room)?;
+                // A full sweep may have left more: sweep again on the next short claim.
+                self.sweep_undated = undated.len() == room;
+                claimed.extend(undated);
+            }
+            Ok(claimed)
+        });
         // An exponentially weighted mean over the last ~8 claims.
         self.claim_cost = (self.claim_cost * 7 + started.elapsed().min(MAX_GATHER)) / 8;
         let claimed = match claimed {

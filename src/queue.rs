@@ -351,18 +351,24 @@ pub struct Claimed {
 /// with `unreadable` saying why, so that it is rejected on its own: the statement deleted
 /// every row it returns at its first step, so a row that failed the whole claim would take
 /// the good rows of its batch with it. Rows whose due time is text or a BLOB never compare
-/// as due; when a claim comes back short, those are claimed too (as unreadable).
+/// as due: `claim_undated` takes those.
 #[doc(hidden)]
 pub fn claim(conn: &Connection, now: i64, limit: usize) -> Result<Vec<Claimed>> {
     // MEASUREMENTS.md: the `id = (SELECT …)` form claims one row ~4x faster than the
     // `id IN (SELECT … LIMIT ?)` form; batches amortise either.
     let sql = if limit == 1 { CLAIM_ONE } else { CLAIM_MANY };
-    let mut claimed = claim_with(conn, sql, params![now, limit as i64])?;
-    if claimed.len() < limit && has_undated(conn)? {
-        let rest = (limit - claimed.len()) as i64;
-        claimed.extend(claim_with(conn, CLAIM_UNDATED, params![rest])?);
+    claim_with(conn, sql, params![now, limit as i64])
+}
+
+/// Claims up to `limit` rows whose due time is text or a BLOB (a writer's mistake: they
+/// never compare as due), each flagged unreadable, to be rejected. The foreman sweeps for
+/// them at start and at each safety re-read, not on every claim: they are rare, and the
+/// wake-up path stays one statement.
+pub(crate) fn claim_undated(conn: &Connection, limit: usize) -> Result<Vec<Claimed>> {
+    if !has_undated(conn)? {
+        return Ok(Vec::new());
     }
-    Ok(claimed)
+    claim_with(conn, CLAIM_UNDATED, params![limit as i64])
 }
 
 fn claim_with(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<Claimed>> {
@@ -478,16 +484,17 @@ const CLAIM_UNDATED: &str = "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks
      ORDER BY coalesce(run_at, created_at), id LIMIT ?1) \
      RETURNING id, task_name, args, kwargs, created_at, run_at";
 
-/// The due time of the next task, if any (Unix microseconds). A row whose due time is not
-/// a number counts as due now: the next claim takes it (as unreadable).
+/// The due time of the next task, if any (Unix microseconds). Rows whose due time is not a
+/// number sort last and give `None`: the foreman's sweep (`claim_undated`) takes them.
 pub(crate) fn next_due(conn: &Connection) -> Result<Option<i64>> {
     let mut stmt = conn
         .prepare_cached(&format!(
             "SELECT {DUE} FROM tasks ORDER BY {DUE}, id LIMIT 1"
         ))
         .map_err(Error::sqlite("preparing the next-due query"))?;
-    stmt.query_row([], |r| Ok(due_time(r.get_ref(0)?).unwrap_or(i64::MIN)))
+    stmt.query_row([], |r| Ok(due_time(r.get_ref(0)?)))
         .optional()
+        .map(Option::flatten)
         .map_err(Error::sqlite("reading the next due time"))
 }
 
@@ -523,7 +530,8 @@ pub struct Counts {
     pub next_delayed: Option<i64>,
 }
 
-/// Rows whose due time is not a number count as due: the next claim takes them.
+/// Rows whose due time is not a number count as due: the foreman's next sweep (at start,
+/// then at most a safety interval away) takes them.
 pub fn counts(conn: &Connection, now: i64) -> Result<Counts> {
     let q = format!(
         "SELECT (SELECT count(*) FROM tasks WHERE {DUE} <= ?1) \

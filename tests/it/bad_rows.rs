@@ -152,3 +152,38 @@ fn an_unreadable_row_is_rejected_alone_and_its_batch_runs() {
         "the exit's message:\n{log}"
     );
 }
+
+/// A running foreman finds a row whose due time is text at its next safety re-read (not on
+/// every claim) and rejects it; it does not spin on it meanwhile.
+#[test]
+fn a_running_foreman_sweeps_rows_whose_due_time_is_text() {
+    let home = Home::new();
+    let foreman = home.start(&["--safety-interval", "3"]);
+    let conn = home.conn();
+    conn.execute(
+        "INSERT INTO tasks (task_name, created_at, run_at) VALUES ('noop', ?1, 'tomorrow')",
+        [now_us()],
+    )
+    .unwrap();
+    let id = conn.last_insert_rowid();
+    std::fs::write(home.file("wakeup").join("bad"), "").unwrap();
+    assert!(
+        crate::support::wait_until(std::time::Duration::from_secs(5), || foreman
+            .events("task rejected and deleted, not retried")
+            .iter()
+            .any(|e| e["id"] == id)),
+        "{}",
+        foreman.log_text()
+    );
+    assert_eq!(home.queued(), 0);
+    // CPU time of the foreman over that wait: an idle loop, not one spinning on the row.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", foreman.pid())).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    assert!(ticks < 100, "the foreman used {ticks} clock ticks of CPU");
+}
