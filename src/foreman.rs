@@ -256,6 +256,7 @@ pub fn run_with_sink(
         conn,
         books,
         finished_rounds: Vec::new(),
+        record_retry: None,
         pool: Some(pool),
         wake_rx,
         signal_rx: signals.rx.clone(),
@@ -332,6 +333,8 @@ struct Foreman<'a> {
     /// the loop has taken every completion that arrived. A transaction that fails (a busy
     /// database) leaves them here for the next turn, up to `MAX_UNRECORDED`.
     finished_rounds: Vec<FinishedRound>,
+    /// After a failed attempt, `finished_rounds` are recorded again no earlier than this.
+    record_retry: Option<Instant>,
     pool: Option<Pool>,
     wake_rx: Receiver<()>,
     signal_rx: Receiver<i32>,
@@ -532,6 +535,9 @@ impl Foreman<'_> {
             .min(self.last_read + self.config.safety_interval);
         if let Some(watchdog) = self.notifier.next_watchdog() {
             deadline = deadline.min(watchdog);
+        }
+        if let Some(retry) = self.record_retry {
+            deadline = deadline.min(retry);
         }
         let next_round = self
             .next_round
@@ -809,17 +815,20 @@ impl Foreman<'_> {
     /// transaction; a result whose monitor was updated or removed meanwhile is discarded.
     /// If the transaction fails (a busy database) the results wait for the next turn.
     fn record_rounds(&mut self) {
-        if self.finished_rounds.is_empty() {
+        if self.finished_rounds.is_empty() || self.record_retry.is_some_and(|t| Instant::now() < t)
+        {
             return;
         }
         match self.try_record_rounds() {
             Ok(()) => {
                 self.finished_rounds.clear();
+                self.record_retry = None;
                 self.db_free();
             }
             Err(e) => {
                 self.sink.rolled_back();
-                self.db_failed("recording monitor results", &e);
+                let retry = self.db_failed("recording monitor results", &e);
+                self.record_retry = Some(Instant::now() + retry);
                 let excess = self.finished_rounds.len().saturating_sub(MAX_UNRECORDED);
                 if excess > 0 {
                     tracing::error!(
