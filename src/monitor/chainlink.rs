@@ -5,6 +5,7 @@
 //! is down".
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -27,7 +28,23 @@ struct Config {
     node_id: Option<String>,
     #[serde(default)]
     node_parent_id: Option<String>,
+    /// Seconds one round may take over all its sources (each call is also bounded by
+    /// `timeout`). Without it, 1,000 unreachable sources made a round last 1,000 timeouts,
+    /// holding a worker and then the whole graceful stop.
+    #[serde(default = "default_round_timeout")]
+    round_timeout: f64,
 }
+
+/// A round's time over all its sources: a few sources timing out, not a worker held for
+/// minutes.
+const DEFAULT_ROUND_TIMEOUT: f64 = 30.0;
+
+fn default_round_timeout() -> f64 {
+    DEFAULT_ROUND_TIMEOUT
+}
+
+/// The most sources a node may list: a node has a few (PANIC's configs list one to three).
+const MAX_SOURCES: usize = 32;
 
 /// Metrics a round must find, each a single number.
 const REQUIRED: [&str; 5] = [
@@ -47,6 +64,7 @@ const OPTIONAL: [&str; 2] = [
 struct ChainlinkProbe {
     urls: Vec<String>,
     client: Client,
+    round_timeout: Duration,
 }
 
 impl Kind for ChainlinkNode {
@@ -64,14 +82,29 @@ impl Kind for ChainlinkNode {
                     .into(),
             );
         }
+        if config.node_prometheus_urls.len() > MAX_SOURCES {
+            return Err(format!(
+                "node_prometheus_urls: at most {MAX_SOURCES} sources, not {} (list the node's \
+                 own /metrics URLs; monitor other nodes with monitors of their own)",
+                config.node_prometheus_urls.len()
+            ));
+        }
         for (i, url) in config.node_prometheus_urls.iter().enumerate() {
             check_url(&format!("node_prometheus_urls[{i}]"), url)?;
+        }
+        let round_timeout = config.round_timeout;
+        if !(round_timeout.is_finite() && round_timeout > 0.0 && round_timeout <= 3600.0) {
+            return Err(format!(
+                "round_timeout must be a number of seconds above 0 and at most 3600, not \
+                 {round_timeout}"
+            ));
         }
         // The names are only carried for the sink; they just have to be strings.
         let _ = (config.node_name, config.node_id, config.node_parent_id);
         Ok(Arc::new(ChainlinkProbe {
             urls: config.node_prometheus_urls,
             client,
+            round_timeout: Duration::from_secs_f64(round_timeout),
         }))
     }
 }
@@ -86,9 +119,18 @@ impl Probe for ChainlinkProbe {
             .filter(|u| Some(u.as_str()) == last)
             .collect();
         order.extend(self.urls.iter().filter(|u| Some(u.as_str()) != last));
+        let deadline = Instant::now() + self.round_timeout;
         let mut unreachable = Vec::new();
         for url in order {
-            match self.client.get(url) {
+            if Instant::now() >= deadline {
+                unreachable.push(format!(
+                    "{url} and the sources after it: not tried, the round's {:.0} s \
+                     (round_timeout) ran out",
+                    self.round_timeout.as_secs_f64()
+                ));
+                break;
+            }
+            match self.client.get_until(url, Some(deadline)) {
                 Err(FetchError::Unreachable(why)) => unreachable.push(format!("{url}: {why}")),
                 Err(FetchError::BadAnswer(why)) => {
                     return answered(

@@ -172,8 +172,31 @@ pub enum FetchError {
 
 impl Client {
     pub fn get(&self, url: &str) -> Result<Fetched, FetchError> {
+        self.get_until(url, None)
+    }
+
+    /// `get`, ended by `deadline` if that comes before the client's own total timeout: a
+    /// round that tries several sources stays within its own time (`round_timeout`).
+    pub fn get_until(&self, url: &str, deadline: Option<Instant>) -> Result<Fetched, FetchError> {
         let started = Instant::now();
-        let mut response = self.agent.get(url).call().map_err(classify)?;
+        let request = self.agent.get(url);
+        let call = match deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(started);
+                if left.is_zero() {
+                    return Err(FetchError::Unreachable("the round's time ran out".into()));
+                }
+                let total = self
+                    .agent
+                    .config()
+                    .timeouts()
+                    .global
+                    .map_or(left, |t| t.min(left));
+                request.config().timeout_global(Some(total)).build().call()
+            }
+            None => request.call(),
+        };
+        let mut response = call.map_err(classify)?;
         let status = response.status().as_u16();
         let body = response
             .body_mut()

@@ -501,3 +501,58 @@ fn a_monitor_removed_and_added_again_is_a_new_monitor() {
         foreman.log_text()
     );
 }
+
+/// Issue 13, item 7: a Chainlink round is bounded in time over all its sources
+/// (`round_timeout`), not one `timeout` per source; and a config with more sources than the
+/// cap is refused with exit 2.
+#[test]
+fn a_chainlink_round_ends_at_its_round_timeout_whatever_its_sources() {
+    let home = Home::new();
+    let silent: Vec<FakeServer> = (0..6).map(|_| FakeServer::start(Mode::Silent)).collect();
+    let urls: Vec<String> = silent.iter().map(FakeServer::url).collect();
+    let foreman = home.start(&[]);
+    add(
+        &home,
+        "chainlink_node",
+        "many",
+        json!({"node_prometheus_urls": urls, "timeout": 1.0, "round_timeout": 2.5}),
+        "60",
+    );
+    let result = wait_result(&home, "many", 0, Duration::from_secs(10), |_| true)
+        .unwrap_or_else(|| panic!("no result within 10 s:\n{}", foreman.log_text()));
+    assert_eq!(result["error"]["code"], "node_down", "{result}");
+    let message = result["error"]["message"].as_str().unwrap();
+    assert!(message.contains("round_timeout"), "{message}");
+    let took = result["duration_ms"].as_f64().unwrap();
+    assert!(
+        (2_400.0..3_500.0).contains(&took),
+        "the round took {took} ms with a round_timeout of 2.5 s and six 1 s sources"
+    );
+    // Only the sources tried within the round's time were called.
+    let called: usize = silent.iter().map(FakeServer::hits).sum();
+    assert_eq!(called, 3, "{message}");
+
+    let many: Vec<String> = (0..33)
+        .map(|i| format!("http://127.0.0.1:{}/metrics", 10_000 + i))
+        .collect();
+    for (config, needle) in [
+        (json!({"node_prometheus_urls": many}), "at most 32 sources"),
+        (
+            json!({"node_prometheus_urls": ["http://127.0.0.1:1/metrics"], "round_timeout": 0}),
+            "round_timeout",
+        ),
+    ] {
+        let out = home.snapq(&[
+            "monitor",
+            "add",
+            "chainlink_node",
+            "refused",
+            "--config",
+            &config.to_string(),
+        ]);
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+    assert!(!home.ok(&["monitor", "list"]).contains("refused"));
+}
