@@ -47,8 +47,8 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(RUNS);
     for run in 0..runs {
-        plain.push(drain(&scratch, None));
-        live.push(drain(&scratch, Some(clients())));
+        plain.push(drain(&scratch, None, false));
+        live.push(drain(&scratch, Some(clients()), false));
         let (p, l) = (&plain[run], &live[run]);
         println!(
             "run {}: without live view {:.0} tasks/s, {:.1} MiB; with {} clients {:.0} tasks/s, \
@@ -128,6 +128,18 @@ fn main() {
             2 * TASKS + 2
         );
     }
+    // Issue 13, item 10: one hostile client sending ever more channel names during the
+    // drain, beside the same drain with the live view and no client.
+    let quiet = drain(&scratch, Some(0), false);
+    let hostile = drain(&scratch, Some(0), true);
+    println!(
+        "peak RSS with the live view: {:.1} MiB with no client, {:.1} MiB with one client \
+         sending {} channel names during the drain (+{:.1} MiB) [target: within a few MiB]",
+        quiet.peak_rss_mib,
+        hostile.peak_rss_mib,
+        hostile.names_sent,
+        hostile.peak_rss_mib - quiet.peak_rss_mib
+    );
 }
 
 struct Figures {
@@ -147,6 +159,8 @@ struct Drained {
     cpu: Vec<(String, f64)>,
     /// This benchmark's own CPU during the drain (its clients), in ms by thread name.
     own: Vec<(String, f64)>,
+    /// Channel names the hostile client sent, if there was one.
+    names_sent: u64,
 }
 
 /// The clients of the live runs: CLIENTS, or LIVE_BENCH_CLIENTS (0: the live view with no
@@ -158,9 +172,10 @@ fn clients() -> usize {
         .unwrap_or(CLIENTS)
 }
 
-/// Starts a foreman — with the live view and that many subscribers if `live` is given —,
-/// enqueues the tasks, times the drain.
-fn drain(scratch: &Path, live: Option<usize>) -> Drained {
+/// Starts a foreman — with the live view and that many subscribers if `live` is given, and
+/// one client flooding it with channel names if `hostile` —, enqueues the tasks, times the
+/// drain.
+fn drain(scratch: &Path, live: Option<usize>, hostile: bool) -> Drained {
     let home = scratch.join(if live.is_some() { "home-live" } else { "home" });
     let _ = std::fs::remove_dir_all(&home);
     std::fs::create_dir_all(&home).unwrap();
@@ -170,10 +185,12 @@ fn drain(scratch: &Path, live: Option<usize>) -> Drained {
         .env("RUST_LOG", "warn,snapq::foreman=info,snapq::live=info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if live.is_some() {
-        cmd.args(["--http", "127.0.0.1:0"]);
-    }
     let clients = live.unwrap_or(0);
+    if live.is_some() {
+        // Every client comes from 127.0.0.1, which may hold a quarter of the slots.
+        let slots = (4 * (clients + 2)).to_string();
+        cmd.args(["--http", "127.0.0.1:0", "--http-max-connections", &slots]);
+    }
     let mut child = cmd.spawn().unwrap();
     let addr = wait_ready(&mut child, live.is_some());
 
@@ -186,6 +203,14 @@ fn drain(scratch: &Path, live: Option<usize>) -> Drained {
         std::thread::Builder::new()
             .name("bench-clients".into())
             .spawn(move || read_feeds(&addr, clients, &stop))
+            .unwrap()
+    });
+    let flood: Option<JoinHandle<u64>> = hostile.then(|| {
+        let addr = addr.clone().unwrap();
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("bench-hostile".into())
+            .spawn(move || flood_names(&addr, &stop))
             .unwrap()
     });
     // Let every subscription reach the hub.
@@ -233,6 +258,7 @@ fn drain(scratch: &Path, live: Option<usize>) -> Drained {
     // SAFETY: signalling our own child, not yet reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
+    let names_sent = flood.map_or(0, |f| f.join().unwrap());
     let mut received = readers.map(|r| r.join().unwrap()).unwrap_or_default();
     received.sort_unstable();
     Drained {
@@ -242,7 +268,31 @@ fn drain(scratch: &Path, live: Option<usize>) -> Drained {
         figures,
         cpu,
         own,
+        names_sent,
     }
+}
+
+/// One client sending subscribe messages of 100 new channel names each, as fast as it
+/// can, until `stop`; reads (and drops) what it is sent so that it is not cut off as slow.
+/// Returns how many names it sent.
+fn flood_names(addr: &str, stop: &AtomicBool) -> u64 {
+    let (mut ws, _) = tungstenite::connect(format!("ws://{addr}/events")).unwrap();
+    if let MaybeTlsStream::Plain(s) = ws.get_mut() {
+        s.set_nonblocking(true).unwrap();
+    }
+    let mut sent = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let names: Vec<String> = (sent..sent + 100).map(|i| format!("task:{i}")).collect();
+        let message = serde_json::json!({ "subscribe": names }).to_string();
+        match ws.send(Message::text(message)) {
+            Ok(()) => sent += 100,
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+        while ws.read().is_ok() {}
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    sent
 }
 
 /// CPU time (ns, from schedstat) of each thread of `pid`, by thread id, with its name.

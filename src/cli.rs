@@ -227,6 +227,11 @@ pub struct RunArgs {
     #[arg(long, env = "SNAPQ_HTTP_CLIENT_QUEUE", value_name = "MESSAGES", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub http_client_queue: u32,
+    /// Seconds of silence after which a live view WebSocket client is pinged; one that
+    /// stays silent as long again is disconnected (browsers answer pings by themselves)
+    #[arg(long, env = "SNAPQ_HTTP_PING_INTERVAL", value_name = "SECS", default_value = "30",
+          value_parser = seconds, allow_negative_numbers = true)]
+    pub http_ping_interval: Duration,
     /// Seconds between re-reads of the queue when no wake-up comes (tests raise it to
     /// prove no wake-up is missed)
     #[arg(long, env = "SNAPQ_SAFETY_INTERVAL", value_name = "SECS", hide = true,
@@ -374,6 +379,7 @@ fn live_config(paths: &Paths, args: &RunArgs) -> Result<Option<LiveConfig>> {
             retention: args.http_retention,
             max_connections: usize::from(args.http_max_connections),
             client_queue: args.http_client_queue as usize,
+            ping_interval: args.http_ping_interval,
             ..Limits::default()
         },
         db: paths.db.clone(),

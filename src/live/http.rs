@@ -7,14 +7,16 @@
 //! Routes: `/` (the page), `/api/status` (`snapq status --json`), `/api/monitors`
 //! (`snapq monitor list --json` without the configs), `/metrics`, `/events`.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
+use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::LiveConfig;
@@ -32,8 +34,16 @@ const PAGE: &str = include_str!("page.html");
 /// The longest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
 
-/// How long a client may take to send its request head, or to take a response.
+/// How long a client may take to take a response.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client may take to send its whole request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The share of `max_connections` one client address may hold at once (a quarter), so
+/// that one peer cannot take every slot. Everybody who comes through an SSH tunnel shares
+/// 127.0.0.1's share.
+const PER_ADDRESS_SHARE: usize = 4;
 
 /// Connection threads need little stack: parsing, a database read, a response.
 const CONNECTION_STACK: usize = 256 * 1024;
@@ -45,6 +55,11 @@ pub(crate) struct Server {
     pub stopping: Arc<AtomicBool>,
     /// Connections being served now, WebSockets included; bounded by `max_connections`.
     active: AtomicUsize,
+    /// Connections being served now by peer address, WebSockets included; each bounded by
+    /// `max_connections / PER_ADDRESS_SHARE`. Taken by the acceptor to count a new
+    /// connection in, and by a connection's end (its thread's, or the WebSocket thread's)
+    /// to count it out; held for a map update only.
+    per_address: Mutex<HashMap<IpAddr, usize>>,
     /// Upgraded sockets, to the WebSocket thread.
     upgraded: Sender<Upgraded>,
     /// Numbers WebSocket clients for the hub.
@@ -67,6 +82,7 @@ impl Server {
             hub,
             stopping,
             active: AtomicUsize::new(0),
+            per_address: Mutex::new(HashMap::new()),
             upgraded,
             next_client: AtomicU64::new(1),
             tally,
@@ -74,17 +90,42 @@ impl Server {
         (server, websockets)
     }
 
-    /// A WebSocket ended: its connection no longer counts.
-    pub fn release_connection(&self) {
-        self.active.fetch_sub(1, Ordering::SeqCst);
+    /// Counts a new connection from `peer` in, unless that address holds its share of
+    /// the slots already or every slot is taken.
+    fn admit(&self, peer: IpAddr) -> bool {
+        let share = (self.config.limits.max_connections / PER_ADDRESS_SHARE).max(1);
+        let mut per_address = self.per_address.lock();
+        let held = per_address.entry(peer).or_insert(0);
+        if *held >= share {
+            return false;
+        }
+        if self.active.fetch_add(1, Ordering::SeqCst) >= self.config.limits.max_connections {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        *held += 1;
+        true
     }
 
-    /// Hands an upgraded socket to the WebSocket thread; it stays counted until that
-    /// thread releases it.
-    fn hand_over(&self, stream: TcpStream, rest: Vec<u8>) {
+    /// A connection from `peer` ended (a request served, or a WebSocket closed).
+    pub fn release_connection(&self, peer: IpAddr) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        let mut per_address = self.per_address.lock();
+        if let Some(held) = per_address.get_mut(&peer) {
+            *held -= 1;
+            if *held == 0 {
+                per_address.remove(&peer);
+            }
+        }
+    }
+
+    /// Hands an upgraded socket to the WebSocket thread, which then holds the connection's
+    /// count (the request's thread releases it when it ends, so it is counted again here).
+    fn hand_over(&self, stream: TcpStream, rest: Vec<u8>, peer: IpAddr) {
         self.active.fetch_add(1, Ordering::SeqCst);
-        if self.upgraded.send(Upgraded { stream, rest }).is_err() {
-            self.release_connection();
+        *self.per_address.lock().entry(peer).or_insert(0) += 1;
+        if self.upgraded.send(Upgraded { stream, rest, peer }).is_err() {
+            self.release_connection(peer);
             return;
         }
         self.hub.feed.wake();
@@ -126,8 +167,10 @@ fn accept(listener: &TcpListener, server: &Arc<Server>) {
                 continue;
             }
         };
-        if server.active.fetch_add(1, Ordering::SeqCst) >= server.config.limits.max_connections {
-            server.active.fetch_sub(1, Ordering::SeqCst);
+        let Ok(peer) = stream.peer_addr().map(|a| a.ip()) else {
+            continue;
+        };
+        if !server.admit(peer) {
             let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
             let _ = respond(
                 &mut stream,
@@ -136,6 +179,14 @@ fn accept(listener: &TcpListener, server: &Arc<Server>) {
                 &[("Retry-After", "5")],
                 b"too many connections to the live view; try again shortly\n",
             );
+            // Take what the client has sent so far, without waiting for more: closing a
+            // socket with unread bytes resets it, and a reset may discard the answer
+            // before the client reads it.
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            if stream.set_nonblocking(true).is_ok() {
+                let mut sink = [0u8; 4096];
+                while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+            }
             continue;
         }
         let shared = Arc::clone(server);
@@ -144,12 +195,12 @@ fn accept(listener: &TcpListener, server: &Arc<Server>) {
             .stack_size(CONNECTION_STACK)
             .spawn(move || {
                 super::lower_priority();
-                serve(stream, &shared);
-                shared.active.fetch_sub(1, Ordering::SeqCst);
+                serve(stream, &shared, peer);
+                shared.release_connection(peer);
             });
         if let Err(e) = spawned {
             tracing::warn!("live view: cannot start a connection thread: {e}");
-            server.active.fetch_sub(1, Ordering::SeqCst);
+            server.release_connection(peer);
         }
     }
 }
@@ -180,7 +231,7 @@ impl Request {
     }
 }
 
-fn serve(mut stream: TcpStream, server: &Server) {
+fn serve(mut stream: TcpStream, server: &Server, peer: IpAddr) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_nodelay(true);
@@ -192,7 +243,7 @@ fn serve(mut stream: TcpStream, server: &Server) {
             return;
         }
     };
-    if let Err(e) = route(stream, request, server) {
+    if let Err(e) = route(stream, request, server, peer) {
         tracing::debug!("live view: a connection ended with an error: {e}");
     }
 }
@@ -200,7 +251,12 @@ fn serve(mut stream: TcpStream, server: &Server) {
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
 
-fn route(mut stream: TcpStream, request: Request, server: &Server) -> std::io::Result<()> {
+fn route(
+    mut stream: TcpStream,
+    request: Request,
+    server: &Server,
+    peer: IpAddr,
+) -> std::io::Result<()> {
     // Before anything else, the token included: a page on a name that resolves to this
     // machine (DNS rebinding) must learn nothing, not even that a token is wanted.
     if let Some(problem) = foreign_host(&request, &server.config.allow_hosts) {
@@ -272,7 +328,7 @@ fn route(mut stream: TcpStream, request: Request, server: &Server) -> std::io::R
                  Sec-WebSocket-Accept: {accept}\r\n\r\n"
             );
             stream.write_all(head.as_bytes())?;
-            server.hand_over(stream, request.rest);
+            server.hand_over(stream, request.rest, peer);
             Ok(())
         }
         _ => respond(
@@ -289,7 +345,15 @@ fn route(mut stream: TcpStream, request: Request, server: &Server) -> std::io::R
 fn read_head(stream: &mut TcpStream) -> std::result::Result<Option<Request>, (u16, String)> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
+    // The whole head within HEAD_TIMEOUT, however it is dripped: each read's timeout is
+    // what is left of it (a per-read timeout let one byte every 5 s hold a slot for good).
+    let deadline = Instant::now() + HEAD_TIMEOUT;
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err((408, "the request head did not arrive within 5 s\n".into()));
+        }
+        let _ = stream.set_read_timeout(Some(left));
         let n = match stream.read(&mut chunk) {
             Ok(0) if buf.is_empty() => return Ok(None),
             Ok(0) => return Err((400, "the request ended before its head did\n".into())),

@@ -52,6 +52,9 @@ pub struct Limits {
     pub client_queue: usize,
     /// The most connections served at once (page loads, API calls and WebSockets).
     pub max_connections: usize,
+    /// A WebSocket client silent this long is pinged, and dropped if it is silent as long
+    /// again (src/live/ws.rs, `check_idle`).
+    pub ping_interval: Duration,
 }
 
 impl Default for Limits {
@@ -63,6 +66,7 @@ impl Default for Limits {
             max_messages: 10_000,
             client_queue: 10_000,
             max_connections: 128,
+            ping_interval: Duration::from_secs(30),
         }
     }
 }

@@ -24,7 +24,9 @@
 //!   has no gap and no duplicate.
 //! - One thread a request serves plain requests and WebSocket upgrades (src/live/http.rs);
 //!   one thread serves every WebSocket (src/live/ws.rs); at most
-//!   `Limits::max_connections` connections at a time, WebSockets included.
+//!   `Limits::max_connections` connections at a time, WebSockets included, a quarter of
+//!   them from one address; a request head must come whole within 5 s, and a WebSocket
+//!   that does not subscribe or answer pings is closed.
 //! - Every live view thread runs at nice 19: a busy foreman comes first.
 //!
 //! Memory is bounded by `Limits`: channels kept, messages a channel and in all, the feed's
@@ -104,6 +106,12 @@ impl LiveConfig {
                      (SNAPQ_HTTP_TOKEN) to serve it there, or listen on 127.0.0.1 and reach it \
                      through an SSH tunnel"
                 ),
+            ));
+        }
+        if self.limits.ping_interval < Duration::from_millis(500) {
+            return Err(Error::bad_input(
+                "--http-ping-interval",
+                "give at least 0.5 seconds (the default is 30)",
             ));
         }
         for name in &self.allow_hosts {

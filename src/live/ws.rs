@@ -25,7 +25,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, IoSlice, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -47,6 +47,8 @@ use crate::error::{Error, Result};
 pub(crate) struct Upgraded {
     pub stream: TcpStream,
     pub rest: Vec<u8>,
+    /// The peer's address, whose share of the connection slots this one counts in.
+    pub peer: IpAddr,
 }
 
 /// The most messages taken from the feed for one client in one turn.
@@ -79,6 +81,10 @@ const HUB_TIMEOUT: Duration = Duration::from_secs(10);
 /// monitors by name stays well within it.
 const MAX_CHANNELS_PER_CLIENT: usize = 1_000;
 
+/// A client must subscribe within this long of connecting; one that does not only holds a
+/// connection slot (issue 13, item 9).
+const SUBSCRIBE_WITHIN: Duration = Duration::from_secs(10);
+
 /// The most names in one subscribe message.
 const MAX_NAMES_PER_MESSAGE: usize = 100;
 
@@ -97,6 +103,8 @@ enum End {
     Gone,
     /// Its position left the feed.
     TooSlow,
+    /// It did not subscribe in time, or did not answer a ping (`check_idle`).
+    Idle(&'static str),
     /// The foreman is stopping.
     Stopping,
 }
@@ -128,10 +136,10 @@ fn serve(server: &Server, upgraded: &Receiver<Upgraded>) {
         if stopping_since.is_none() && server.stopping.load(Ordering::SeqCst) {
             stopping_since = Some(now);
         }
-        while let Ok(Upgraded { stream, rest }) = upgraded.try_recv() {
-            match Client::new(stream, rest, server) {
+        while let Ok(Upgraded { stream, rest, peer }) = upgraded.try_recv() {
+            match Client::new(stream, rest, peer, server) {
                 Some(client) if stopping_since.is_none() => clients.push(client),
-                _ => server.release_connection(),
+                _ => server.release_connection(peer),
             }
         }
         let take = paced_until.is_none_or(|t| now >= t);
@@ -140,6 +148,11 @@ fn serve(server: &Server, upgraded: &Receiver<Upgraded>) {
         for client in &mut clients {
             if let Some(since) = stopping_since {
                 client.end(End::Stopping, since + STOP_TIMEOUT, server);
+            }
+            if client.closing.is_none()
+                && let Err(end) = client.check_idle(now, server.config.limits.ping_interval)
+            {
+                client.end(end, now + CLOSE_TIMEOUT, server);
             }
             if client.closing.is_none() {
                 let turn = client.turn(server, take);
@@ -166,7 +179,7 @@ fn serve(server: &Server, upgraded: &Receiver<Upgraded>) {
                     .hub
                     .commands
                     .send(Command::Leave { client: client.id });
-                server.release_connection();
+                server.release_connection(client.peer);
             }
             !client.done
         });
@@ -271,12 +284,20 @@ struct Client {
     close: Option<CloseFrame>,
     /// Ending: give up on the peer at this time.
     closing: Option<Instant>,
+    /// Its address (the connection counts in that address's share of slots).
+    peer: IpAddr,
+    /// When it connected (it must subscribe within SUBSCRIBE_WITHIN).
+    connected: Instant,
+    /// When the peer last sent anything (a message, a pong).
+    heard: Instant,
+    /// When this thread pinged the peer, if it has not answered yet.
+    pinged: Option<Instant>,
     /// Ended: to be dropped.
     done: bool,
 }
 
 impl Client {
-    fn new(stream: TcpStream, rest: Vec<u8>, server: &Server) -> Option<Client> {
+    fn new(stream: TcpStream, rest: Vec<u8>, peer: IpAddr, server: &Server) -> Option<Client> {
         stream.set_nonblocking(true).ok()?;
         // Small buffers: a client sends little (subscriptions) and many may be connected;
         // what it is sent does not go through tungstenite's buffer.
@@ -298,8 +319,31 @@ impl Client {
             readable: true,
             close: None,
             closing: None,
+            peer,
+            connected: Instant::now(),
+            heard: Instant::now(),
+            pinged: None,
             done: false,
         })
+    }
+
+    /// Ends a client that holds a slot without using it: no subscription within
+    /// SUBSCRIBE_WITHIN, or no answer to a ping within `ping` (`Limits::ping_interval`).
+    /// Pings one that has been quiet for `ping`; browsers answer pings by themselves.
+    fn check_idle(&mut self, now: Instant, ping: Duration) -> std::result::Result<(), End> {
+        if self.position.is_none() && now.duration_since(self.connected) >= SUBSCRIBE_WITHIN {
+            return Err(End::Idle("no subscription within 10 s of connecting"));
+        }
+        match self.pinged {
+            Some(at) if now.duration_since(at) >= ping => Err(End::Idle("no answer to a ping")),
+            None if now.duration_since(self.heard) >= ping && !self.partial => {
+                // A ping with no payload, queued between whole frames.
+                self.out.push_back(Bytes::from_static(&[0x89, 0x00]));
+                self.pinged = Some(now);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Reads what the peer sent, takes from the feed (if `take`), writes.
@@ -372,7 +416,12 @@ impl Client {
     /// Reads whatever the peer sent, subscribing as asked.
     fn read(&mut self, server: &Server) -> std::result::Result<(), End> {
         loop {
-            match self.ws.read() {
+            let message = self.ws.read();
+            if message.is_ok() {
+                self.heard = Instant::now();
+                self.pinged = None;
+            }
+            match message {
                 Ok(Message::Text(text)) => self.subscribe(&text, server)?,
                 Ok(Message::Close(_)) => return Err(End::Gone),
                 // Pings are answered by tungstenite at this read or the next flush.
@@ -535,6 +584,10 @@ impl Client {
             End::Stopping => Some(CloseFrame {
                 code: CloseCode::Away,
                 reason: Utf8Bytes::from_static("the foreman is stopping"),
+            }),
+            End::Idle(why) => Some(CloseFrame {
+                code: CloseCode::Policy,
+                reason: Utf8Bytes::from_static(why),
             }),
         };
         if self.partial {

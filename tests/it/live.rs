@@ -617,3 +617,109 @@ fn channel_names_are_bounded_per_message_and_per_client() {
     );
     foreman.stop();
 }
+
+/// Issue 13, item 9: strangers cannot hold the live view's slots. A request head dripped a
+/// byte at a time is cut off at 5 s; one address holds at most a quarter of the slots
+/// while others are still served; a WebSocket that never subscribes, or that does not
+/// answer pings, is closed (1008).
+#[test]
+fn idle_and_dripping_clients_cannot_hold_the_slots() {
+    let home = Home::new();
+    let (mut foreman, addr) = start_live(
+        &home,
+        &["--http-max-connections", "8", "--http-ping-interval", "1"],
+    );
+
+    // A head dripped one byte a second: 408 and closed within the 5 s for the whole head.
+    let dripped = std::thread::spawn({
+        let addr = addr.clone();
+        move || {
+            let mut stream = TcpStream::connect(&addr).unwrap();
+            let started = Instant::now();
+            let mut answer = String::new();
+            for byte in b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: aaaaaaaaaaaaaaaaaaaa" {
+                if stream.write_all(&[*byte]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1000));
+                if started.elapsed() > Duration::from_secs(8) {
+                    break;
+                }
+            }
+            stream
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let _ = stream.read_to_string(&mut answer);
+            (started.elapsed(), answer)
+        }
+    });
+
+    let (took, answer) = dripped.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(
+        took < Duration::from_secs(8),
+        "the dripped head held its slot {took:?}"
+    );
+
+    // (Each step here runs alone: every connection comes from 127.0.0.1 and counts in its
+    // share.) Two quiet connections take 127.0.0.1's share (8 / 4); the next is refused at
+    // once, and once one goes, the address is served again.
+    let quiet: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut refused = TcpStream::connect(&addr).unwrap();
+    let mut answer = String::new();
+    refused.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    drop(quiet);
+    assert!(wait_until(Duration::from_secs(7), || get(
+        &addr,
+        "/api/status",
+        &[]
+    )
+    .0 == 200));
+
+    // A WebSocket that never subscribes is closed after 10 s.
+    let (mut silent, _) = tungstenite::connect(format!("ws://{addr}/events")).unwrap();
+    if let MaybeTlsStream::Plain(s) = silent.get_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    }
+    let connected = Instant::now();
+    loop {
+        // Pings come meanwhile (and are answered at this read): answering is not enough.
+        match silent.read() {
+            Ok(Message::Ping(_)) => continue,
+            Ok(Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), 1008);
+                assert!(frame.reason.contains("no subscription"), "{frame:?}");
+                break;
+            }
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+    let took = connected.elapsed();
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(13)).contains(&took),
+        "closed after {took:?}"
+    );
+
+    // One that subscribes but never reads (so never answers a ping) is pinged after 1 s of
+    // silence and closed 1 s later: raw bytes show the ping, then the close frame.
+    let mut deaf = subscribe(&addr, "", &["task:999999999"]);
+    let MaybeTlsStream::Plain(raw) = deaf.get_mut() else {
+        unreachable!()
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    raw.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut bytes = Vec::new();
+    let _ = raw.read_to_end(&mut bytes);
+    let ping = bytes.windows(2).position(|w| w == [0x89, 0x00]);
+    let close = bytes.iter().position(|b| *b == 0x88);
+    assert!(ping.is_some() && close > ping, "{bytes:?}");
+    let close = close.unwrap();
+    assert_eq!(
+        &bytes[close + 2..close + 4],
+        &1008u16.to_be_bytes(),
+        "{bytes:?}"
+    );
+    foreman.stop();
+}
