@@ -69,6 +69,37 @@ fn default_home(xdg_state: Option<PathBuf>, home: Option<PathBuf>) -> Result<Pat
     }
 }
 
+/// The group of `parent`, if it is writable by its group (and not by all): then what snapq
+/// creates there (the database, the wake-up directory) is shared with that group, as the
+/// service layout wants (README, "Running under systemd": members of the `snapq` group
+/// enqueue). Else `None`: things are created as the umask says.
+pub(crate) fn sharing_group(parent: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    std::fs::metadata(parent)
+        .ok()
+        // Writable by its group, not by everyone (/tmp is no group's shared place).
+        .filter(|m| m.mode() & 0o022 == 0o020)
+        .map(|m| m.gid())
+}
+
+/// Gives `file` (just created by this process) to `group`, readable and writable by it
+/// (`mode`: 0o660 for a file, 0o2770 for a directory, whose new files then get the group
+/// too), whatever the umask and the creator's primary group. A creator outside the group
+/// cannot give the file to it and keeps its own: the next writer's error then says what is
+/// wrong.
+pub(crate) fn share_with(file: &std::fs::File, group: u32, mode: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: fchown(2) on a descriptor the caller owns; uid -1 leaves the owner as is.
+    let _ = unsafe { libc::fchown(file.as_raw_fd(), u32::MAX, group) };
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,6 +70,7 @@ pub fn open(path: &Path, synchronous: Synchronous) -> Result<Connection> {
             problem: format!("cannot be created ({e}); choose a writable --home or --db"),
         })?;
     }
+    create_shared(path)?;
     // Several processes opening a fresh file at once (a foreman starting, `status`, enqueuers)
     // race to switch it to WAL and to create the schema. Some of those steps get SQLite's
     // BUSY without its busy handler being asked (SQLite returns it at once where waiting
@@ -85,6 +86,42 @@ pub fn open(path: &Path, synchronous: Synchronous) -> Result<Connection> {
             result => return result,
         }
     }
+}
+
+/// Creates a missing database file so that it can be shared the way its directory is: in
+/// a directory writable by its group (the service's /var/lib/snapq, mode 2770) the file
+/// is made writable by that group and owned by the directory's group, whatever the
+/// creating process's umask and primary group. SQLite gives the `-wal` and `-shm` files the
+/// database file's mode, so members of the group can then enqueue (issue 13, item 11: an
+/// enqueuer with umask 022 made a database the others could only read). Elsewhere the file
+/// is left for SQLite to create as usual.
+fn create_shared(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(group) = crate::config::sharing_group(path.parent().unwrap_or(Path::new("."))) else {
+        return Ok(());
+    };
+    if path.exists() {
+        return Ok(());
+    }
+    let file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o660)
+        .open(path)
+    {
+        Ok(file) => file,
+        // Another process made it first; it made it the same way.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => {
+            return Err(Error::BadPath {
+                role: "database",
+                path: path.to_owned(),
+                problem: format!("cannot be created ({e}); check the directory's permissions"),
+            });
+        }
+    };
+    crate::config::share_with(&file, group, 0o660)
+        .map_err(Error::io("making the database group-writable", path))
 }
 
 fn open_once(path: &Path, synchronous: Synchronous) -> Result<Connection> {

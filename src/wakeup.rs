@@ -47,11 +47,20 @@ impl WakeDir {
             path: path.to_owned(),
             problem,
         };
+        let existed = path.is_dir();
         if let Err(e) = std::fs::create_dir_all(path) {
             return Err(unusable(format!(
                 "cannot be created ({e}); give --wakeup-dir (or SNAPQ_WAKEUP_DIR) a writable \
                  directory, the same for the foreman and its enqueuers"
             )));
+        }
+        // Made here, in a directory its group may write (the service's home): every member
+        // of that group must be able to wake the foreman, whoever made it.
+        if !existed
+            && let Some(group) = path.parent().and_then(crate::config::sharing_group)
+            && let Ok(dir) = std::fs::File::open(path)
+        {
+            let _ = crate::config::share_with(&dir, group, 0o2770);
         }
         if !path.is_dir() {
             return Err(unusable("is not a directory".into()));
