@@ -23,6 +23,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0004_monitor_versions",
         include_str!("../migrations/0004_monitor_versions.sql"),
     ),
+    (
+        "0005_foreman_stopping",
+        include_str!("../migrations/0005_foreman_stopping.sql"),
+    ),
 ];
 
 /// The schema version this build writes and understands.

@@ -271,6 +271,7 @@ pub fn run_with_sink(
         sweep_undated: true,
         fatal: None,
         busy_since: None,
+        stop_deadline: None,
         totals: Totals::default(),
         // Monitors run in a long-lived foreman only; `--burst` is for tasks.
         monitors_maybe_due: !config.burst,
@@ -360,6 +361,9 @@ struct Foreman<'a> {
     sweep_undated: bool,
     /// `--burst` gave up on the queue: returned once the running tasks end (exit 1).
     fatal: Option<Error>,
+    /// From the first stop signal: when the foreman exits whatever still runs (Unix µs),
+    /// written with the heartbeat for `status`.
+    stop_deadline: Option<i64>,
     /// Since when the database has refused this loop its write lock (another process
     /// holds it), if it does now: said in STATUS= and in the log (invariant 11).
     busy_since: Option<Instant>,
@@ -386,6 +390,13 @@ struct Foreman<'a> {
 impl Foreman<'_> {
     /// What `systemctl status` shows beside the unit.
     fn status_line(&self) -> String {
+        if let Some(deadline) = self.stop_deadline {
+            let left = (deadline - now_micros()).max(0) as f64 / 1e6;
+            return format!(
+                "stopping: waiting up to {left:.0} s more for {} running",
+                self.running.len()
+            );
+        }
         let mut line = format!(
             "{} of {} workers busy; {} tasks done, {} failed",
             self.running.len(),
@@ -891,12 +902,15 @@ impl Foreman<'_> {
         self.notifier.status(&status);
         let result = self
             .books
-            .prepare_cached("UPDATE foremen SET beat_at = ?1, running = ?2 WHERE pid = ?3")
+            .prepare_cached(
+                "UPDATE foremen SET beat_at = ?1, running = ?2, stop_deadline = ?4 WHERE pid = ?3",
+            )
             .and_then(|mut stmt| {
                 stmt.execute(params![
                     now_micros(),
                     self.running.len() as i64,
-                    std::process::id()
+                    std::process::id(),
+                    self.stop_deadline
                 ])
             });
         match result {
@@ -922,6 +936,13 @@ impl Foreman<'_> {
     /// Invariants 2 and 3: no more claims; wait for running tasks up to the deadline.
     fn shut_down(&mut self, signal: i32) -> Result<Stopped> {
         let deadline = Instant::now() + self.config.graceful_timeout;
+        // Said to `status` (the heartbeat row, written below) and the live page: stopping,
+        // and by when.
+        let stop_at = now_micros().saturating_add(micros_of(self.config.graceful_timeout));
+        self.stop_deadline = Some(stop_at);
+        if let Some(live) = &self.live {
+            live.stopping(stop_at);
+        }
         tracing::info!(
             signal,
             running = self.running.len(),
@@ -929,13 +950,9 @@ impl Foreman<'_> {
              (a second signal stops at once)",
             self.config.graceful_timeout.as_secs_f64()
         );
-        let status = format!(
-            "stopping: waiting up to {:.0} s for {} running",
-            self.config.graceful_timeout.as_secs_f64(),
-            self.running.len()
-        );
+        self.beat();
+        let status = self.status_line();
         self.notifier.stopping(&status);
-        self.publish_queue_figures();
         while !self.running.is_empty() {
             self.notifier.watchdog();
             let now = Instant::now();

@@ -32,6 +32,11 @@ pub struct Status {
 #[derive(Debug, Clone, Serialize)]
 pub struct ForemanStatus {
     pub alive: bool,
+    /// "running", or "stopping" after a stop signal (waiting for its running tasks).
+    pub state: &'static str,
+    /// While stopping: when it exits whatever still runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_deadline: Option<String>,
     pub pid: i64,
     pub started_at: String,
     pub uptime_seconds: f64,
@@ -54,7 +59,8 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
     let counts = queue::counts(conn, now)?;
     let mut stmt = conn
         .prepare(
-            "SELECT pid, started_at, beat_at, workers, running FROM foremen ORDER BY started_at",
+            "SELECT pid, started_at, beat_at, workers, running, stop_deadline FROM foremen \
+             ORDER BY started_at",
         )
         .map_err(Error::sqlite("reading foremen"))?;
     let rows = stmt
@@ -65,12 +71,13 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
                 r.get::<_, i64>(2)?,
                 r.get::<_, i64>(3)?,
                 r.get::<_, i64>(4)?,
+                r.get::<_, Option<i64>>(5)?,
             ))
         })
         .map_err(Error::sqlite("reading foremen"))?;
     let mut foremen = Vec::new();
     for row in rows {
-        let (pid, started_at, beat_at, workers, running) =
+        let (pid, started_at, beat_at, workers, running, stop_deadline) =
             row.map_err(Error::sqlite("reading foremen"))?;
         // A late heartbeat with the process still there is a foreman whose database is
         // busy (its heartbeat write waits for the lock; invariant 11), not a dead one: it
@@ -86,6 +93,12 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
         if alive {
             foremen.push(ForemanStatus {
                 alive,
+                state: if stop_deadline.is_some() {
+                    "stopping"
+                } else {
+                    "running"
+                },
+                stop_deadline: stop_deadline.map(format_micros),
                 pid,
                 started_at: format_micros(started_at),
                 uptime_seconds: seconds(now - started_at),
@@ -142,9 +155,15 @@ impl Status {
         match &self.foreman {
             Some(f) => {
                 out.push_str(&format!(
-                    "foreman: running (pid {}, {} workers, up {:.0} s, last heartbeat {:.1} s ago)\n",
-                    f.pid, f.workers, f.uptime_seconds, f.last_beat_age_seconds
+                    "foreman: {} (pid {}, {} workers, up {:.0} s, last heartbeat {:.1} s ago)\n",
+                    f.state, f.pid, f.workers, f.uptime_seconds, f.last_beat_age_seconds
                 ));
+                if let Some(deadline) = &f.stop_deadline {
+                    out.push_str(&format!(
+                        "  stopping: no new task starts; it waits for the {} running until {deadline}\n",
+                        f.running
+                    ));
+                }
                 if f.last_beat_age_seconds * 1e6 >= STALE_AFTER_MICROS as f64 {
                     out.push_str(
                         "  its heartbeat is late: the database is busy (another process holds \

@@ -742,6 +742,8 @@ impl Hub {
                 (cpu / wall * 1000.0).round() / 10.0
             })
         });
+        let stop_deadline =
+            Some(self.tally.stop_deadline.load(Ordering::Relaxed)).filter(|&t| t > 0);
         let payload = Box::new(Heartbeat {
             at: format_micros(now),
             pid: std::process::id(),
@@ -751,6 +753,12 @@ impl Hub {
             cpu_percent,
             workers: self.workers,
             running: self.tally.running.load(Ordering::Relaxed),
+            state: if stop_deadline.is_some() {
+                "stopping"
+            } else {
+                "running"
+            },
+            stop_deadline: stop_deadline.map(format_micros),
             tasks,
             clients: self.clients.len(),
             events_dropped: self.tally.dropped.load(Ordering::Relaxed),
@@ -858,6 +866,11 @@ struct Heartbeat {
     cpu_percent: Option<f64>,
     workers: usize,
     running: usize,
+    /// "running", or "stopping" from the first stop signal on.
+    state: &'static str,
+    /// While stopping: when the foreman exits whatever still runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_deadline: Option<String>,
     tasks: Option<QueueFigures>,
     clients: usize,
     events_dropped: u64,

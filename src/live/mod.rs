@@ -41,7 +41,7 @@ mod ws;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -207,6 +207,10 @@ pub(crate) struct Tally {
     /// hub from events: a dropped `task.finished` cannot leave a task running here
     /// forever.
     pub running: AtomicUsize,
+    /// 0 while the foreman runs; from its first stop signal, the Unix µs by which it exits
+    /// whatever still runs (the heartbeat's `state` and `stop_deadline`). Set once by the
+    /// foreman loop.
+    pub stop_deadline: AtomicI64,
 }
 
 /// The producers' handle: cheap to clone, never blocks.
@@ -237,6 +241,11 @@ impl Publisher {
     /// Counts a started task ended (the worker, as it publishes its end).
     pub(crate) fn task_ended(&self) {
         self.tally.running.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The foreman is stopping and exits by `deadline` (Unix µs), running tasks or not.
+    pub(crate) fn stopping(&self, deadline: i64) {
+        self.tally.stop_deadline.store(deadline, Ordering::Relaxed);
     }
 }
 

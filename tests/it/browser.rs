@@ -279,5 +279,34 @@ fn the_page_shows_a_sleep_task_running_with_progress_then_finished_within_a_seco
     assert!(row["rss"].as_str().unwrap().ends_with("MiB"), "{row}");
     assert!(running_shot.is_some_and(|p| p.exists()));
     assert!(finished_shot.exists());
-    foreman.stop();
+
+    // Issue 13, item 16: during a graceful stop the page says "stopping" (not "live") and
+    // still shows the task that runs.
+    let id: i64 = home
+        .ok(&["enqueue", "sleep", "--kwargs", r#"{"seconds": 3}"#])
+        .trim()
+        .parse()
+        .unwrap();
+    let script = TASK_ROW.replace("__ID__", &id.to_string());
+    assert!(wait_until(Duration::from_secs(5), || browser.eval(&script)
+        ["running"]
+        == true));
+    foreman.signal(libc::SIGTERM);
+    let mut row = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            row = browser.eval(&script);
+            row["conn"] == "stopping"
+        }),
+        "the page did not show the stop: {row}"
+    );
+    assert_eq!(row["running"], true, "{row}");
+    let text = browser.eval("return document.getElementById('conn').textContent");
+    assert!(
+        text.as_str().unwrap().contains("waiting for 1 running"),
+        "{text}"
+    );
+    assert!(browser.screenshot("live-page-stopping.png").exists());
+    let exit = foreman.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(exit.success());
 }

@@ -723,3 +723,42 @@ fn idle_and_dripping_clients_cannot_hold_the_slots() {
     );
     foreman.stop();
 }
+
+/// Issue 13, item 16: during a graceful stop, `status` says "stopping" with the task still
+/// running, and so does the live view's heartbeat (and the page, from it).
+#[test]
+fn a_graceful_stop_is_shown_as_stopping_with_what_still_runs() {
+    let home = Home::new();
+    let (mut foreman, addr) = start_live(&home, &["--graceful-timeout", "20"]);
+    let mut ws = subscribe(&addr, "", &["foreman"]);
+    home.ok(&["enqueue", "sleep", "--kwargs", "{\"seconds\": 3}"]);
+    assert!(wait_until(Duration::from_secs(5), || !foreman
+        .events("task started")
+        .is_empty()));
+    foreman.signal(libc::SIGTERM);
+
+    let mut status = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            status = serde_json::from_str(&home.ok(&["status", "--json"])).unwrap();
+            status["foreman"]["state"] == "stopping"
+        }),
+        "{status}"
+    );
+    assert_eq!(status["foreman"]["running"], 1, "{status}");
+    assert!(status["foreman"]["stop_deadline"].is_string(), "{status}");
+    assert_eq!(status["tasks"]["running"], 1, "{status}");
+    let text = home.ok(&["status"]);
+    assert!(text.starts_with("foreman: stopping"), "{text}");
+
+    let beats = until(&mut ws, Duration::from_secs(3), |m| {
+        m["type"] == "heartbeat" && m["state"] == "stopping"
+    });
+    let beat = beats.last().unwrap();
+    assert_eq!(beat["running"], 1, "{beat}");
+    assert!(beat["stop_deadline"].is_string(), "{beat}");
+
+    let exit = foreman.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(exit.success());
+    assert_eq!(foreman.events("task finished").len(), 1);
+}
