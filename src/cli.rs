@@ -34,7 +34,10 @@ use crate::wakeup::WakeDir;
                   ran tasks that failed, 1 any other failure."
 )]
 pub struct Cli {
-    #[command(flatten)]
+    #[command(
+        flatten,
+        next_help_heading = "Global options (before or after the command)"
+    )]
     pub global: Global,
     #[command(subcommand)]
     pub command: Command,
@@ -126,8 +129,8 @@ pub enum MonitorCommand {
         /// A name of letters, digits, '_', '-' and '.'
         name: String,
         /// The kind's config, a JSON object, e.g. '{"node_prometheus_urls":
-        /// ["http://127.0.0.1:6688/metrics"]}'
-        #[arg(long, value_name = "JSON")]
+        /// ["http://127.0.0.1:6688/metrics"]}' (`system` needs none)
+        #[arg(long, value_name = "JSON", default_value = "{}")]
         config: String,
         /// Seconds between rounds (fractions allowed)
         #[arg(long, value_name = "SECS", default_value = "10", value_parser = seconds,
@@ -136,21 +139,31 @@ pub enum MonitorCommand {
     },
     /// Change a monitor's config or interval; the next round (within a second) uses it
     Update {
+        /// The monitor's name
         name: String,
+        /// The whole new config, a JSON object (as for `add`)
         #[arg(long, value_name = "JSON")]
         config: Option<String>,
+        /// Seconds between rounds (fractions allowed)
         #[arg(long, value_name = "SECS", value_parser = seconds, allow_negative_numbers = true)]
         interval: Option<Duration>,
     },
     /// Remove a monitor: no further rounds; a running round's result is discarded
-    Remove { name: String },
+    Remove {
+        /// The monitor's name
+        name: String,
+    },
     /// List monitors with their last status, value summary, error and run time
     List {
+        /// Print a JSON array
         #[arg(long)]
         json: bool,
     },
     /// Show one monitor in full (JSON)
-    Show { name: String },
+    Show {
+        /// The monitor's name
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -258,9 +271,14 @@ pub struct EnqueueArgs {
     #[arg(long, value_name = "RFC3339", conflicts_with = "file")]
     pub at: Option<String>,
     /// Enqueue JSON Lines from a file (or - for stdin), all in one transaction:
-    /// {"task": "append", "args": [...], "kwargs": {...}, "delay": 1.5} a line
+    /// {"task": "append", "args": [...], "kwargs": {...}, "delay": 1.5} a line; prints the
+    /// count
     #[arg(long, value_name = "PATH|-", conflicts_with = "task")]
     pub file: Option<String>,
+    /// With --file: print the new tasks' ids, one a line in the input's order, instead of
+    /// the count
+    #[arg(long, requires = "file")]
+    pub ids: bool,
 }
 
 /// `--since`: plain seconds, or a humantime duration (`15m`, `2h 30m`).
@@ -279,7 +297,19 @@ fn seconds(text: &str) -> std::result::Result<Duration, String> {
 
 /// Parses the command line, runs the command, maps the outcome to an exit status.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version: to stdout, exit 0.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        // Usage errors in the same style as every other error: `snapq: error: …`, exit 2.
+        Err(e) => {
+            let _ = write!(std::io::stderr(), "snapq: {e}");
+            return ExitCode::from(2);
+        }
+    };
     logging::init(cli.global.log_format);
     logging::log_panics();
     match execute(cli) {
@@ -391,9 +421,9 @@ fn live_config(paths: &Paths, args: &RunArgs) -> Result<Option<LiveConfig>> {
 
 fn enqueue(paths: &Paths, synchronous: Synchronous, args: &EnqueueArgs) -> Result<()> {
     if let Some(file) = &args.file {
-        let count = if file == "-" {
+        let (count, q) = if file == "-" {
             let mut q = Enqueuer::open(&paths.db, &paths.wakeup_dir, synchronous)?;
-            q.enqueue_lines(std::io::stdin().lock(), "stdin")?
+            (q.enqueue_lines(std::io::stdin().lock(), "stdin")?, q)
         } else {
             let handle = std::fs::File::open(file).map_err(|e| Error::BadPath {
                 role: "input file",
@@ -401,9 +431,16 @@ fn enqueue(paths: &Paths, synchronous: Synchronous, args: &EnqueueArgs) -> Resul
                 problem: format!("cannot be read ({e})"),
             })?;
             let mut q = Enqueuer::open(&paths.db, &paths.wakeup_dir, synchronous)?;
-            q.enqueue_lines(BufReader::new(handle), file)?
+            (q.enqueue_lines(BufReader::new(handle), file)?, q)
         };
-        return print(&format!("{count}\n"));
+        if !args.ids {
+            return print(&format!("{count}\n"));
+        }
+        let mut out = String::new();
+        for id in q.stored_ids().into_iter().flatten() {
+            out.push_str(&format!("{id}\n"));
+        }
+        return print(&out);
     }
     let name = args
         .task

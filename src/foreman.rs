@@ -417,7 +417,7 @@ impl Foreman<'_> {
     fn db_free(&mut self) {
         if let Some(since) = self.busy_since.take() {
             tracing::info!(
-                busy_s = round_ms(since.elapsed()) / 1e3,
+                busy_s = since.elapsed().as_millis() as f64 / 1e3,
                 "the database is free again"
             );
         }

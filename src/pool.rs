@@ -405,11 +405,12 @@ impl Drop for Slot<'_> {
         let id = self.id;
         let task = self.name.as_deref().unwrap_or("?");
         match &self.outcome {
-            Outcome::Succeeded => tracing::info!(id, task, ms, "task finished"),
-            Outcome::Failed(error) => tracing::warn!(id, task, ms, error, "task failed"),
-            Outcome::Panicked(error) => tracing::error!(id, task, ms, error, "task panicked"),
+            // `%task`, as at the start: `task=noop`, not `task="noop"`.
+            Outcome::Succeeded => tracing::info!(id, %task, ms, "task finished"),
+            Outcome::Failed(error) => tracing::warn!(id, %task, ms, error, "task failed"),
+            Outcome::Panicked(error) => tracing::error!(id, %task, ms, error, "task panicked"),
             Outcome::Rejected(error) => {
-                tracing::error!(id, task, error, "task rejected and deleted, not retried")
+                tracing::error!(id, %task, error, "task rejected and deleted, not retried")
             }
             Outcome::Round(_) => {}
         }

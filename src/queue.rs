@@ -129,6 +129,8 @@ pub struct Enqueuer {
     conn: Connection,
     wake: WakeDir,
     catalog: Catalog,
+    /// The ids the last bulk enqueue stored (`stored_ids`).
+    last_stored: Option<std::ops::RangeInclusive<i64>>,
 }
 
 impl Enqueuer {
@@ -162,6 +164,7 @@ impl Enqueuer {
             conn,
             wake,
             catalog,
+            last_stored: None,
         })
     }
 
@@ -228,7 +231,15 @@ impl Enqueuer {
         self.store(&rows, now)
     }
 
+    /// The ids of the tasks the last `enqueue_many` or `enqueue_lines` stored, first to
+    /// last: one transaction holds the write lock throughout, so they are consecutive
+    /// (AUTOINCREMENT). `None` if it stored nothing.
+    pub fn stored_ids(&self) -> Option<std::ops::RangeInclusive<i64>> {
+        self.last_stored.clone()
+    }
+
     fn store(&mut self, rows: &[Row], now: i64) -> Result<usize> {
+        self.last_stored = None;
         if rows.is_empty() {
             return Ok(0);
         }
@@ -240,11 +251,16 @@ impl Enqueuer {
             let mut insert = tx
                 .prepare_cached(INSERT)
                 .map_err(Error::sqlite("preparing the insert"))?;
+            let mut ids = None;
             for row in rows {
-                insert
-                    .execute(params![row.task, row.args, row.kwargs, now, row.run_at])
+                let id = insert
+                    .insert(params![row.task, row.args, row.kwargs, now, row.run_at])
                     .map_err(Error::sqlite("inserting a task"))?;
+                ids = Some(ids.map_or(id..=id, |ids: std::ops::RangeInclusive<i64>| {
+                    *ids.start()..=id
+                }));
             }
+            self.last_stored = ids;
         }
         tx.commit()
             .map_err(Error::sqlite("committing the enqueue"))?;
@@ -318,7 +334,14 @@ pub fn parse_json_arg(flag: &str, text: &str) -> Result<Value> {
     serde_json::from_str(text).map_err(|e| {
         Error::bad_input(
             flag,
-            format!("{text:?} is not valid JSON ({e}); quote it for the shell, e.g. '[1, \"a\"]'"),
+            format!(
+                "{text:?} is not valid JSON ({e}); quote it for the shell, e.g. {}",
+                match flag {
+                    "--args" => "'[1, \"a\"]'",
+                    "--kwargs" => "'{\"seconds\": 2}'",
+                    _ => "'{\"url\": \"http://127.0.0.1:8080/health\"}'",
+                }
+            ),
         )
     })
 }

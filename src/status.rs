@@ -144,6 +144,18 @@ pub fn empty(db_path: &Path) -> Status {
     }
 }
 
+/// A duration for people: `0.183 s`, `42.0 s`, `17 min`, `5.2 h`, `2527 days` (not
+/// `218332215.961 s`). `--json` keeps the plain seconds.
+fn human(seconds: f64) -> String {
+    match seconds {
+        s if s < 10.0 => format!("{s:.3} s"),
+        s if s < 120.0 => format!("{s:.1} s"),
+        s if s < 7_200.0 => format!("{:.0} min", s / 60.0),
+        s if s < 172_800.0 => format!("{:.1} h", s / 3_600.0),
+        s => format!("{:.0} days", s / 86_400.0),
+    }
+}
+
 fn seconds(micros: i64) -> f64 {
     micros.max(0) as f64 / 1e6
 }
@@ -155,8 +167,12 @@ impl Status {
         match &self.foreman {
             Some(f) => {
                 out.push_str(&format!(
-                    "foreman: {} (pid {}, {} workers, up {:.0} s, last heartbeat {:.1} s ago)\n",
-                    f.state, f.pid, f.workers, f.uptime_seconds, f.last_beat_age_seconds
+                    "foreman: {} (pid {}, {} workers, up {}, last heartbeat {} ago)\n",
+                    f.state,
+                    f.pid,
+                    f.workers,
+                    human(f.uptime_seconds),
+                    human(f.last_beat_age_seconds)
                 ));
                 if let Some(deadline) = &f.stop_deadline {
                     out.push_str(&format!(
@@ -180,12 +196,12 @@ impl Status {
         out.push_str(&format!("tasks due: {}\n", t.due));
         out.push_str(&format!("tasks delayed: {}", t.delayed));
         if let Some(next) = t.next_delayed_in_seconds {
-            out.push_str(&format!(" (next due in {next:.1} s)"));
+            out.push_str(&format!(" (next due in {})", human(next)));
         }
         out.push('\n');
         out.push_str(&format!("tasks running: {}\n", t.running));
         match t.oldest_due_age_seconds {
-            Some(age) => out.push_str(&format!("oldest due task: due {age:.3} s ago\n")),
+            Some(age) => out.push_str(&format!("oldest due task: due {} ago\n", human(age))),
             None => out.push_str("oldest due task: none\n"),
         }
         let m = &self.monitors;

@@ -49,6 +49,19 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// once-a-second sample expensive.
 pub const DUE_COUNT_CAP: i64 = 100_000;
 
+/// A telemetry file is rotated when it reaches this size: `duration-<pid>.csv` becomes
+/// `duration-<pid>.1.csv` (the older ones move up by one) and a new file starts. A 1M-task
+/// drain wrote 89 MB of durations into one file before (issue 13, item 17).
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// Rotated files kept per series and process, besides the one being written: at most
+/// `(1 + KEEP_ROTATED) × MAX_FILE_BYTES` (64 MiB) a series while a foreman runs.
+pub const KEEP_ROTATED: usize = 3;
+
+/// Files of foremen no longer running that are kept when a foreman starts (the newest);
+/// older ones are removed, so that restarts do not pile files up either.
+pub const KEEP_DEAD_FILES: usize = 16;
+
 /// The CSV header of both files (SPEC).
 pub const HEADER: &str = "Timepoint, Measurement, Label, PID";
 
@@ -230,6 +243,7 @@ impl Running {
             duration: dir.join(format!("duration-{pid}.csv")),
             runtime: dir.join(format!("runtime-{pid}.csv")),
         };
+        prune_dead(dir);
         // Open both now, so an unwritable directory is reported at startup.
         for path in [&files.duration, &files.runtime] {
             append(path, "").map_err(|e| {
@@ -372,13 +386,66 @@ fn write_out(telemetry: &Telemetry, files: &Files, buffer: Vec<Sample>) {
     telemetry.give_back(buffer);
 }
 
-/// A CSV writer appending to `path` (header included if the file is new).
+/// A CSV writer appending to `path` (header included if the file is new), after rotating
+/// the file if it reached `MAX_FILE_BYTES`.
 fn csv_appender(path: &Path) -> std::io::Result<csv::Writer<std::fs::File>> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() >= MAX_FILE_BYTES) {
+        rotate(path)?;
+    }
     append(path, "")?;
     let file = OpenOptions::new().append(true).open(path)?;
     Ok(csv::WriterBuilder::new()
         .has_headers(false)
         .from_writer(file))
+}
+
+/// `name-<pid>.csv` → `name-<pid>.1.csv`, `.1` → `.2`, …, dropping the one past
+/// `KEEP_ROTATED`. Each process rotates only its own files.
+fn rotate(path: &Path) -> std::io::Result<()> {
+    let numbered = |n: usize| path.with_extension(format!("{n}.csv"));
+    let _ = std::fs::remove_file(numbered(KEEP_ROTATED));
+    for n in (1..KEEP_ROTATED).rev() {
+        let _ = std::fs::rename(numbered(n), numbered(n + 1));
+    }
+    std::fs::rename(path, numbered(1))
+}
+
+/// Removes the telemetry files of processes no longer running, all but the newest
+/// `KEEP_DEAD_FILES`. Files of live processes (another foreman sharing the directory) are
+/// never touched.
+fn prune_dead(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut dead: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let rest = name
+                .strip_prefix("duration-")
+                .or_else(|| name.strip_prefix("runtime-"))?
+                .strip_suffix(".csv")?;
+            let pid: i32 = rest.split('.').next()?.parse().ok()?;
+            if crate::pidfile::process_exists(pid) {
+                return None;
+            }
+            Some((entry.metadata().ok()?.modified().ok()?, entry.path()))
+        })
+        .collect();
+    if dead.len() <= KEEP_DEAD_FILES {
+        return;
+    }
+    dead.sort_by(|a, b| b.0.cmp(&a.0));
+    let old = dead.split_off(KEEP_DEAD_FILES);
+    let removed = old
+        .iter()
+        .filter(|(_, path)| std::fs::remove_file(path).is_ok())
+        .count();
+    tracing::info!(
+        dir = %dir.display(),
+        removed,
+        "removed telemetry files of foremen no longer running (the newest {KEEP_DEAD_FILES} are kept)"
+    );
 }
 
 /// Appends `rows` in one write, writing the header first if the file is new.
@@ -483,6 +550,75 @@ mod tests {
         let stat = ProcStat::read_self().unwrap();
         assert!(stat.threads >= 1);
         assert!(stat.rss_bytes > 0);
+    }
+
+    /// Issue 13, item 17: a file that reached its size is rotated, with at most
+    /// `KEEP_ROTATED` old ones kept; the new file starts with the header.
+    #[test]
+    fn a_full_file_is_rotated_and_old_ones_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("duration-7.csv");
+        for round in 0..KEEP_ROTATED + 2 {
+            // A sparse file of the full size stands for one written full.
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap();
+            file.set_len(MAX_FILE_BYTES).unwrap();
+            drop(file);
+            let mut writer = csv_appender(&path).unwrap();
+            writer
+                .write_record(["1", "2", &format!("round-{round}"), "7"])
+                .unwrap();
+            writer.flush().unwrap();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(text, format!("{HEADER}\n1,2,round-{round},7\n"));
+        }
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "duration-7.1.csv",
+                "duration-7.2.csv",
+                "duration-7.3.csv",
+                "duration-7.csv"
+            ]
+        );
+        // The newest rotated file is the one written just before the last rotation.
+        let newest = std::fs::read(dir.path().join("duration-7.1.csv")).unwrap();
+        assert_eq!(newest.len() as u64, MAX_FILE_BYTES);
+    }
+
+    /// Files of dead processes beyond the newest KEEP_DEAD_FILES are removed at start;
+    /// a live process's files are kept whatever their age.
+    #[test]
+    fn files_of_dead_foremen_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        // Pids above the kernel's pid_max are never running.
+        let dead = |n: usize| format!("runtime-{}.csv", 999_999_000 + n);
+        for n in 0..KEEP_DEAD_FILES + 5 {
+            std::fs::write(dir.path().join(dead(n)), HEADER).unwrap();
+            // Distinct modification times, oldest first.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mine = format!("duration-{}.csv", std::process::id());
+        std::fs::write(dir.path().join(&mine), HEADER).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+        prune_dead(dir.path());
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left.len(), KEEP_DEAD_FILES + 2, "{left:?}");
+        assert!(left.contains(&mine) && left.contains(&"notes.txt".to_owned()));
+        for n in 0..5 {
+            assert!(!left.contains(&dead(n)), "the oldest {} was kept", dead(n));
+        }
     }
 
     #[test]

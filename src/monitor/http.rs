@@ -85,7 +85,7 @@ impl HttpProbe {
         Ok(json!({
             "url": url,
             "status": fetched.status,
-            "latency_ms": fetched.latency.as_secs_f64() * 1e3,
+            "latency_ms": crate::pool::round_ms(fetched.latency),
             "bytes": fetched.body.len(),
         }))
     }

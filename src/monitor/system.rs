@@ -74,7 +74,7 @@ impl Probe for SystemProbe {
                     (Some((busy, total)), Some(b0), Some(t0)) => {
                         let (b0, t0) = (b0.as_f64().unwrap_or(0.0), t0.as_f64().unwrap_or(0.0));
                         let dt = total - t0;
-                        (dt > 0.0).then(|| 100.0 * (busy - b0) / dt)
+                        (dt > 0.0).then(|| percent(busy - b0, dt))
                     }
                     _ => None,
                 };
@@ -83,17 +83,22 @@ impl Probe for SystemProbe {
                     None => Value::Null,
                 };
                 let used_percent = match (r.memory_total, r.memory_available) {
-                    (Some(t), Some(a)) if t > 0.0 => Some(100.0 * (t - a) / t),
+                    (Some(t), Some(a)) if t > 0.0 => Some(percent(t - a, t)),
                     _ => None,
                 };
                 let disks: serde_json::Map<String, Value> = r
                     .disks
                     .iter()
                     .map(|(mount, (size, avail))| {
-                        let used = if *size > 0.0 { 100.0 * (size - avail) / size } else { 0.0 };
+                        let used = if *size > 0.0 {
+                            percent(size - avail, *size)
+                        } else {
+                            0.0
+                        };
                         (
                             mount.clone(),
-                            json!({"size_bytes": size, "available_bytes": avail, "used_percent": used}),
+                            json!({"size_bytes": bytes(*size), "available_bytes": bytes(*avail),
+                                   "used_percent": used}),
                         )
                     })
                     .collect();
@@ -101,8 +106,8 @@ impl Probe for SystemProbe {
                     outcome: Ok(json!({
                         "source": self.exporter.as_ref().map_or("/proc", |(u, _)| u.as_str()),
                         "cpu_percent": cpu_percent,
-                        "memory_total_bytes": r.memory_total,
-                        "memory_available_bytes": r.memory_available,
+                        "memory_total_bytes": r.memory_total.map(bytes),
+                        "memory_available_bytes": r.memory_available.map(bytes),
                         "memory_used_percent": used_percent,
                         "load1": r.load[0],
                         "load5": r.load[1],
@@ -118,6 +123,16 @@ impl Probe for SystemProbe {
             },
         }
     }
+}
+
+/// `part` of `whole` in percent, to two decimals: `12.82`, not `12.820512820512821`.
+fn percent(part: f64, whole: f64) -> f64 {
+    (10_000.0 * part / whole).round() / 100.0
+}
+
+/// A byte count as an integer: `24562290688`, not `24562290688.0`.
+fn bytes(value: f64) -> u64 {
+    value.max(0.0).round() as u64
 }
 
 fn from_proc() -> Result<Reading, RoundError> {

@@ -280,6 +280,38 @@ fn the_page_shows_a_sleep_task_running_with_progress_then_finished_within_a_seco
     assert!(running_shot.is_some_and(|p| p.exists()));
     assert!(finished_shot.exists());
 
+    // Issue 13, item 17: at 1280 px the monitor table fits (long values are cut, not
+    // scrolled to), and a failure stays in view after 150 successes.
+    browser.command(
+        "POST",
+        &browser.session_path("/window/rect"),
+        json!({"width": 1280, "height": 900}),
+    );
+    home.enqueue_lines(&"{\"task\":\"noop\"}\n".repeat(150));
+    let fits = r#"
+        const wrap = document.querySelector('#monitors').parentElement;
+        const failed = document.querySelector('#failures tr[data-task-id="3"] .outcome');
+        const finished = document.querySelector('#finished tr[data-task-id="3"]');
+        return {
+            fits: wrap.scrollWidth <= wrap.clientWidth,
+            page_fits: document.documentElement.scrollWidth <= window.innerWidth,
+            failure: failed ? failed.textContent : null,
+            in_finished: !!finished,
+        };
+    "#;
+    let mut shown = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            shown = browser.eval(fits);
+            shown["in_finished"] == false
+        }),
+        "150 successes did not push the failure out of 'finished': {shown}"
+    );
+    assert_eq!(shown["failure"], "failed", "{shown}");
+    assert_eq!(shown["fits"], true, "{shown}");
+    assert_eq!(shown["page_fits"], true, "{shown}");
+    browser.screenshot("live-page-1280.png");
+
     // Issue 13, item 16: during a graceful stop the page says "stopping" (not "live") and
     // still shows the task that runs.
     let id: i64 = home

@@ -41,3 +41,112 @@ fn a_home_no_foreman_ever_used_is_pointed_out() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Item 17, the small things seen at once (the page's two are in tests/it/browser.rs, the
+/// telemetry files' rotation in src/telemetry.rs's tests).
+#[test]
+fn small_things_a_new_user_sees_at_once() {
+    let home = Home::new();
+    let out = home.file("out.txt");
+
+    // One error style, usage errors included: `snapq: error: …`, exit 2.
+    let typo = home.snapq(&["enqueu", "noop"]);
+    assert_eq!(typo.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&typo.stderr).starts_with("snapq: error:"),
+        "{}",
+        String::from_utf8_lossy(&typo.stderr)
+    );
+    // The --kwargs hint shows an object, --args an array.
+    let bad = home.snapq(&["enqueue", "sleep", "--kwargs", "{seconds: 1}"]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains(r#"e.g. '{"seconds": 2}'"#), "{stderr}");
+    let bad = home.snapq(&["enqueue", "noop", "--args", "[1,"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("e.g. '[1, \"a\"]'"));
+
+    // Every argument of every command has a description, and global options stand apart.
+    for command in [
+        &["enqueue"][..],
+        &["run"],
+        &["monitor", "add"],
+        &["monitor", "update"],
+        &["monitor", "remove"],
+        &["monitor", "list"],
+        &["monitor", "show"],
+        &["status"],
+        &["tasks"],
+        &["stats"],
+    ] {
+        let mut args = command.to_vec();
+        // The short help: each option and its description on one line.
+        args.push("-h");
+        let help = home.ok(&args);
+        assert!(help.contains("Global options"), "{args:?}:\n{help}");
+        let own = help.split("Global options").next().unwrap();
+        for line in own.lines().map(str::trim) {
+            let undescribed =
+                (line.starts_with("--") || line.starts_with('<')) && !line.contains("  ");
+            assert!(
+                !undescribed,
+                "{args:?}: no description for {line:?}:\n{help}"
+            );
+        }
+    }
+
+    // `monitor add system` needs no --config.
+    home.ok(&["monitor", "add", "system", "host", "--interval", "0.2"]);
+
+    // `enqueue --file --ids` prints each new id.
+    let lines = crate::support::append_lines(&out, "bulk", 0..3);
+    let input = home.file("bulk.jsonl");
+    std::fs::write(&input, lines).unwrap();
+    let ids = home.ok(&["enqueue", "--file", input.to_str().unwrap(), "--ids"]);
+    let ids: Vec<i64> = ids.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(ids.len(), 3);
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+
+    // The same field looks the same in every line: `task=append` at start and at end.
+    let run = home.cmd().args(["run", "--burst"]).output().unwrap();
+    let log = String::from_utf8_lossy(&run.stderr);
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("task ")).collect();
+    assert!(lines.len() >= 6, "{log}");
+    for line in &lines {
+        assert!(line.contains("task=append"), "{line}");
+    }
+
+    // Numbers as people read them: bytes as integers, percentages to two decimals.
+    let mut foreman = home.start(&[]);
+    let results = home.file("results.jsonl");
+    let mut second = None;
+    assert!(crate::support::wait_until(
+        std::time::Duration::from_secs(5),
+        || {
+            second = std::fs::read_to_string(&results)
+                .unwrap_or_default()
+                .lines()
+                .nth(1)
+                .map(str::to_owned);
+            second.is_some()
+        }
+    ));
+    foreman.stop();
+    let second = second.unwrap();
+    let data: serde_json::Value = serde_json::from_str(&second).unwrap();
+    let data = &data["data"];
+    assert!(data["memory_total_bytes"].is_u64(), "{second}");
+    for key in ["cpu_percent", "memory_used_percent"] {
+        let text = data[key].to_string();
+        let decimals = text.split('.').nth(1).map_or(0, str::len);
+        assert!(decimals <= 2, "{key} = {text}");
+    }
+
+    // A due time from long ago reads in days, not in hundreds of millions of seconds.
+    home.conn()
+        .execute(
+            "INSERT INTO tasks (task_name, created_at) VALUES ('noop', 1)",
+            [],
+        )
+        .unwrap();
+    let status = home.ok(&["status"]);
+    assert!(status.contains("days ago"), "{status}");
+}
