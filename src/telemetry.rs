@@ -435,7 +435,7 @@ fn prune_dead(dir: &Path) {
     if dead.len() <= KEEP_DEAD_FILES {
         return;
     }
-    dead.sort_by(|a, b| b.0.cmp(&a.0));
+    dead.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
     let old = dead.split_off(KEEP_DEAD_FILES);
     let removed = old
         .iter()
