@@ -28,8 +28,9 @@ use crate::wakeup::WakeDir;
     name = "snapq",
     version,
     about = "Background tasks for one machine: a SQLite file is the queue, inotify wakes the foreman.",
-    after_help = "Every flag can also be set as SNAPQ_<FLAG> (e.g. SNAPQ_HOME, SNAPQ_WORKERS); \
-                  a flag wins over the environment.\n\
+    after_help = "Every setting of `run` and every global option can also be set as SNAPQ_<FLAG> \
+                  (e.g. SNAPQ_HOME, SNAPQ_WORKERS; each option's help names its variable); a flag \
+                  wins over the environment.\n\
                   Exit status: 0 success, 2 bad usage or input (nothing was written), 3 `run --burst` \
                   ran tasks that failed, 1 any other failure."
 )]
@@ -343,11 +344,7 @@ pub fn execute(cli: Cli) -> Result<()> {
 
 fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
     let config = ForemanConfig {
-        db: paths.db.clone(),
-        wakeup_dir: paths.wakeup_dir.clone(),
-        pid_file: paths.pid_file.clone(),
         telemetry_dir: (!args.no_telemetry).then(|| paths.telemetry_dir.clone()),
-        results_file: paths.results_file.clone(),
         synchronous,
         workers: usize::from(args.workers),
         batch: args.batch as usize,
@@ -355,6 +352,7 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         burst: args.burst,
         safety_interval: args.safety_interval.max(Duration::from_millis(10)),
         live: live_config(paths, args)?,
+        ..ForemanConfig::from_paths(paths)
     };
     let Some(url) = &args.amqp_url else {
         if paths.db.exists() {

@@ -150,6 +150,37 @@ pub struct ForemanConfig {
     pub live: Option<LiveConfig>,
 }
 
+impl ForemanConfig {
+    /// The settings `snapq run` starts with, every file in `paths` (the CLI's layout);
+    /// change the fields to taste.
+    pub fn from_paths(paths: &crate::config::Paths) -> ForemanConfig {
+        ForemanConfig {
+            db: paths.db.clone(),
+            wakeup_dir: paths.wakeup_dir.clone(),
+            pid_file: paths.pid_file.clone(),
+            telemetry_dir: Some(paths.telemetry_dir.clone()),
+            results_file: paths.results_file.clone(),
+            synchronous: Synchronous::default(),
+            workers: 4,
+            batch: 100,
+            graceful_timeout: Duration::from_secs(30),
+            burst: false,
+            safety_interval: SAFETY_INTERVAL,
+            live: None,
+        }
+    }
+
+    /// `from_paths` for a home directory: the database, wake-up directory, pid file,
+    /// telemetry and results all under `home`, as `snapq --home HOME run` has them.
+    pub fn in_home(home: impl Into<PathBuf>) -> Result<ForemanConfig> {
+        let paths = crate::config::Paths::resolve(&crate::config::PathOverrides {
+            home: Some(home.into()),
+            ..Default::default()
+        })?;
+        Ok(ForemanConfig::from_paths(&paths))
+    }
+}
+
 /// What the loop reacts to. `next_event` returns one of these; bursts of completions are
 /// drained in the same turn.
 enum Event {

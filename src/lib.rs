@@ -41,6 +41,11 @@ pub mod systemd;
 pub mod telemetry;
 pub mod wakeup;
 
+/// README.md's Rust examples, compiled as doc tests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use error::{Error, Result};
 pub use foreman::{ForemanConfig, Stopped};
 pub use queue::{Enqueuer, NewTask, When};

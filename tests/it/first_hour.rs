@@ -150,3 +150,80 @@ fn small_things_a_new_user_sees_at_once() {
     let status = home.ok(&["status"]);
     assert!(status.contains("days ago"), "{status}");
 }
+
+/// Item 14: README is true for a new user. It names no file the repository lacks
+/// (SPEC.md), says how to get `snapq` on the PATH, its `--at` example works today, and
+/// every SNAPQ_ variable it names (and systemd/snapq.env sets) is one snapq reads. Its Rust
+/// example is compiled by `cargo test` (`ReadmeDoctests` in src/lib.rs).
+#[test]
+fn readme_is_true_for_a_new_user() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let architecture = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    for (name, text) in [("README.md", &readme), ("ARCHITECTURE.md", &architecture)] {
+        assert!(
+            !text.contains("SPEC"),
+            "{name} refers to SPEC.md, which is not here"
+        );
+    }
+    assert!(readme.contains("cargo install --path ."));
+
+    // The --at example, run as written with this build's snapq first on the PATH.
+    let home = Home::new();
+    let at = readme
+        .lines()
+        .skip_while(|l| !l.contains("\"line\": \"in an hour\""))
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("/tmp/out.txt", home.file("out.txt").to_str().unwrap());
+    assert!(at.contains("--at"), "{at}");
+    let bin_dir = std::path::Path::new(crate::support::BIN).parent().unwrap();
+    let run = std::process::Command::new("bash")
+        .args([
+            "-c",
+            &at.replace("\\\n", " ")
+                .split('#')
+                .next()
+                .unwrap()
+                .to_owned(),
+        ])
+        .env(
+            "PATH",
+            format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
+        )
+        .env("SNAPQ_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{at}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_str(&home.ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["tasks"]["delayed"], 1, "{status}");
+
+    // Every variable README and snapq.env name is one the help names.
+    let mut help = String::new();
+    for command in [&[][..], &["run"], &["enqueue"], &["status"]] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        help.push_str(&home.ok(&args));
+    }
+    let env_file = std::fs::read_to_string(root.join("systemd/snapq.env")).unwrap();
+    for text in [&readme, &env_file] {
+        for (at, _) in text.match_indices("SNAPQ_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect();
+            if name == "SNAPQ_" {
+                continue; // SNAPQ_<FLAG>
+            }
+            assert!(
+                help.contains(&format!("env: {name}=")),
+                "{name} is read by no option"
+            );
+        }
+    }
+}
