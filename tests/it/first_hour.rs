@@ -179,15 +179,10 @@ fn readme_is_true_for_a_new_user() {
         .replace("/tmp/out.txt", home.file("out.txt").to_str().unwrap());
     assert!(at.contains("--at"), "{at}");
     let bin_dir = std::path::Path::new(crate::support::BIN).parent().unwrap();
+    let command = at.replace("\\\n", " ");
+    let command = command.split('#').next().unwrap();
     let run = std::process::Command::new("bash")
-        .args([
-            "-c",
-            &at.replace("\\\n", " ")
-                .split('#')
-                .next()
-                .unwrap()
-                .to_owned(),
-        ])
+        .args(["-c", command])
         .env(
             "PATH",
             format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
