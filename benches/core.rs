@@ -462,10 +462,10 @@ fn wakeup_latency(
         if foreman.is_finished() {
             panic!("the foreman stopped: {:?}", foreman.join().unwrap().err());
         }
-        if let Ok(q) = Enqueuer::open(&db, &wakeup_dir, sync) {
-            if q.catalog().specs().any(|s| s.name == "stamp") {
-                break q;
-            }
+        if let Ok(q) = Enqueuer::open(&db, &wakeup_dir, sync)
+            && q.catalog().specs().any(|s| s.name == "stamp")
+        {
+            break q;
         }
         std::thread::sleep(Duration::from_millis(5));
     };

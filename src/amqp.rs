@@ -15,18 +15,13 @@
 //! `{"prometheus": {"error": {"meta_data", "message", "code"}}}`; other kinds on
 //! `raw_data` / `<kind>.<monitor>` as snapq's own result object.
 //!
-//! amiquip is unmaintained; everything that names it stays in this file, so that lapin can
-//! replace it without touching monitor code.
+//! The connection itself (lapin, confirms, redaction of the URL) is src/rabbitmq.rs.
 
 use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use amiquip::{
-    AmqpProperties, Confirm, Connection as AmqpConnection, ConsumerMessage, ConsumerOptions,
-    ExchangeDeclareOptions, ExchangeType, FieldTable, Publish, QueueDeclareOptions,
-};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded};
 use rusqlite::{Connection, Transaction, params};
 use serde_json::{Value, json};
 
@@ -34,6 +29,7 @@ use crate::clock::now_micros;
 use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
 use crate::monitor::RoundResult;
+use crate::rabbitmq::{Broker, redact};
 use crate::sink::Sink;
 
 /// Where round results go (PANIC's name).
@@ -246,18 +242,6 @@ pub fn start(
     ))
 }
 
-/// The URL without its password, for logs and `status`.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            let user = creds.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 fn set_state(conn: &Connection, state: &str, detail: &str) {
     let result = conn.execute(
         "INSERT INTO sink_status (sink, state, detail, updated_at) VALUES ('amqp', ?1, ?2, ?3) \
@@ -317,121 +301,69 @@ fn session(
     heartbeat_interval: Duration,
     connected: &mut bool,
 ) -> Result<(), String> {
-    let mut connection =
-        AmqpConnection::insecure_open(url).map_err(|e| format!("cannot connect: {e}"))?;
-    let channel = connection
-        .open_channel(None)
-        .map_err(|e| format!("cannot open a channel: {e}"))?;
-    let confirms = channel
-        .listen_for_publisher_confirms()
-        .map_err(|e| format!("cannot listen for confirms: {e}"))?;
-    channel
-        .enable_publisher_confirms()
-        .map_err(|e| format!("cannot enable publisher confirms: {e}"))?;
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    channel
-        .exchange_declare(ExchangeType::Topic, RESULTS_EXCHANGE, durable.clone())
-        .map_err(|e| format!("cannot declare the exchange {RESULTS_EXCHANGE}: {e}"))?;
-    let health = channel
-        .exchange_declare(ExchangeType::Topic, HEALTH_EXCHANGE, durable)
-        .map_err(|e| format!("cannot declare the exchange {HEALTH_EXCHANGE}: {e}"))?;
-    // PANIC's health checker sends `ping` on health_check and waits for heartbeats.
-    let ping_queue = channel
-        .queue_declare(
-            "",
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-        )
-        .map_err(|e| format!("cannot declare the ping queue: {e}"))?;
-    ping_queue
-        .bind(&health, "ping", FieldTable::default())
-        .map_err(|e| format!("cannot bind the ping queue: {e}"))?;
-    let pings = ping_queue
-        .consume(ConsumerOptions {
-            no_ack: true,
-            ..ConsumerOptions::default()
-        })
-        .map_err(|e| format!("cannot consume pings: {e}"))?;
+    let broker = Broker::connect(url)?;
+    broker.declare_topic_exchange(RESULTS_EXCHANGE)?;
+    broker.declare_topic_exchange(HEALTH_EXCHANGE)?;
+    // PANIC's health checker sends `ping` on health_check and waits for heartbeats. One
+    // waiting ping is as good as many.
+    let pings = broker.subscribe(HEALTH_EXCHANGE, "ping", 1)?;
     tracing::info!(broker = %redact(url), "RabbitMQ: connected");
     set_state(conn, "connected", &redact(url));
     *connected = true;
-    // Delivery tags count from 1 on a channel in confirm mode; heartbeats take tags too.
-    let mut next_tag: u64 = 1;
     let mut next_heartbeat = Instant::now();
-    loop {
+    let result = (|| loop {
         if stop.try_recv().is_ok() {
-            let _ = connection.close();
             return Ok(());
         }
-        let pinged = matches!(
-            pings.receiver().try_recv(),
-            Ok(ConsumerMessage::Delivery(_))
-        );
+        if let Ok(error) = broker.errors().try_recv() {
+            return Err(error);
+        }
+        let pinged = pings.try_recv().is_ok();
         if pinged || Instant::now() >= next_heartbeat {
             let body = heartbeat(conn).to_string();
-            publish(&channel, HEALTH_EXCHANGE, "heartbeat.manager", &body)?;
-            wait_for_confirms(&confirms, next_tag, next_tag)?;
-            next_tag += 1;
+            broker.publish_confirmed(
+                &[(HEALTH_EXCHANGE, "heartbeat.manager", &body)],
+                CONFIRM_TIMEOUT,
+            )?;
             if !pinged {
                 next_heartbeat = Instant::now() + heartbeat_interval;
             }
         }
         let rows = pending(conn).map_err(|e| format!("reading the outbox: {e}"))?;
         let Some(&(last_id, ..)) = rows.last() else {
-            // Nothing to send: wait for a poke, a ping, a stop, the next heartbeat, or a
-            // second (a safety net).
+            // Nothing to send: wait for a poke, a ping, a stop, a connection error, the next
+            // heartbeat, or a second (a safety net).
             let wait = next_heartbeat
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_secs(1));
             crossbeam_channel::select! {
                 recv(poke) -> _ => {},
-                recv(pings.receiver()) -> message => {
-                    if let Ok(ConsumerMessage::Delivery(_)) = message {
+                recv(pings) -> ping => {
+                    if ping.is_ok() {
                         // Answered at the top of the loop.
                         next_heartbeat = Instant::now();
                     }
                 },
-                recv(stop) -> _ => {
-                    let _ = connection.close();
-                    return Ok(());
+                recv(broker.errors()) -> error => {
+                    if let Ok(error) = error {
+                        return Err(error);
+                    }
                 },
+                recv(stop) -> _ => return Ok(()),
                 default(wait) => {},
             }
             continue;
         };
-        for (_, exchange, routing_key, body) in &rows {
-            publish(&channel, exchange, routing_key, body)?;
-        }
-        let last_tag = next_tag + rows.len() as u64 - 1;
-        wait_for_confirms(&confirms, next_tag, last_tag)?;
-        next_tag = last_tag + 1;
+        let messages: Vec<_> = rows
+            .iter()
+            .map(|(_, exchange, key, body)| (exchange.as_str(), key.as_str(), body.as_str()))
+            .collect();
+        broker.publish_confirmed(&messages, CONFIRM_TIMEOUT)?;
         conn.execute("DELETE FROM outbox WHERE id <= ?1", [last_id])
             .map_err(|e| format!("removing confirmed rows from the outbox: {e}"))?;
-    }
-}
-
-/// Publishes `body` as persistent JSON; its confirm is awaited by the caller.
-fn publish(
-    channel: &amiquip::Channel,
-    exchange: &str,
-    key: &str,
-    body: &str,
-) -> Result<(), String> {
-    let properties = AmqpProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".to_owned());
-    channel
-        .basic_publish(
-            exchange,
-            Publish::with_properties(body.as_bytes(), key, properties),
-        )
-        .map_err(|e| format!("publishing to {exchange} / {key} failed: {e}"))
+    })();
+    broker.close();
+    result
 }
 
 /// The heartbeat of PANIC's managers, plus snapq's own figures. The "processes" of a
@@ -475,33 +407,6 @@ fn pending(conn: &Connection) -> rusqlite::Result<Vec<Row>> {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
     })?;
     rows.collect()
-}
-
-/// Waits until every tag from `first` to `last` is acked; a nack, a closed connection or
-/// the timeout is an error (the batch is then sent again on a new connection).
-fn wait_for_confirms(confirms: &Receiver<Confirm>, first: u64, last: u64) -> Result<(), String> {
-    let deadline = Instant::now() + CONFIRM_TIMEOUT;
-    let mut acked_through = first - 1;
-    let mut acked_singles = std::collections::BTreeSet::new();
-    while acked_through < last {
-        match confirms.recv_deadline(deadline) {
-            Ok(Confirm::Ack(p)) if p.multiple => acked_through = acked_through.max(p.delivery_tag),
-            Ok(Confirm::Ack(p)) => {
-                acked_singles.insert(p.delivery_tag);
-            }
-            Ok(Confirm::Nack(p)) => {
-                return Err(format!("the broker refused message {}", p.delivery_tag));
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                return Err(format!("no confirm within {} s", CONFIRM_TIMEOUT.as_secs()));
-            }
-            Err(RecvTimeoutError::Disconnected) => return Err("the connection closed".into()),
-        }
-        while acked_singles.remove(&(acked_through + 1)) {
-            acked_through += 1;
-        }
-    }
-    Ok(())
 }
 
 /// The AMQP sink's figures for `snapq status`.

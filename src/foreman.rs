@@ -34,7 +34,10 @@
 //!    the signal thread, the telemetry thread (unless `--no-telemetry`) and this one:
 //!    `workers + 4`, whatever the number of tasks or monitor rounds (monitors resolve host
 //!    names on the worker itself, src/monitor/http_fetch.rs, not on a thread per lookup).
-//!    With `--amqp-url`, two more: the publisher and amiquip's connection thread. With
+//!    With `--amqp-url`, five more at most: the publisher (`snapq-amqp`), lapin's executor
+//!    (`snapq-amqp-io`), async-io's reactor, one thread of the `blocking` pool, and lapin's
+//!    I/O loop while connected (src/rabbitmq.rs); reconnecting replaces the last, it does
+//!    not add one. With
 //!    `--http`, two more (the live view's hub and acceptor) and one a connection while it
 //!    is served, at most `--http-max-connections` (src/live/mod.rs).
 //!    The live view never holds up this loop or a worker: they hand it events with a
@@ -838,10 +841,10 @@ impl Foreman<'_> {
 
     /// The validated config of a due monitor, from the cache when its version is current.
     fn probe(&mut self, row: &monitor::store::Due) -> Result<Arc<dyn Probe>, String> {
-        if let Some((version, probe)) = self.probes.get(&row.name) {
-            if *version == row.version {
-                return Ok(Arc::clone(probe));
-            }
+        if let Some((version, probe)) = self.probes.get(&row.name)
+            && *version == row.version
+        {
+            return Ok(Arc::clone(probe));
         }
         let kind = monitor::kind(&row.kind)
             .ok_or_else(|| format!("unknown kind {:?} (a newer snapq wrote it?)", row.kind))?;

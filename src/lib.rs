@@ -33,6 +33,7 @@ pub mod monitor;
 pub mod pidfile;
 pub mod pool;
 pub mod queue;
+pub mod rabbitmq;
 pub mod registry;
 pub mod sink;
 pub mod stats;

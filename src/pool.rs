@@ -336,10 +336,10 @@ fn run_round(job: RoundJob, shared: &Shared) {
             }
         });
     let duration = started.elapsed();
-    if let Some(timing) = &shared.timing {
-        if let Some(label) = timing.round_label(&job.kind) {
-            timing.telemetry.record(label, duration.as_secs_f64());
-        }
+    if let Some(timing) = &shared.timing
+        && let Some(label) = timing.round_label(&job.kind)
+    {
+        timing.telemetry.record(label, duration.as_secs_f64());
     }
     let ms = round_ms(duration);
     match &round.outcome {

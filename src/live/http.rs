@@ -262,17 +262,17 @@ fn route(
     if let Some(problem) = foreign_host(&request, &server.config.allow_hosts) {
         return respond(&mut stream, 421, TEXT, &[], problem.as_bytes());
     }
-    if let Some(expected) = &server.config.token {
-        if !authorized(&request, expected) {
-            return respond(
-                &mut stream,
-                401,
-                TEXT,
-                &[("WWW-Authenticate", "Bearer realm=\"snapq\"")],
-                b"a token is required: add ?token=TOKEN to the URL or send \
+    if let Some(expected) = &server.config.token
+        && !authorized(&request, expected)
+    {
+        return respond(
+            &mut stream,
+            401,
+            TEXT,
+            &[("WWW-Authenticate", "Bearer realm=\"snapq\"")],
+            b"a token is required: add ?token=TOKEN to the URL or send \
                   Authorization: Bearer TOKEN (the foreman's --http-token)\n",
-            );
-        }
+        );
     }
     if request.method != "GET" {
         return respond(

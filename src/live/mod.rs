@@ -89,14 +89,14 @@ impl LiveConfig {
                 ),
             )
         })?;
-        if let Some(token) = &self.token {
-            if !made_of(token, b"-._~") {
-                return Err(Error::bad_input(
-                    "--http-token",
-                    "use letters, digits and - . _ ~ only (it travels in URLs), e.g. the output of \
+        if let Some(token) = &self.token
+            && !made_of(token, b"-._~")
+        {
+            return Err(Error::bad_input(
+                "--http-token",
+                "use letters, digits and - . _ ~ only (it travels in URLs), e.g. the output of \
                      `head -c 24 /dev/urandom | base64 | tr '+/' '-_'`",
-                ));
-            }
+            ));
         }
         if !addr.ip().is_loopback() && self.token.is_none() {
             return Err(Error::bad_input(

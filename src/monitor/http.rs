@@ -35,10 +35,10 @@ impl Kind for Http {
         let (client, rest) = split_limits(config)?;
         let config: Config = parse_config(&rest)?;
         check_url("url", &config.url)?;
-        if let Some(status) = config.expected_status {
-            if !(100..=599).contains(&status) {
-                return Err(format!("expected_status: {status} is not an HTTP status"));
-            }
+        if let Some(status) = config.expected_status
+            && !(100..=599).contains(&status)
+        {
+            return Err(format!("expected_status: {status} is not an HTTP status"));
         }
         Ok(Arc::new(HttpProbe { config, client }))
     }
@@ -74,13 +74,13 @@ impl HttpProbe {
                 format!("{url} answered {} (expected {want})", fetched.status),
             ));
         }
-        if let Some(needle) = &self.config.body_contains {
-            if !fetched.body.contains(needle.as_str()) {
-                return Err(RoundError::new(
-                    "body_mismatch",
-                    format!("{url}: the body does not contain {needle:?}"),
-                ));
-            }
+        if let Some(needle) = &self.config.body_contains
+            && !fetched.body.contains(needle.as_str())
+        {
+            return Err(RoundError::new(
+                "body_mismatch",
+                format!("{url}: the body does not contain {needle:?}"),
+            ));
         }
         Ok(json!({
             "url": url,

@@ -178,10 +178,11 @@ fn from_proc() -> Result<Reading, RoundError> {
         // Real file systems only: block devices and the usual local ones.
         let real =
             device.starts_with("/dev/") && !matches!(*fstype, "squashfs" | "iso9660" | "udf");
-        if real && !r.disks.contains_key(*mount) {
-            if let Some(space) = statvfs(mount) {
-                r.disks.insert((*mount).to_owned(), space);
-            }
+        if real
+            && !r.disks.contains_key(*mount)
+            && let Some(space) = statvfs(mount)
+        {
+            r.disks.insert((*mount).to_owned(), space);
         }
     }
     Ok(r)

@@ -2,10 +2,14 @@
 
 use std::time::{Duration, Instant};
 
-use amiquip::{
-    Connection, ConsumerMessage, ConsumerOptions, ExchangeDeclareOptions, ExchangeType, FieldTable,
+use crossbeam_channel::Receiver;
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, ConnectionProperties, ExchangeKind};
 use serde_json::{Value, json};
 
 use crate::fake_http::{FakeServer, Mode, chainlink_metrics};
@@ -13,40 +17,116 @@ use crate::support::{Home, wait_until};
 
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// A consumer (no acks) of an exclusive queue bound to `exchange` under `binding`.
-fn subscribe<'a>(
-    channel: &'a amiquip::Channel,
-    exchange: &str,
-    binding: &str,
-) -> amiquip::Consumer<'a> {
-    let exchange = channel
-        .exchange_declare(
-            ExchangeType::Topic,
-            exchange,
-            ExchangeDeclareOptions {
+/// A message as the test's own consumer received it.
+struct Received {
+    routing_key: String,
+    body: Vec<u8>,
+    delivery_mode: Option<u8>,
+}
+
+/// The test's own RabbitMQ client: lapin used directly (not snapq's src/rabbitmq.rs, so
+/// that what snapq publishes is read by code that is not snapq's).
+struct TestBroker {
+    connection: lapin::Connection,
+    channel: lapin::Channel,
+}
+
+impl TestBroker {
+    fn connect() -> TestBroker {
+        async_global_executor::block_on(async {
+            let connection = lapin::Connection::connect(BROKER, ConnectionProperties::default())
+                .await
+                .expect("RabbitMQ at 127.0.0.1:5672");
+            let channel = connection.create_channel().await.unwrap();
+            TestBroker {
+                connection,
+                channel,
+            }
+        })
+    }
+
+    /// Messages on `exchange` under `binding`, through an exclusive queue, without acks.
+    fn subscribe(&self, exchange: &str, binding: &str) -> Receiver<Received> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        async_global_executor::block_on(async {
+            let durable = ExchangeDeclareOptions {
                 durable: true,
                 ..ExchangeDeclareOptions::default()
-            },
-        )
-        .unwrap();
-    let queue = channel
-        .queue_declare(
-            "",
-            QueueDeclareOptions {
+            };
+            let channel = &self.channel;
+            channel
+                .exchange_declare(
+                    exchange.into(),
+                    ExchangeKind::Topic,
+                    durable,
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            let exclusive = QueueDeclareOptions {
                 exclusive: true,
                 ..QueueDeclareOptions::default()
-            },
-        )
+            };
+            let queue = channel
+                .queue_declare("".into(), exclusive, FieldTable::default())
+                .await
+                .unwrap();
+            channel
+                .queue_bind(
+                    queue.name().clone(),
+                    exchange.into(),
+                    binding.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            let no_ack = BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            };
+            let mut consumer = channel
+                .basic_consume(
+                    queue.name().clone(),
+                    "".into(),
+                    no_ack,
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            async_global_executor::spawn(async move {
+                while let Some(Ok(d)) = consumer.next().await {
+                    let received = Received {
+                        routing_key: d.routing_key.to_string(),
+                        delivery_mode: *d.properties.delivery_mode(),
+                        body: d.data,
+                    };
+                    if tx.send(received).is_err() {
+                        return;
+                    }
+                }
+            })
+            .detach();
+        });
+        rx
+    }
+
+    fn publish(&self, exchange: &str, key: &str, body: &[u8]) {
+        async_global_executor::block_on(self.channel.basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default(),
+        ))
         .unwrap();
-    queue
-        .bind(&exchange, binding, FieldTable::default())
-        .unwrap();
-    queue
-        .consume(ConsumerOptions {
-            no_ack: true,
-            ..ConsumerOptions::default()
-        })
-        .unwrap()
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let _ = async_global_executor::block_on(self.connection.close(200, "bye".into()));
+    }
 }
 
 /// Collects the messages published on `raw_data` under `binding` for `within`, or until
@@ -58,23 +138,19 @@ fn consume(
     wanted: impl Fn(&Value) -> bool,
     during: impl FnOnce(),
 ) -> Vec<(String, Value)> {
-    let mut connection = Connection::insecure_open(BROKER).expect("RabbitMQ at 127.0.0.1:5672");
-    let channel = connection.open_channel(None).unwrap();
-    let consumer = subscribe(&channel, "raw_data", binding);
+    let broker = TestBroker::connect();
+    let consumer = broker.subscribe("raw_data", binding);
     during();
     let deadline = Instant::now() + within;
     let mut got = Vec::new();
     while got.iter().filter(|(_, b)| wanted(b)).count() < enough {
-        let Ok(message) = consumer.receiver().recv_deadline(deadline) else {
+        let Ok(d) = consumer.recv_deadline(deadline) else {
             break;
         };
-        if let ConsumerMessage::Delivery(d) = message {
-            let body: Value = serde_json::from_slice(&d.body).unwrap();
-            assert_eq!(d.properties.delivery_mode(), &Some(2), "not persistent");
-            got.push((d.routing_key.clone(), body));
-        }
+        let body: Value = serde_json::from_slice(&d.body).unwrap();
+        assert_eq!(d.delivery_mode, Some(2), "not persistent");
+        got.push((d.routing_key, body));
     }
-    let _ = connection.close();
     got
 }
 
@@ -201,6 +277,18 @@ fn wrong_credentials_are_reported_while_monitors_go_on() {
     );
     let listed: Value = serde_json::from_str(&home.ok(&["monitor", "list", "--json"])).unwrap();
     assert_eq!(listed[0]["last_status"], "ok");
+    // Invariant 6 with RabbitMQ: retrying the connection again and again adds no thread
+    // (4 workers + 4 of the foreman's own + at most 5 for RabbitMQ, src/foreman.rs).
+    let mut attempts = std::collections::BTreeSet::new();
+    assert!(wait_until(Duration::from_secs(15), || {
+        let at: i64 = home
+            .conn()
+            .query_row("SELECT updated_at FROM sink_status", [], |r| r.get(0))
+            .unwrap();
+        attempts.insert(at);
+        attempts.len() >= 4
+    }));
+    assert!(foreman.threads() <= 13, "{} threads", foreman.threads());
     let text = home.ok(&["status"]);
     assert!(text.contains("results: RabbitMQ, disconnected"), "{text}");
 }
@@ -229,20 +317,16 @@ impl Consumer {
         let thread = {
             let (got, stop, binding) = (got.clone(), stop.clone(), binding.to_owned());
             std::thread::spawn(move || {
-                let mut connection = Connection::insecure_open(BROKER).unwrap();
-                let channel = connection.open_channel(None).unwrap();
-                let consumer = subscribe(&channel, "raw_data", &binding);
+                let broker = TestBroker::connect();
+                let consumer = broker.subscribe("raw_data", &binding);
                 ready_tx.send(()).unwrap();
                 while !stop.load(Ordering::SeqCst) {
-                    if let Ok(ConsumerMessage::Delivery(d)) =
-                        consumer.receiver().recv_timeout(Duration::from_millis(50))
-                    {
+                    if let Ok(d) = consumer.recv_timeout(Duration::from_millis(50)) {
                         got.lock()
                             .unwrap()
                             .push(serde_json::from_slice(&d.body).unwrap());
                     }
                 }
-                let _ = connection.close();
             })
         };
         ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -437,22 +521,15 @@ fn results_waiting_in_the_outbox_survive_kill_9() {
 }
 
 /// Collects messages on `health_check` / `heartbeat.manager`.
-fn heartbeats_while(
-    within: Duration,
-    during: impl FnOnce(&amiquip::Channel),
-) -> Vec<(Instant, Value)> {
-    let mut connection = Connection::insecure_open(BROKER).unwrap();
-    let channel = connection.open_channel(None).unwrap();
-    let consumer = subscribe(&channel, "health_check", "heartbeat.manager");
-    during(&channel);
+fn heartbeats_while(within: Duration, during: impl FnOnce(&TestBroker)) -> Vec<(Instant, Value)> {
+    let broker = TestBroker::connect();
+    let consumer = broker.subscribe("health_check", "heartbeat.manager");
+    during(&broker);
     let deadline = Instant::now() + within;
     let mut got = Vec::new();
-    while let Ok(message) = consumer.receiver().recv_deadline(deadline) {
-        if let ConsumerMessage::Delivery(d) = message {
-            got.push((Instant::now(), serde_json::from_slice(&d.body).unwrap()));
-        }
+    while let Ok(d) = consumer.recv_deadline(deadline) {
+        got.push((Instant::now(), serde_json::from_slice(&d.body).unwrap()));
     }
-    let _ = connection.close();
     got
 }
 
@@ -500,19 +577,16 @@ fn heartbeats_come_periodically_and_in_answer_to_a_ping() {
     foreman.stop();
 
     // With a long interval, only a ping brings a heartbeat soon.
-    let mut connection = Connection::insecure_open(BROKER).unwrap();
-    let channel = connection.open_channel(None).unwrap();
-    let consumer = subscribe(&channel, "health_check", "heartbeat.manager");
+    let broker = TestBroker::connect();
+    let consumer = broker.subscribe("health_check", "heartbeat.manager");
     let foreman = home.start(&["--amqp-url", BROKER, "--heartbeat-interval", "3600"]);
     let pid = foreman.pid();
     let next_ours = |within: Duration| -> Option<Value> {
         let deadline = Instant::now() + within;
-        while let Ok(message) = consumer.receiver().recv_deadline(deadline) {
-            if let ConsumerMessage::Delivery(d) = message {
-                let beat: Value = serde_json::from_slice(&d.body).unwrap();
-                if beat["pid"] == pid {
-                    return Some(beat);
-                }
+        while let Ok(d) = consumer.recv_deadline(deadline) {
+            let beat: Value = serde_json::from_slice(&d.body).unwrap();
+            if beat["pid"] == pid {
+                return Some(beat);
             }
         }
         None
@@ -522,14 +596,11 @@ fn heartbeats_come_periodically_and_in_answer_to_a_ping() {
         next_ours(Duration::from_secs(10)).is_some(),
         "no heartbeat on connecting"
     );
-    channel
-        .basic_publish("health_check", amiquip::Publish::new(b"ping", "ping"))
-        .unwrap();
+    broker.publish("health_check", "ping", b"ping");
     assert!(
         next_ours(Duration::from_secs(1)).is_some(),
         "no heartbeat within 1 s of a ping"
     );
-    let _ = connection.close();
 }
 
 #[test]

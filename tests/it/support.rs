@@ -167,10 +167,10 @@ impl Foreman {
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         wait_until(timeout, || self.try_exit().is_some());
         let status = self.exit;
-        if status.is_some() {
-            if let Some(reader) = self.reader.take() {
-                let _ = reader.join();
-            }
+        if status.is_some()
+            && let Some(reader) = self.reader.take()
+        {
+            let _ = reader.join();
         }
         status
     }

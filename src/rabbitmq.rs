@@ -1,0 +1,283 @@
+//! The one RabbitMQ connection code (lapin), for every part of snapq that talks to the
+//! broker: the results sink (src/amqp.rs) today, the queue backend later.
+//!
+//! lapin is asynchronous; snapq's threads are not. Each call here drives lapin's futures to
+//! completion with `block_on` on the calling thread, so a caller is a plain thread that
+//! blocks in it, like any other I/O. lapin itself runs on async-global-executor (no tokio):
+//! one executor thread (`snapq-amqp-io`, set up once by `connect`), async-io's reactor
+//! thread, and lapin's own I/O loop thread per connection. lapin's automatic recovery is
+//! not used: snapq reconnects itself (src/amqp.rs, `publish_loop`) and resends from its
+//! outbox, because a recovered channel does not replay unconfirmed publishes.
+//!
+//! Errors come back as text naming what failed, for the log and `snapq status`; the URL in
+//! them never carries its password (`redact`).
+
+use std::future::Future;
+use std::sync::Once;
+use std::task::Poll;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm,
+};
+
+/// A message to publish: exchange, routing key, JSON body.
+pub type Outgoing<'a> = (&'a str, &'a str, &'a str);
+
+/// A message received on a subscription: its routing key and body.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub routing_key: String,
+    pub body: Vec<u8>,
+}
+
+/// One connection with one channel in confirm mode.
+pub struct Broker {
+    connection: Connection,
+    channel: Channel,
+    /// The connection's errors, posted by lapin's I/O loop as they happen (a broker that
+    /// closed the connection, a cut socket): a caller waiting on other channels can select
+    /// on this one too and reconnect at once. Unbounded, but a connection reports an
+    /// error or two before it is dropped.
+    errors: Receiver<String>,
+}
+
+/// The executor lapin spawns its tasks on: one thread, named, set up once per process.
+static EXECUTOR: Once = Once::new();
+
+impl Broker {
+    /// Connects to `url` (amqp://user:password@host:port/vhost), opens a channel and puts
+    /// it in confirm mode.
+    pub fn connect(url: &str) -> Result<Broker, String> {
+        EXECUTOR.call_once(|| {
+            async_global_executor::init_with_config(
+                async_global_executor::GlobalExecutorConfig::default()
+                    .with_min_threads(1)
+                    .with_max_threads(1)
+                    .with_thread_name_fn(|| "snapq-amqp-io".into()),
+            );
+        });
+        async_global_executor::block_on(async {
+            // lapin's default runtime with only its async-global-executor feature.
+            let connection = Connection::connect(url, ConnectionProperties::default())
+                .await
+                .map_err(|e| format!("cannot connect: {e}"))?;
+            let (tx, errors) = unbounded();
+            watch_errors(&connection, tx);
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| format!("cannot open a channel: {e}"))?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| format!("cannot enable publisher confirms: {e}"))?;
+            Ok(Broker {
+                connection,
+                channel,
+                errors,
+            })
+        })
+    }
+
+    /// The connection's errors as they happen (see the field).
+    pub fn errors(&self) -> &Receiver<String> {
+        &self.errors
+    }
+
+    /// Declares a durable topic exchange (as PANIC declares its own).
+    pub fn declare_topic_exchange(&self, name: &str) -> Result<(), String> {
+        async_global_executor::block_on(self.channel.exchange_declare(
+            name.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ))
+        .map_err(|e| format!("cannot declare the exchange {name}: {e}"))
+    }
+
+    /// Receives what is published on `exchange` under `binding`, through a queue of this
+    /// connection's own (exclusive: it goes with the connection), without acks. The
+    /// receiver's capacity bounds what waits for the caller; past it messages are dropped
+    /// (pings and the like, where one waiting is as good as many).
+    pub fn subscribe(
+        &self,
+        exchange: &str,
+        binding: &str,
+        capacity: usize,
+    ) -> Result<Receiver<Incoming>, String> {
+        let (tx, rx) = bounded(capacity);
+        async_global_executor::block_on(async {
+            let queue = self
+                .channel
+                .queue_declare(
+                    "".into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("cannot declare a queue for {exchange} / {binding}: {e}"))?;
+            self.channel
+                .queue_bind(
+                    queue.name().clone(),
+                    exchange.into(),
+                    binding.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("cannot bind a queue to {exchange} / {binding}: {e}"))?;
+            let consumer = self
+                .channel
+                .basic_consume(
+                    queue.name().clone(),
+                    "".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..BasicConsumeOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("cannot consume {exchange} / {binding}: {e}"))?;
+            forward(consumer, tx);
+            Ok::<_, String>(())
+        })?;
+        Ok(rx)
+    }
+
+    /// Publishes each message as persistent JSON, then waits until the broker has
+    /// confirmed every one of them, at most `timeout`. A nack, a closed connection or the
+    /// timeout is an error: the caller sends the batch again on a new connection.
+    pub fn publish_confirmed(
+        &self,
+        messages: &[Outgoing<'_>],
+        timeout: Duration,
+    ) -> Result<(), String> {
+        async_global_executor::block_on(async {
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into());
+            // Every publish is started before any is awaited: each one's first poll queues
+            // its frames for lapin's I/O loop, in the order of `messages` (the outbox's), and
+            // then waits for the loop to have written them. Awaited one by one, each publish
+            // was a round trip to that thread, and a batch of 256 took 256 of them.
+            let mut publishing: Vec<_> = messages
+                .iter()
+                .map(|(exchange, key, body)| {
+                    Box::pin(self.channel.basic_publish(
+                        (*exchange).into(),
+                        (*key).into(),
+                        BasicPublishOptions::default(),
+                        body.as_bytes(),
+                        properties.clone(),
+                    ))
+                })
+                .collect();
+            let mut sent: Vec<Option<lapin::Result<PublisherConfirm>>> =
+                messages.iter().map(|_| None).collect();
+            std::future::poll_fn(|cx| {
+                let mut done = true;
+                for (future, result) in publishing.iter_mut().zip(sent.iter_mut()) {
+                    if result.is_none() {
+                        match future.as_mut().poll(cx) {
+                            Poll::Ready(r) => *result = Some(r),
+                            Poll::Pending => done = false,
+                        }
+                    }
+                }
+                if done { Poll::Ready(()) } else { Poll::Pending }
+            })
+            .await;
+            let mut confirms = Vec::with_capacity(messages.len());
+            for (result, (exchange, key, _)) in sent.into_iter().zip(messages) {
+                // (poll_fn above returned only once every publish had its result.)
+                let confirm = result
+                    .ok_or_else(|| format!("publishing to {exchange} / {key} did not end"))?
+                    .map_err(|e| format!("publishing to {exchange} / {key} failed: {e}"))?;
+                confirms.push(confirm);
+            }
+            let all = async {
+                for (confirm, (exchange, key, _)) in confirms.into_iter().zip(messages) {
+                    let confirmation = confirm
+                        .await
+                        .map_err(|e| format!("no confirm for {exchange} / {key}: {e}"))?;
+                    if !confirmation.is_ack() {
+                        return Err(format!(
+                            "the broker refused a message to {exchange} / {key}"
+                        ));
+                    }
+                }
+                Ok(())
+            };
+            let late = async {
+                async_io::Timer::after(timeout).await;
+                Err(format!("no confirm within {} s", timeout.as_secs()))
+            };
+            futures_lite::future::or(all, late).await
+        })
+    }
+
+    /// Closes the connection (politely; errors do not matter then).
+    pub fn close(self) {
+        let _ = async_global_executor::block_on(self.connection.close(200, "bye".into()));
+    }
+}
+
+/// Posts the connection's errors to `tx` as text, from a task on lapin's executor.
+fn watch_errors(connection: &Connection, tx: Sender<String>) {
+    let mut events = connection.events_listener();
+    async_global_executor::spawn(async move {
+        while let Some(event) = events.next().await {
+            if let lapin::Event::Error(e) = event
+                && tx.send(format!("the connection failed: {e}")).is_err()
+            {
+                return;
+            }
+        }
+    })
+    .detach();
+}
+
+/// Hands a consumer's deliveries to `tx`, from a task on lapin's executor; drops what does
+/// not fit (see `Broker::subscribe`).
+fn forward(mut consumer: lapin::Consumer, tx: Sender<Incoming>) {
+    async_global_executor::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let incoming = Incoming {
+                routing_key: delivery.routing_key.to_string(),
+                body: delivery.data,
+            };
+            if let Err(crossbeam_channel::TrySendError::Disconnected(_)) = tx.try_send(incoming) {
+                return;
+            }
+        }
+    })
+    .detach();
+}
+
+/// The URL without its password, for logs and `status`.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
