@@ -222,3 +222,33 @@ fn readme_is_true_for_a_new_user() {
         }
     }
 }
+
+/// Item 18 (and issue 14's lock-file check): no amiquip, hence no nom 4 (the build's
+/// future-incompatibility warning), no net2 (RUSTSEC-2020-0016), no idna 0.1
+/// (RUSTSEC-2024-0421) in the lock file.
+#[test]
+fn the_lock_file_has_no_unmaintained_rabbitmq_client_or_its_advisories() {
+    let lock = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock"),
+    )
+    .unwrap();
+    let packages: Vec<(String, String)> = lock
+        .split("[[package]]")
+        .filter_map(|p| {
+            let field = |key: &str| {
+                p.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
+                    .map(|v| v.trim_end_matches('"').to_owned())
+            };
+            Some((field("name")?, field("version")?))
+        })
+        .collect();
+    assert!(packages.iter().any(|(n, _)| n == "lapin"));
+    for (name, version) in &packages {
+        let bad = name == "amiquip"
+            || name == "net2"
+            || (name == "nom" && version.starts_with("4."))
+            || (name == "idna" && version.starts_with("0.1"));
+        assert!(!bad, "{name} {version} is in Cargo.lock");
+    }
+}
