@@ -65,7 +65,8 @@ fn delayed_tasks_run_on_time() {
         let late_ms = event["late_ms"].as_f64().unwrap();
         assert!(
             (0.0..=50.0).contains(&late_ms),
-            "task {id} started {late_ms} ms after its due time"
+            "task {id} started {late_ms} ms after its due time:\n{}",
+            foreman.log_text()
         );
     }
 }
