@@ -161,14 +161,14 @@ impl Broker {
     }
 
     /// Publishes each message as persistent JSON, then waits until the broker has
-    /// confirmed every one of them, at most `timeout`. A nack, a closed connection or the
+    /// confirmed every one of them; all of it within `timeout`. A nack, a closed connection or the
     /// timeout is an error: the caller sends the batch again on a new connection.
     pub fn publish_confirmed(
         &self,
         messages: &[Outgoing<'_>],
         timeout: Duration,
     ) -> Result<(), String> {
-        async_global_executor::block_on(async {
+        let work = async {
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into());
@@ -211,25 +211,28 @@ impl Broker {
                     .map_err(|e| format!("publishing to {exchange} / {key} failed: {e}"))?;
                 confirms.push(confirm);
             }
-            let all = async {
-                for (confirm, (exchange, key, _)) in confirms.into_iter().zip(messages) {
-                    let confirmation = confirm
-                        .await
-                        .map_err(|e| format!("no confirm for {exchange} / {key}: {e}"))?;
-                    if !confirmation.is_ack() {
-                        return Err(format!(
-                            "the broker refused a message to {exchange} / {key}"
-                        ));
-                    }
+            for (confirm, (exchange, key, _)) in confirms.into_iter().zip(messages) {
+                let confirmation = confirm
+                    .await
+                    .map_err(|e| format!("no confirm for {exchange} / {key}: {e}"))?;
+                if !confirmation.is_ack() {
+                    return Err(format!(
+                        "the broker refused a message to {exchange} / {key}"
+                    ));
                 }
-                Ok(())
-            };
-            let late = async {
-                async_io::Timer::after(timeout).await;
-                Err(format!("no confirm within {} s", timeout.as_secs()))
-            };
-            futures_lite::future::or(all, late).await
-        })
+            }
+            Ok(())
+        };
+        // The whole batch, writes included: a broker that stops reading the socket must
+        // not hold this thread.
+        let late = async {
+            async_io::Timer::after(timeout).await;
+            Err(format!(
+                "the batch was not confirmed within {} s",
+                timeout.as_secs()
+            ))
+        };
+        async_global_executor::block_on(futures_lite::future::or(work, late))
     }
 
     /// Closes the connection (politely; errors do not matter then).
