@@ -98,7 +98,8 @@ pub fn read(dir: &Path, since: Option<std::time::Duration>) -> Result<Stats> {
             Ok(h) => h.iter().map(str::to_owned).collect(),
             Err(_) => continue,
         };
-        if header.join(", ") != HEADER {
+        // Trimmed: files snapq wrote before 2026-12-02 had a space after each comma.
+        if !header.iter().map(String::as_str).eq(HEADER.split(',')) {
             if !header.is_empty() {
                 tracing::warn!(path = %path.display(), "skipping a file whose header is not {HEADER:?}");
             }

@@ -62,8 +62,11 @@ pub const KEEP_ROTATED: usize = 3;
 /// older ones are removed, so that restarts do not pile files up either.
 pub const KEEP_DEAD_FILES: usize = 16;
 
-/// The CSV header of both files (SPEC).
-pub const HEADER: &str = "Timepoint, Measurement, Label, PID";
+/// The CSV header of both files, as QuantumLeap's writer (`server/telemetry/flush.py`,
+/// `OBSERVATION_STORE_HEADER`, written by Python's csv module) has it: no spaces, which its
+/// reader (`pandas_import.py`, pandas' `read_csv` with the plain names as column keys)
+/// needs. Until 2026-12-02 snapq wrote a space after each comma.
+pub const HEADER: &str = "Timepoint,Measurement,Label,PID";
 
 /// An interned label (`task:noop`, `rss_bytes`, …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -465,6 +468,13 @@ fn append(path: &Path, rows: &str) -> std::io::Result<()> {
 
 /// The once-a-second runtime sample.
 struct Sampler {
+    /// QuantumLeap's own runtime series (`server/telemetry/sampler.py`, `ProcSampler`):
+    /// getrusage's user and system seconds and maximum RSS (KiB on Linux), under its
+    /// labels, so that its `TelemetryDB.user_time()`, `system_time()` and `max_rss()`
+    /// find them.
+    ql_user: Label,
+    ql_system: Label,
+    ql_max_rss: Label,
     rss: Label,
     user: Label,
     system: Label,
@@ -479,6 +489,9 @@ struct Sampler {
 impl Sampler {
     fn new(t: &Telemetry) -> Sampler {
         Sampler {
+            ql_user: t.label("user time", Series::Runtime),
+            ql_system: t.label("system time", Series::Runtime),
+            ql_max_rss: t.label("max rss", Series::Runtime),
             rss: t.label("rss_bytes", Series::Runtime),
             user: t.label("cpu_user_seconds", Series::Runtime),
             system: t.label("cpu_system_seconds", Series::Runtime),
@@ -491,6 +504,17 @@ impl Sampler {
     }
 
     fn sample(&self, t: &Telemetry) {
+        // SAFETY: getrusage(2) writes into the zeroed struct it is given; no other memory.
+        let usage = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            (libc::getrusage(libc::RUSAGE_SELF, &mut usage) == 0).then_some(usage)
+        };
+        if let Some(u) = usage {
+            let seconds = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+            t.record(self.ql_user, seconds(u.ru_utime));
+            t.record(self.ql_system, seconds(u.ru_stime));
+            t.record(self.ql_max_rss, u.ru_maxrss as f64);
+        }
         if let Some(stat) = ProcStat::read_self() {
             t.record(self.rss, stat.rss_bytes as f64);
             t.record(self.user, stat.utime_ticks as f64 / self.ticks);

@@ -97,32 +97,33 @@ pub(crate) struct DbFigures {
 /// The whole exposition.
 pub(crate) fn render(counters: &Counters, db: &DbFigures, running: usize, dropped: u64) -> String {
     let mut out = String::with_capacity(4096);
-    // Queue depth.
-    header(
-        &mut out,
-        "snapq_tasks_due",
-        "gauge",
-        "Tasks due now and not yet claimed.",
-    );
-    header(
-        &mut out,
-        "snapq_tasks_delayed",
-        "gauge",
-        "Tasks waiting for their run time.",
-    );
-    header(
-        &mut out,
-        "snapq_oldest_due_task_age_seconds",
-        "gauge",
-        "How long the oldest due task has waited (0 when none is due).",
-    );
+    // Queue depth. Each family's HELP and TYPE come right before its own sample: with all
+    // three headers first, Python's prometheus_client parser read the first two families
+    // as having no sample.
     if let Some(c) = &db.counts {
         let oldest = c
             .oldest_due
             .map_or(0.0, |t| (db.now - t).max(0) as f64 / 1e6);
-        let _ = writeln!(out, "snapq_tasks_due {}", c.due);
-        let _ = writeln!(out, "snapq_tasks_delayed {}", c.delayed);
-        let _ = writeln!(out, "snapq_oldest_due_task_age_seconds {oldest}");
+        for (name, help, value) in [
+            (
+                "snapq_tasks_due",
+                "Tasks due now and not yet claimed.",
+                c.due as f64,
+            ),
+            (
+                "snapq_tasks_delayed",
+                "Tasks waiting for their run time.",
+                c.delayed as f64,
+            ),
+            (
+                "snapq_oldest_due_task_age_seconds",
+                "How long the oldest due task has waited (0 when none is due).",
+                oldest,
+            ),
+        ] {
+            header(&mut out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {value}");
+        }
     }
     header(
         &mut out,

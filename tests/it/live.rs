@@ -762,3 +762,67 @@ fn a_graceful_stop_is_shown_as_stopping_with_what_still_runs() {
     assert!(exit.success());
     assert_eq!(foreman.events("task finished").len(), 1);
 }
+
+/// Issue 14, item 5: Python's prometheus_client, the parser Prometheus' own Python tools
+/// use (`prometheus_client.parser.text_string_to_metric_families`), reads every family of
+/// /metrics with its samples: each family's HELP and TYPE come right before them.
+#[test]
+fn prometheus_clients_own_parser_reads_every_family_with_its_samples() {
+    let Some(python) = crate::support::python_with(&["prometheus_client"]) else {
+        return;
+    };
+    let home = Home::new();
+    home.enqueue_lines("{\"task\":\"noop\"}\n{\"task\":\"fail\"}\n");
+    home.ok(&["enqueue", "noop", "--delay", "3600"]);
+    let (mut foreman, addr) = start_live(&home, &[]);
+    // Both tasks ran and the live view counted them.
+    let mut text = String::new();
+    assert!(wait_until(Duration::from_secs(5), || {
+        text = get(&addr, "/metrics", &[]).1;
+        text.contains("snapq_tasks_failed_total{task=\"fail\"} 1")
+            && text.contains("snapq_tasks_due 0")
+    }));
+    foreman.stop();
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+print(json.dumps({f.name: [s.value for s in f.samples] for f in text_string_to_metric_families(sys.stdin.read())}))
+"#;
+    let mut child = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let families: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (name, want) in [
+        ("snapq_tasks_due", 0.0),
+        ("snapq_tasks_delayed", 1.0),
+        ("snapq_oldest_due_task_age_seconds", 0.0),
+        ("snapq_tasks_running", 0.0),
+    ] {
+        let values: Vec<f64> = families[name]
+            .as_array()
+            .unwrap_or_else(|| panic!("no family {name}: {families}"))
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(values, [want], "{name}: {families}");
+    }
+    // prometheus_client names counters without their _total suffix.
+    for name in ["snapq_tasks_started", "snapq_tasks_failed"] {
+        assert!(
+            !families[name].as_array().unwrap().is_empty(),
+            "{name} has no samples: {families}\n{text}"
+        );
+    }
+}

@@ -274,3 +274,25 @@ pub fn read_lines(path: &Path) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// A Python with `modules` importable, for tests that check snapq's output with another
+/// system's own reader: `SNAPQ_TEST_PYTHON`, else the venv `.ci/run` makes in
+/// target/py. `None` (and the test says it was skipped) when neither has them.
+pub fn python_with(modules: &[&str]) -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("SNAPQ_TEST_PYTHON").map(PathBuf::from),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python")),
+    ];
+    let found = candidates.into_iter().flatten().find(|python| {
+        Command::new(python)
+            .arg("-c")
+            .arg(format!("import {}", modules.join(", ")))
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if found.is_none() {
+        eprintln!("skipped: no Python with {modules:?}; `bash .ci/run` installs them in target/py");
+    }
+    found
+}

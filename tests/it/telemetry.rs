@@ -12,7 +12,7 @@ fn rows(path: &Path) -> Vec<(i64, f64, String, u32)> {
     let (header, body) = text.split_once('\n').unwrap();
     assert_eq!(
         header,
-        "Timepoint, Measurement, Label, PID",
+        "Timepoint,Measurement,Label,PID",
         "{}",
         path.display()
     );
@@ -121,6 +121,7 @@ fn stats_match_a_hand_computed_case() {
     std::fs::create_dir_all(&dir).unwrap();
     let now = snapq::telemetry::now_ns();
     let hour_ago = now - 3_600_000_000_000;
+    // The old header (a space after each comma) is still read.
     let mut text = String::from("Timepoint, Measurement, Label, PID\n");
     // task:x takes 1, 2, …, 20 ms (written out of order), wait:x 5 ms twice.
     for ms in [
@@ -135,7 +136,7 @@ fn stats_match_a_hand_computed_case() {
     std::fs::write(
         dir.join("runtime-42.csv"),
         format!(
-            "Timepoint, Measurement, Label, PID\n{hour_ago},1000,rss_bytes,42\n{now},2048,rss_bytes,42\n"
+            "Timepoint,Measurement,Label,PID\n{hour_ago},1000,rss_bytes,42\n{now},2048,rss_bytes,42\n"
         ),
     )
     .unwrap();
@@ -164,4 +165,63 @@ fn stats_match_a_hand_computed_case() {
     assert!(text.contains("10.500"), "mean in ms: {text}");
     let bad = home.snapq(&["stats", "--since", "yesterday"]);
     assert_eq!(bad.status.code(), Some(2));
+}
+
+/// Issue 14, item 5: QuantumLeap's own reader loads the files. What it does was read in
+/// orchestracities/ngsi-timeseries-api, src/server/telemetry/pandas_import.py (and
+/// flush.py, sampler.py, monitor.py for the names): every `duration*.csv` and
+/// `runtime*.csv` of the directory through pandas' `read_csv` with the Timepoint column
+/// converted from epoch nanoseconds, then series picked by the exact column names
+/// `Timepoint`, `Measurement`, `Label`, `PID`, and the runtime labels `user time`,
+/// `system time` and `max rss`. The script below does the same with pandas.
+#[test]
+fn quantumleaps_reader_loads_the_telemetry_files() {
+    let Some(python) = crate::support::python_with(&["pandas"]) else {
+        return;
+    };
+    let home = Home::new();
+    home.enqueue_lines(&"{\"task\":\"noop\"}\n".repeat(20));
+    let mut foreman = home.start(&[]);
+    assert!(wait_until(Duration::from_secs(5), || home.queued() == 0));
+    // At least two runtime samples (one a second).
+    std::thread::sleep(Duration::from_millis(1500));
+    foreman.stop();
+    let script = r#"
+import glob, os, sys
+import pandas as pd
+
+d = sys.argv[1]
+def load(prefix):
+    frames = [pd.read_csv(p, converters={"Timepoint": lambda t: pd.to_datetime(int(t), unit="ns", origin="unix")})
+              for p in glob.glob(os.path.join(d, f"{prefix}*.csv"))]
+    return pd.concat(frames, ignore_index=True)
+
+def series(frame, label):
+    proj = frame[frame["Label"] == label][["Timepoint", "Measurement", "PID"]]
+    return proj.set_index("Timepoint")["Measurement"]
+
+durations = load("duration")
+runtime = load("runtime")
+assert len(series(durations, "task:noop")) == 20, durations["Label"].unique()
+for label in ["user time", "system time", "max rss"]:
+    s = series(runtime, label)
+    assert len(s) >= 1, (label, runtime["Label"].unique())
+    assert (s >= 0).all(), (label, s)
+assert series(runtime, "max rss").max() > 1000, "max rss is in KiB"
+year = series(durations, "task:noop").index.max().year
+assert year >= 2025, year
+print("ok")
+"#;
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(home.file("telemetry"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
