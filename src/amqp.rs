@@ -36,6 +36,12 @@ use crate::sink::Sink;
 pub const RESULTS_EXCHANGE: &str = "raw_data";
 /// Where heartbeats go (PANIC's name).
 pub const HEALTH_EXCHANGE: &str = "health_check";
+/// PANIC's routing key for its workers' (monitors') heartbeats on `health_check`.
+pub const WORKER_HEARTBEAT: &str = "heartbeat.worker";
+/// A monitor whose last round started more than this many intervals ago (and more than
+/// `DEAD_SLACK` past the last of them) is dead in the manager heartbeat.
+const DEAD_AFTER_INTERVALS: i64 = 3;
+const DEAD_SLACK_MICROS: i64 = 2_000_000;
 /// How long the publisher waits for the broker to confirm a batch.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Outbox rows sent before waiting for their confirms.
@@ -354,9 +360,21 @@ fn session(
             }
             continue;
         };
+        // After each round's result, the worker heartbeat PANIC's monitors send after each
+        // of theirs (its health checker takes a monitor that stops sending them for dead).
+        let worker_beats: Vec<String> = rows
+            .iter()
+            .filter(|(_, exchange, ..)| exchange == RESULTS_EXCHANGE)
+            .filter_map(|(.., body)| worker_heartbeat(body))
+            .collect();
         let messages: Vec<_> = rows
             .iter()
             .map(|(_, exchange, key, body)| (exchange.as_str(), key.as_str(), body.as_str()))
+            .chain(
+                worker_beats
+                    .iter()
+                    .map(|beat| (HEALTH_EXCHANGE, WORKER_HEARTBEAT, beat.as_str())),
+            )
             .collect();
         broker.publish_confirmed(&messages, CONFIRM_TIMEOUT)?;
         conn.execute("DELETE FROM outbox WHERE id <= ?1", [last_id])
@@ -366,9 +384,33 @@ fn session(
     result
 }
 
+/// PANIC's worker heartbeat for the monitor whose result `body` is (`message_for`'s
+/// shapes): `{"component_name": <monitor>, "is_alive": true, "timestamp": <Unix s>}`, as
+/// its monitors send after each round (alerter/src/monitors/node/chainlink.py, `_monitor`).
+fn worker_heartbeat(body: &str) -> Option<String> {
+    let body: Value = serde_json::from_str(body).ok()?;
+    let monitor = match body.get("prometheus") {
+        Some(p) => p
+            .get("result")
+            .or_else(|| p.get("error"))?
+            .get("meta_data")?
+            .get("monitor_name")?,
+        None => body.get("monitor")?,
+    };
+    Some(
+        json!({
+            "component_name": monitor,
+            "is_alive": true,
+            "timestamp": now_micros() as f64 / 1e6,
+        })
+        .to_string(),
+    )
+}
+
 /// The heartbeat of PANIC's managers, plus snapq's own figures. The "processes" of a
-/// snapq foreman are its enabled monitors; none of them can be dead, as they are rounds on
-/// the foreman's pool.
+/// snapq foreman are its enabled monitors: running while their rounds come, dead when the
+/// last one started more than `DEAD_AFTER_INTERVALS` intervals (and `DEAD_SLACK_MICROS`)
+/// ago — a round stuck past its interval, or a foreman too busy to start them.
 fn heartbeat(conn: &Connection) -> Value {
     let pid = std::process::id();
     let (running, started_at): (i64, i64) = conn
@@ -380,15 +422,25 @@ fn heartbeat(conn: &Connection) -> Value {
         .unwrap_or((0, now_micros()));
     let due = crate::queue::count_due_capped(conn, now_micros(), crate::telemetry::DUE_COUNT_CAP)
         .unwrap_or(-1);
-    let monitors: Vec<String> = conn
-        .prepare_cached("SELECT name FROM monitors WHERE enabled = 1 ORDER BY name")
-        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-        .unwrap_or_default();
     let now = now_micros();
+    let monitors: Vec<(String, bool)> = conn
+        .prepare_cached(
+            "SELECT name, coalesce(last_run_at, created_at) < ?1 - ?2 * interval_us - ?3 \
+             FROM monitors WHERE enabled = 1 ORDER BY name",
+        )
+        .and_then(|mut s| {
+            s.query_map(params![now, DEAD_AFTER_INTERVALS, DEAD_SLACK_MICROS], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect()
+        })
+        .unwrap_or_default();
+    let (dead, alive): (Vec<_>, Vec<_>) = monitors.into_iter().partition(|(_, dead)| *dead);
+    let names = |list: Vec<(String, bool)>| list.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
     json!({
         "component_name": "snapq",
-        "running_processes": monitors,
-        "dead_processes": [],
+        "running_processes": names(alive),
+        "dead_processes": names(dead),
         "timestamp": now as f64 / 1e6,
         "pid": pid,
         "uptime": (now - started_at).max(0) as f64 / 1e6,

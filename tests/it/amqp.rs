@@ -655,3 +655,72 @@ fn the_outbox_is_capped_and_says_what_it_dropped() {
     );
     assert!(home.ok(&["status"]).contains("dropped at the cap"));
 }
+
+/// Issue 14, item 3: after each round, the worker heartbeat PANIC's monitors send
+/// (alerter/src/monitors/node/chainlink.py, `_monitor`; routing key `heartbeat.worker`,
+/// alerter/src/utils/constants/rabbitmq.py); and a monitor whose rounds stopped coming is
+/// in the manager heartbeat's `dead_processes`.
+#[test]
+fn worker_heartbeats_follow_rounds_and_stuck_monitors_are_dead() {
+    let home = Home::new();
+    let web = FakeServer::start(Mode::Text("ok\n".into()));
+    let silent = FakeServer::start(Mode::Silent);
+    let ok_name = format!("beat-ok-{}", std::process::id());
+    let stuck_name = format!("beat-stuck-{}", std::process::id());
+    let broker = TestBroker::connect();
+    let workers = broker.subscribe("health_check", "heartbeat.worker");
+    let managers = broker.subscribe("health_check", "heartbeat.manager");
+    let foreman = home.start(&["--amqp-url", BROKER, "--heartbeat-interval", "0.5"]);
+    let add = |name: &str, config: Value| {
+        home.ok(&[
+            "monitor",
+            "add",
+            "http",
+            name,
+            "--interval",
+            "1",
+            "--config",
+            &config.to_string(),
+        ]);
+    };
+    add(&ok_name, json!({"url": web.url()}));
+    add(&stuck_name, json!({"url": silent.url(), "timeout": 30}));
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut beat = None;
+    while beat.is_none() && Instant::now() < deadline {
+        let Ok(d) = workers.recv_deadline(deadline) else {
+            break;
+        };
+        let b: Value = serde_json::from_slice(&d.body).unwrap();
+        if b["component_name"] == ok_name.as_str() {
+            beat = Some(b);
+        }
+    }
+    let beat = beat.unwrap_or_else(|| panic!("no worker heartbeat:\n{}", foreman.log_text()));
+    assert_eq!(beat["is_alive"], true, "{beat}");
+    assert!(beat["timestamp"].as_f64().unwrap() > 1.7e9, "{beat}");
+    assert_eq!(beat.as_object().unwrap().len(), 3, "{beat}");
+
+    // The stuck monitor's first round never ends: after 3 intervals and the slack it is
+    // dead, while the other stays running.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = Value::Null;
+    let found = loop {
+        let Ok(d) = managers.recv_deadline(deadline) else {
+            break false;
+        };
+        last = serde_json::from_slice(&d.body).unwrap();
+        if last["pid"] != foreman.pid() {
+            continue;
+        }
+        let dead = last["dead_processes"].as_array().unwrap();
+        if dead.iter().any(|p| p == stuck_name.as_str()) {
+            break true;
+        }
+    };
+    assert!(found, "{stuck_name} never dead: {last}");
+    let running = last["running_processes"].as_array().unwrap();
+    assert!(running.iter().any(|p| p == ok_name.as_str()), "{last}");
+    assert!(!running.iter().any(|p| p == stuck_name.as_str()), "{last}");
+}
