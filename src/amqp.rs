@@ -10,10 +10,9 @@
 //! and sends the backlog in order. Delivery is at least once: a message whose confirm was
 //! lost with the connection is sent again.
 //!
-//! Message shapes follow PANIC's, so its consumers can read them: a Chainlink round on
-//! `raw_data` / `node.chainlink` as `{"prometheus": {"result": {"meta_data", "data"}}}` or
-//! `{"prometheus": {"error": {"meta_data", "message", "code"}}}`; other kinds on
-//! `raw_data` / `<kind>.<monitor>` as snapq's own result object.
+//! Message shapes follow PANIC's (src/panic.rs), so its consumers can read them: a
+//! Chainlink round on `raw_data` / `node.chainlink`, other kinds on `raw_data` /
+//! `<kind>.<monitor>` as snapq's own result object, heartbeats on `health_check`.
 //!
 //! The connection itself (lapin, confirms, redaction of the URL) is src/rabbitmq.rs.
 
@@ -29,6 +28,7 @@ use crate::clock::now_micros;
 use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
 use crate::monitor::RoundResult;
+use crate::panic::{NodeNames, message_for, node_names, worker_heartbeat};
 use crate::rabbitmq::{Broker, redact};
 use crate::sink::Sink;
 
@@ -116,80 +116,6 @@ impl Sink for AmqpSink {
         // The outbox rows went with the transaction; nothing to send.
         self.staged = false;
     }
-}
-
-/// How PANIC's `meta_data` names a Chainlink node: the optional `node_name`, `node_id` and
-/// `node_parent_id` of the monitor's config.
-#[derive(Debug, Clone, Default)]
-pub struct NodeNames {
-    pub name: Option<String>,
-    pub id: Option<String>,
-    pub parent_id: Option<String>,
-}
-
-fn node_names(tx: &Transaction<'_>, monitor: &str) -> NodeNames {
-    let config: Option<Value> = tx
-        .query_row(
-            "SELECT config FROM monitors WHERE name = ?1",
-            [monitor],
-            |r| r.get::<_, String>(0),
-        )
-        .ok()
-        .and_then(|c| serde_json::from_str(&c).ok());
-    let field = |key: &str| {
-        config
-            .as_ref()
-            .and_then(|c| c.get(key))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    };
-    NodeNames {
-        name: field("node_name"),
-        id: field("node_id"),
-        parent_id: field("node_parent_id"),
-    }
-}
-
-/// The routing key and body of a round's message.
-pub fn message_for(result: &RoundResult, names: &NodeNames) -> (String, Value) {
-    if result.kind != "chainlink_node" {
-        let body = serde_json::to_value(result).unwrap_or(Value::Null);
-        return (format!("{}.{}", result.kind, result.monitor), body);
-    }
-    let source = result
-        .data
-        .as_ref()
-        .and_then(|d| d.get("source"))
-        .cloned()
-        .unwrap_or(Value::Null);
-    let time = time::OffsetDateTime::parse(
-        &result.started_at,
-        &time::format_description::well_known::Rfc3339,
-    )
-    .map_or(0.0, |t| t.unix_timestamp_nanos() as f64 / 1e9);
-    let meta_data = json!({
-        "monitor_name": result.monitor,
-        "node_name": names.name.as_deref().unwrap_or(&result.monitor),
-        "node_id": names.id.as_deref().unwrap_or(&result.monitor),
-        "node_parent_id": names.parent_id.as_deref().unwrap_or("snapq"),
-        "last_source_used": source,
-        "time": time,
-    });
-    let body = match (&result.data, &result.error) {
-        (_, Some(error)) => json!({"prometheus": {"error": {
-            "meta_data": meta_data,
-            "message": error.message,
-            "code": error.code,
-        }}}),
-        (data, None) => {
-            let mut data = data.clone().unwrap_or(Value::Null);
-            if let Some(map) = data.as_object_mut() {
-                map.remove("source");
-            }
-            json!({"prometheus": {"result": {"meta_data": meta_data, "data": data}}})
-        }
-    };
-    ("node.chainlink".to_owned(), body)
 }
 
 /// The running publisher; stopping it ends its thread (rows stay in the outbox).
@@ -384,29 +310,6 @@ fn session(
     result
 }
 
-/// PANIC's worker heartbeat for the monitor whose result `body` is (`message_for`'s
-/// shapes): `{"component_name": <monitor>, "is_alive": true, "timestamp": <Unix s>}`, as
-/// its monitors send after each round (alerter/src/monitors/node/chainlink.py, `_monitor`).
-fn worker_heartbeat(body: &str) -> Option<String> {
-    let body: Value = serde_json::from_str(body).ok()?;
-    let monitor = match body.get("prometheus") {
-        Some(p) => p
-            .get("result")
-            .or_else(|| p.get("error"))?
-            .get("meta_data")?
-            .get("monitor_name")?,
-        None => body.get("monitor")?,
-    };
-    Some(
-        json!({
-            "component_name": monitor,
-            "is_alive": true,
-            "timestamp": now_micros() as f64 / 1e6,
-        })
-        .to_string(),
-    )
-}
-
 /// The heartbeat of PANIC's managers, plus snapq's own figures. The "processes" of a
 /// snapq foreman are its enabled monitors: running while their rounds come, dead when the
 /// last one started more than `DEAD_AFTER_INTERVALS` intervals (and `DEAD_SLACK_MICROS`)
@@ -505,73 +408,4 @@ pub fn clear_state(conn: &Connection) -> Result<()> {
     conn.execute("DELETE FROM sink_status WHERE sink = 'amqp'", [])
         .map(drop)
         .map_err(Error::sqlite("clearing the sink's state"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::monitor::RoundError;
-
-    fn result(kind: &str, data: Option<Value>, error: Option<RoundError>) -> RoundResult {
-        RoundResult {
-            monitor: "node-1".into(),
-            kind: kind.into(),
-            version: 2,
-            ok: error.is_none(),
-            started_at: "2026-01-01T00:00:00Z".into(),
-            duration_ms: 1.5,
-            data,
-            error,
-        }
-    }
-
-    #[test]
-    fn panic_shapes() {
-        let ok = result(
-            "chainlink_node",
-            Some(json!({"source": "http://n/metrics", "head_tracker_current_head": 7})),
-            None,
-        );
-        let (key, body) = message_for(&ok, &NodeNames::default());
-        assert_eq!(key, "node.chainlink");
-        let r = &body["prometheus"]["result"];
-        assert_eq!(r["data"]["head_tracker_current_head"], 7);
-        assert!(r["data"].get("source").is_none());
-        assert_eq!(r["meta_data"]["last_source_used"], "http://n/metrics");
-        assert_eq!(r["meta_data"]["monitor_name"], "node-1");
-        assert_eq!(r["meta_data"]["time"], 1_767_225_600.0);
-        let down = result(
-            "chainlink_node",
-            None,
-            Some(RoundError::new("node_down", "node is down")),
-        );
-        let named = NodeNames {
-            name: Some("Node One".into()),
-            id: Some("n-1".into()),
-            parent_id: Some("chain-x".into()),
-        };
-        let (_, body) = message_for(&down, &named);
-        assert_eq!(body["prometheus"]["error"]["code"], "node_down");
-        let meta = &body["prometheus"]["error"]["meta_data"];
-        assert_eq!(meta["node_name"], "Node One");
-        assert_eq!(meta["node_id"], "n-1");
-        assert_eq!(meta["node_parent_id"], "chain-x");
-        assert_eq!(meta["monitor_name"], "node-1");
-        let (key, body) = message_for(
-            &result("http", Some(json!({"status": 200})), None),
-            &NodeNames::default(),
-        );
-        assert_eq!(key, "http.node-1");
-        assert_eq!(body["data"]["status"], 200);
-        assert_eq!(body["version"], 2);
-    }
-
-    #[test]
-    fn passwords_stay_out_of_logs() {
-        assert_eq!(
-            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
-    }
 }

@@ -30,6 +30,7 @@ pub mod foreman;
 pub mod live;
 pub mod logging;
 pub mod monitor;
+pub mod panic;
 pub mod pidfile;
 pub mod pool;
 pub mod queue;
