@@ -108,6 +108,40 @@ pub enum Command {
     /// Add, change, remove and list monitors (periodic checks run by the foreman)
     #[command(subcommand)]
     Monitor(MonitorCommand),
+    /// Show one task wherever it is: queued (due when), running (since when, on which
+    /// foreman), or how it ended; exit 1 if there is no such task
+    Show {
+        /// The id `enqueue` printed
+        id: i64,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Task records, newest first: id, task, state, finished, duration, error
+    History {
+        /// Only tasks in this state (repeat for several): running, succeeded, failed,
+        /// panicked, rejected, abandoned, lost, cancelled
+        #[arg(long = "state", value_name = "STATE")]
+        states: Vec<String>,
+        /// Only tasks of this name
+        #[arg(long, value_name = "NAME")]
+        task: Option<String>,
+        /// Only tasks that ended (or started) in this recent past: seconds, or 90s, 15m, 2h, 1d
+        #[arg(long, value_name = "DURATION", value_parser = recent)]
+        since: Option<Duration>,
+        /// At most this many
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        limit: usize,
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove queued tasks (recorded as cancelled); a running task is refused with exit 1
+    Cancel {
+        /// The ids `enqueue` printed
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<i64>,
+    },
     /// Summarise the telemetry: count, mean, p50, p95, p99, max per label, and the latest
     /// resource figures
     Stats {
@@ -338,6 +372,15 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Status { json } => show_status(&paths, g.synchronous, json),
         Command::Tasks { json } => tasks(&paths, g.synchronous, json),
         Command::Stats { json, since } => show_stats(&paths, json, since),
+        Command::Show { id, json } => show_task(&paths, g.synchronous, id, json),
+        Command::History {
+            states,
+            task,
+            since,
+            limit,
+            json,
+        } => show_history(&paths, g.synchronous, states, task, since, limit, json),
+        Command::Cancel { ids } => cancel(&paths, g.synchronous, &ids),
         Command::Monitor(command) => monitor_command(&paths, g.synchronous, command),
     }
 }
@@ -572,6 +615,133 @@ fn monitor_command(paths: &Paths, synchronous: Synchronous, command: MonitorComm
             }
             print_json(&store::show(&db::open(&paths.db, synchronous)?, &name)?)
         }
+    }
+}
+
+fn no_task(id: i64) -> Error {
+    Error::NotThere(format!(
+        "no task {id} (never enqueued here, or its record was pruned); is --home the \
+         foreman's? `snapq history` lists the recorded ones"
+    ))
+}
+
+fn show_task(paths: &Paths, synchronous: Synchronous, id: i64, json: bool) -> Result<()> {
+    if !paths.db.exists() {
+        return Err(no_task(id));
+    }
+    let conn = db::open(&paths.db, synchronous)?;
+    let record = crate::records::show(&conn, id)?.ok_or_else(|| no_task(id))?;
+    if json {
+        return print_json(&record);
+    }
+    let r = &record;
+    let mut out = format!("task {} ({}): {}\n", r.id, r.task, r.state);
+    out.push_str(&format!("  args {}  kwargs {}\n", r.args, r.kwargs));
+    let at = |t: &Option<String>| t.clone().unwrap_or_else(|| "–".into());
+    out.push_str(&format!(
+        "  enqueued {}, due {}\n",
+        at(&r.enqueued_at),
+        at(&r.due_at)
+    ));
+    if r.started_at.is_some() {
+        out.push_str(&format!("  started {}", at(&r.started_at)));
+        if let Some(pid) = r.foreman_pid.filter(|_| r.state == "running") {
+            out.push_str(&format!(" by the foreman with pid {pid}"));
+        }
+        out.push('\n');
+    }
+    if r.finished_at.is_some() {
+        out.push_str(&format!("  ended {}", at(&r.finished_at)));
+        if let Some(d) = r.duration_seconds {
+            out.push_str(&format!(" after {d:.3} s"));
+        }
+        out.push('\n');
+    }
+    if let Some(error) = &r.error {
+        out.push_str(&format!("  error: {error}\n"));
+    }
+    print(&out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn show_history(
+    paths: &Paths,
+    synchronous: Synchronous,
+    states: Vec<String>,
+    task: Option<String>,
+    since: Option<Duration>,
+    limit: usize,
+    json: bool,
+) -> Result<()> {
+    for state in &states {
+        if !crate::records::STATES[1..].contains(&state.as_str()) {
+            return Err(Error::bad_input(
+                "--state",
+                format!(
+                    "{state:?} is not a state a record has; give one of {}",
+                    crate::records::STATES[1..].join(", ")
+                ),
+            ));
+        }
+    }
+    let records = if paths.db.exists() {
+        let filter = crate::records::Filter {
+            states,
+            task,
+            since: since.map(|d| clock::now_micros() - clock::micros_of(d)),
+            limit,
+        };
+        crate::records::history(&db::open(&paths.db, synchronous)?, &filter)?
+    } else {
+        Vec::new()
+    };
+    if json {
+        return print_json(&records);
+    }
+    if records.is_empty() {
+        return print("no task records match\n");
+    }
+    let mut out = String::new();
+    for r in &records {
+        let error: String = r.error.as_deref().unwrap_or("").chars().take(60).collect();
+        out.push_str(&format!(
+            "{:>8}  {:16}  {:10}  {:27}  {:>9}  {}\n",
+            r.id,
+            r.task,
+            r.state,
+            r.finished_at.as_deref().unwrap_or("–"),
+            r.duration_seconds
+                .map_or_else(|| "–".into(), |d| format!("{d:.3} s")),
+            error
+        ));
+    }
+    print(&out)
+}
+
+fn cancel(paths: &Paths, synchronous: Synchronous, ids: &[i64]) -> Result<()> {
+    if !paths.db.exists() {
+        return Err(no_task(ids[0]));
+    }
+    let conn = db::open(&paths.db, synchronous)?;
+    let mut refused = Vec::new();
+    let mut out = String::new();
+    for &id in ids {
+        match crate::records::cancel(&conn, id)? {
+            crate::records::Cancelled::Done => out.push_str(&format!("cancelled task {id}\n")),
+            crate::records::Cancelled::Running => refused.push(format!(
+                "task {id} is running: it cannot be taken back (each task runs at most once)"
+            )),
+            crate::records::Cancelled::Ended(state) => {
+                refused.push(format!("task {id} already ended: {state}"))
+            }
+            crate::records::Cancelled::Unknown => refused.push(no_task(id).to_string()),
+        }
+    }
+    print(&out)?;
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::NotThere(refused.join("; ")))
     }
 }
 

@@ -27,6 +27,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0005_foreman_stopping",
         include_str!("../migrations/0005_foreman_stopping.sql"),
     ),
+    (
+        "0006_task_records",
+        include_str!("../migrations/0006_task_records.sql"),
+    ),
 ];
 
 /// The schema version this build writes and understands.

@@ -79,6 +79,10 @@ pub enum Error {
     #[error("{0}")]
     Runtime(String),
 
+    /// A task id that is neither queued nor recorded, or a task `cancel` cannot take back.
+    #[error("{0}")]
+    NotThere(String),
+
     /// `run --burst` ran every due task, and some of them did not succeed.
     #[error(
         "{failed} of {ran} tasks did not succeed (failed, panicked or rejected: see the log \
@@ -102,7 +106,8 @@ impl Error {
             Error::ForemanRunning { .. }
             | Error::Sqlite { .. }
             | Error::Io { .. }
-            | Error::Runtime(_) => 1,
+            | Error::Runtime(_)
+            | Error::NotThere(_) => 1,
             Error::TasksFailed { .. } => 3,
         }
     }

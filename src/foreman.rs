@@ -54,6 +54,14 @@
 //!    are telemetry's buffer mutexes, never held across I/O (src/telemetry.rs).
 //!    Under systemd the loop itself sends WATCHDOG=1 (src/systemd.rs), so a loop that
 //!    stops turning stops the pings and systemd restarts it.
+//! 9. **Every task leaves a record.** `records::claim` deletes the queue rows and inserts
+//!    their records (`running`) in one transaction; the loop keeps each finished task's
+//!    end in `finished_tasks` and writes them in its next claim transaction, or with
+//!    `settle_tasks` when no claim is about to come (idle, every slot busy, stopping,
+//!    exiting): never a transaction per task. At the graceful deadline the tasks still
+//!    running are recorded `abandoned`. A record left `running` by a foreman that died
+//!    (kill -9, a crash) is marked `lost` when the next foreman starts, each logged by id
+//!    (`records::mark_lost`); a foreman that is alive on the same database keeps its own.
 //! 11. **The loop keeps turning.** After start-up the loop's two connections wait at most
 //!     `db::LOOP_BUSY_TIMEOUT` (100 ms) for a write lock another process holds (a bulk
 //!     enqueue of millions of lines, a backup, `sqlite3` left in a transaction). A write that
@@ -84,6 +92,7 @@ use crate::monitor::{self, Probe, RoundResult};
 use crate::pidfile::PidFile;
 use crate::pool::{Done, Job, JobKey, Outcome, Pool, RoundDone, RoundJob, round_ms};
 use crate::queue;
+use crate::records;
 use crate::registry::Registry;
 use crate::sink::{FileSink, Sink};
 use crate::systemd::Notifier;
@@ -255,6 +264,15 @@ pub fn run_with_sink(
         params![pid, started_at, config.workers as i64],
     )
     .map_err(Error::sqlite("recording the foreman"))?;
+    // Records left `running` by foremen that are gone: those tasks were lost with them.
+    for (id, task) in records::mark_lost(&conn, &live_foremen(&conn, pid)?)? {
+        tracing::warn!(
+            id,
+            %task,
+            "task lost: it was running when its foreman ended (kill -9, a crash, a power \
+             loss); recorded as lost, not run again"
+        );
+    }
     // From here on the loop's writes give up on a held lock quickly and are retried on the
     // loop's own schedule (invariant 11); the writes above may wait for it as long as any
     // enqueuer does.
@@ -302,6 +320,8 @@ pub fn run_with_sink(
         next_beat: Instant::now() + HEARTBEAT_INTERVAL,
         claim_cost: Duration::ZERO,
         claim_failed: false,
+        finished_tasks: Vec::with_capacity(config.workers),
+        claimer: records::Claimer::this_process(),
         sweep_undated: true,
         fatal: None,
         busy_since: None,
@@ -321,6 +341,7 @@ pub fn run_with_sink(
     foreman.notifier.ready(&status);
     foreman.publish_queue_figures();
     let result = foreman.run_loop();
+    foreman.settle_tasks();
     if let Err(e) = foreman
         .conn
         .execute("DELETE FROM foremen WHERE pid = ?1", [pid])
@@ -390,6 +411,11 @@ struct Foreman<'a> {
     /// The last claim failed and is to be tried again at `next_due` (`--burst` must not
     /// take that for an empty queue).
     claim_failed: bool,
+    /// Finished tasks whose final state is not yet in their record: written by the next
+    /// claim's transaction, or by `settle_tasks` when no claim comes (invariant 9).
+    finished_tasks: Vec<records::Finish>,
+    /// This foreman, as its records name it.
+    claimer: records::Claimer,
     /// Whether the next short claim also sweeps rows whose due time is not a number
     /// (`queue::claim_undated`): set at start and at each safety re-read.
     sweep_undated: bool,
@@ -483,6 +509,10 @@ impl Foreman<'_> {
             }
             if self.maybe_due && self.fatal.is_none() && self.running.len() < self.config.workers {
                 self.claim_and_dispatch()?;
+            }
+            if !(self.maybe_due && self.fatal.is_none() && self.running.len() < self.config.workers)
+            {
+                self.settle_tasks();
             }
             if self.config.burst && self.running.is_empty() {
                 if let Some(e) = self.fatal.take() {
@@ -637,16 +667,28 @@ impl Foreman<'_> {
         let asked = free.min(self.config.batch);
         let started = Instant::now();
         self.last_read = started;
-        let claimed = queue::claim(&self.conn, now_micros(), asked).and_then(|mut claimed| {
-            if self.sweep_undated && claimed.len() < asked {
-                let room = asked - claimed.len();
-                let undated = queue::claim_undated(&self.conn, room)?;
-                // A full sweep may have left more: sweep again on the next short claim.
-                self.sweep_undated = undated.len() == room;
-                claimed.extend(undated);
-            }
-            Ok(claimed)
-        });
+        let mut sweep = self.sweep_undated;
+        // One transaction: the finished tasks' states, the claim, the claimed tasks'
+        // records (invariants 1 and 9).
+        let claimed = records::claim(
+            &self.conn,
+            &mut self.finished_tasks,
+            &self.claimer,
+            |conn| {
+                let mut claimed = queue::claim(conn, now_micros(), asked)?;
+                if sweep && claimed.len() < asked {
+                    let room = asked - claimed.len();
+                    let undated = queue::claim_undated(conn, room)?;
+                    // A full sweep may have left more: sweep again on the next short claim.
+                    sweep = undated.len() == room;
+                    claimed.extend(undated);
+                }
+                Ok(claimed)
+            },
+        );
+        if claimed.is_ok() {
+            self.sweep_undated = sweep;
+        }
         // An exponentially weighted mean over the last ~8 claims.
         self.claim_cost = (self.claim_cost * 7 + started.elapsed().min(MAX_GATHER)) / 8;
         let claimed = match claimed {
@@ -727,8 +769,41 @@ impl Foreman<'_> {
                     started_us,
                 });
             }
-            (_, Outcome::Succeeded) => self.totals.succeeded += 1,
-            _ => self.totals.failed += 1,
+            (JobKey::Task(id), outcome) => {
+                let (state, error) = match outcome {
+                    Outcome::Succeeded => ("succeeded", None),
+                    Outcome::Failed(e) => ("failed", Some(e)),
+                    Outcome::Panicked(e) => ("panicked", Some(e)),
+                    Outcome::Rejected(e) => ("rejected", Some(e)),
+                    Outcome::Round(_) => ("failed", Some("a round reported for a task".into())),
+                };
+                if state == "succeeded" {
+                    self.totals.succeeded += 1;
+                } else {
+                    self.totals.failed += 1;
+                }
+                self.finished_tasks.push(records::Finish {
+                    id,
+                    state,
+                    error,
+                    at: now_micros(),
+                });
+            }
+            (JobKey::Round(..), _) => {}
+        }
+    }
+
+    /// Writes the finished tasks' states when no claim is about to carry them (idle, or
+    /// every slot busy). A busy database keeps them for the next turn.
+    fn settle_tasks(&mut self) {
+        if self.finished_tasks.is_empty() {
+            return;
+        }
+        match records::settle(&self.conn, &mut self.finished_tasks) {
+            Ok(()) => self.db_free(),
+            Err(e) => {
+                self.db_failed("recording finished tasks", &e);
+            }
         }
     }
 
@@ -1005,6 +1080,7 @@ impl Foreman<'_> {
                 recv(self.done_rx) -> done => match done {
                     Ok(done) => {
                         self.finished(done);
+                        self.settle_tasks();
                         self.record_rounds();
                     }
                     Err(_) => return Err(Error::Runtime("every worker thread died".into())),
@@ -1019,16 +1095,24 @@ impl Foreman<'_> {
         Ok(Stopped::Gracefully)
     }
 
-    fn abandon(&self, why: &str) -> Stopped {
+    fn abandon(&mut self, why: &str) -> Stopped {
         for (key, (name, started)) in &self.running {
             let running_ms = round_ms(started.elapsed());
             match key {
-                JobKey::Task(id) => tracing::warn!(
-                    id,
-                    task = name.as_str(),
-                    running_ms,
-                    "{why}: exiting with this task unfinished"
-                ),
+                JobKey::Task(id) => {
+                    tracing::warn!(
+                        id,
+                        task = name.as_str(),
+                        running_ms,
+                        "{why}: exiting with this task unfinished"
+                    );
+                    self.finished_tasks.push(records::Finish {
+                        id: *id,
+                        state: "abandoned",
+                        error: Some(format!("{why}: the foreman exited while it ran")),
+                        at: now_micros(),
+                    });
+                }
                 JobKey::Round(monitor, version) => tracing::warn!(
                     monitor = monitor.as_str(),
                     version,
@@ -1037,10 +1121,38 @@ impl Foreman<'_> {
                 ),
             }
         }
+        self.settle_tasks();
         Stopped::Abandoned {
             tasks: self.running.len(),
         }
     }
+}
+
+/// The pids of the other foremen running on this database now: those whose heartbeat is
+/// fresh and whose process is a live snapq. Not this one: it has claimed nothing yet, so
+/// a record `running` under its pid is from an earlier foreman that had the same pid.
+fn live_foremen(conn: &Connection, me: u32) -> Result<Vec<u32>> {
+    let now = now_micros();
+    let mut stmt = conn
+        .prepare("SELECT pid, beat_at FROM foremen")
+        .map_err(Error::sqlite("reading foremen"))?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(Error::sqlite("reading foremen"))?;
+    let mut alive = Vec::new();
+    for row in rows {
+        let (pid, beat_at) = row.map_err(Error::sqlite("reading foremen"))?;
+        let Ok(pid) = u32::try_from(pid) else {
+            continue;
+        };
+        if pid != me
+            && now - beat_at < crate::status::STALE_AFTER_MICROS
+            && crate::pidfile::is_snapq_process(pid as i32)
+        {
+            alive.push(pid);
+        }
+    }
+    Ok(alive)
 }
 
 /// The signal path only records and pokes (STYLE 3): signal-hook's handler writes to a

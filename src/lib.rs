@@ -35,6 +35,7 @@ pub mod pidfile;
 pub mod pool;
 pub mod queue;
 pub mod rabbitmq;
+pub mod records;
 pub mod registry;
 pub mod sink;
 pub mod stats;

@@ -18,6 +18,7 @@ mod monitors;
 mod pidfile;
 mod protocol;
 mod race;
+mod records;
 mod shared_group;
 mod shutdown;
 mod support;
