@@ -17,6 +17,7 @@
 //! Each figure is printed beside its target, with the gap when a target is missed.
 #![allow(clippy::unwrap_used)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -123,6 +124,62 @@ fn main() {
     }
     println!();
     enqueue_figures(&scratch);
+    if let Some(baseline) = std::env::var_os("SNAPQ_BENCH_BASELINE_BIN") {
+        println!();
+        compare_with_baseline(&scratch, Path::new(&baseline));
+    }
+}
+
+/// The drain of this build beside another snapq binary's (`SNAPQ_BENCH_BASELINE_BIN`,
+/// e.g. the commit before task records), interleaved run by run so that the machine's
+/// drift hits both alike; medians of five. Each binary enqueues its own tasks (through its
+/// CLI: their schemas may differ) and drains them with `run --burst`.
+fn compare_with_baseline(scratch: &Path, baseline: &Path) {
+    let lines = "{\"task\":\"noop\"}\n".repeat(TASKS);
+    let drain_cli = |bin: &Path, sync: &str| -> f64 {
+        let home = fresh_home(scratch, "compare");
+        let mut enqueue = Command::new(bin)
+            .args(["--home", home.to_str().unwrap(), "--synchronous", sync])
+            .args(["enqueue", "--file", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        enqueue
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lines.as_bytes())
+            .unwrap();
+        assert!(enqueue.wait().unwrap().success());
+        let started = Instant::now();
+        let status = Command::new(bin)
+            .args(["--home", home.to_str().unwrap(), "--synchronous", sync])
+            .args(["run", "--burst", "--workers", &WORKERS.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        TASKS as f64 / started.elapsed().as_secs_f64()
+    };
+    for sync in ["normal", "full"] {
+        let (mut this, mut base) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            this.push(drain_cli(Path::new(BIN), sync));
+            base.push(drain_cli(baseline, sync));
+        }
+        this.sort_by(f64::total_cmp);
+        base.sort_by(f64::total_cmp);
+        let (this, base) = (this[2], base[2]);
+        println!(
+            "drain {sync} beside {}: {this:.0} tasks/s, baseline {base:.0} tasks/s: {:.0}% of it (medians of 5, interleaved)  {}",
+            baseline.display(),
+            100.0 * this / base,
+            verdict(100.0 * this / base, 80.0, true, "% of the baseline")
+        );
+    }
 }
 
 /// Bulk enqueue through the binary beside a raw insert of as many rows in one transaction,

@@ -25,6 +25,6 @@ CREATE TABLE task_records (
     output      TEXT
 );
 
--- history: newest first, by state and by task.
-CREATE INDEX task_records_finished ON task_records (finished_at);
-CREATE INDEX task_records_state ON task_records (state, id);
+-- No secondary index: every one would be written twice a task (at the claim and at the
+-- end) on the drain's hot path, and the readers do not need one. `history` walks the table
+-- newest id first and stops at its limit; `mark_lost` scans it once when a foreman starts.

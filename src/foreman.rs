@@ -57,8 +57,8 @@
 //! 9. **Every task leaves a record.** `records::claim` deletes the queue rows and inserts
 //!    their records (`running`) in one transaction; the loop keeps each finished task's
 //!    end in `finished_tasks` and writes them in its next claim transaction, or with
-//!    `settle_tasks` when no claim is about to come (idle, every slot busy, stopping,
-//!    exiting): never a transaction per task. At the graceful deadline the tasks still
+//!    `settle_tasks` when no claim is about to come (nothing more due, stopping, exiting):
+//!    never a transaction per task. At the graceful deadline the tasks still
 //!    running are recorded `abandoned`. A record left `running` by a foreman that died
 //!    (kill -9, a crash) is marked `lost` when the next foreman starts, each logged by id
 //!    (`records::mark_lost`); a foreman that is alive on the same database keeps its own.
@@ -510,8 +510,10 @@ impl Foreman<'_> {
             if self.maybe_due && self.fatal.is_none() && self.running.len() < self.config.workers {
                 self.claim_and_dispatch()?;
             }
-            if !(self.maybe_due && self.fatal.is_none() && self.running.len() < self.config.workers)
-            {
+            // With more due, the claim that the next free slot brings carries the finished
+            // tasks' states (a task only finishes by freeing a slot); otherwise they are
+            // written now, in a transaction of their own.
+            if !self.maybe_due || self.fatal.is_some() {
                 self.settle_tasks();
             }
             if self.config.burst && self.running.is_empty() {
@@ -793,8 +795,8 @@ impl Foreman<'_> {
         }
     }
 
-    /// Writes the finished tasks' states when no claim is about to carry them (idle, or
-    /// every slot busy). A busy database keeps them for the next turn.
+    /// Writes the finished tasks' states when no claim is about to carry them (nothing more
+    /// due, stopping, exiting). A busy database keeps them for the next turn.
     fn settle_tasks(&mut self) {
         if self.finished_tasks.is_empty() {
             return;
