@@ -511,6 +511,8 @@ fn wakeup_latency(
         graceful_timeout: Duration::from_secs(5),
         burst: false,
         safety_interval: foreman::SAFETY_INTERVAL,
+        history_retention: Duration::from_secs(7 * 24 * 3600),
+        history_max_rows: 100_000,
         live: None,
     };
     let foreman = std::thread::spawn(move || foreman::run(&config, registry));

@@ -280,6 +280,14 @@ pub struct RunArgs {
     #[arg(long, env = "SNAPQ_HTTP_PING_INTERVAL", value_name = "SECS", default_value = "30",
           value_parser = seconds, allow_negative_numbers = true)]
     pub http_ping_interval: Duration,
+    /// How long task records are kept after they end: seconds, or 90s, 15m, 2h, 7d
+    #[arg(long, env = "SNAPQ_HISTORY_RETENTION", value_name = "DURATION", default_value = "7d",
+          value_parser = recent)]
+    pub history_retention: Duration,
+    /// About this many of the newest task records are kept; older ones are pruned
+    #[arg(long, env = "SNAPQ_HISTORY_MAX_ROWS", value_name = "N", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub history_max_rows: u64,
     /// Seconds between re-reads of the queue when no wake-up comes (tests raise it to
     /// prove no wake-up is missed)
     #[arg(long, env = "SNAPQ_SAFETY_INTERVAL", value_name = "SECS", hide = true,
@@ -394,6 +402,8 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         graceful_timeout: args.graceful_timeout,
         burst: args.burst,
         safety_interval: args.safety_interval.max(Duration::from_millis(10)),
+        history_retention: args.history_retention,
+        history_max_rows: args.history_max_rows,
         live: live_config(paths, args)?,
         ..ForemanConfig::from_paths(paths)
     };

@@ -123,6 +123,10 @@ const SPIN: Duration = Duration::from_micros(100);
 /// The longest `gather_completions` waits, whatever a claim costs.
 const MAX_GATHER: Duration = Duration::from_millis(2);
 
+/// Task records pruned in one transaction, and the most time a heartbeat spends pruning.
+const PRUNE_BATCH: i64 = 500;
+const PRUNE_BUDGET: Duration = Duration::from_millis(20);
+
 /// How long the loop waits before it tries again a write that found the database busy.
 const BUSY_RETRY: Duration = Duration::from_millis(200);
 
@@ -158,6 +162,10 @@ pub struct ForemanConfig {
     /// Run what is due, wait for it, return.
     pub burst: bool,
     pub safety_interval: Duration,
+    /// Task records older than this are pruned (`--history-retention`).
+    pub history_retention: Duration,
+    /// About this many of the newest task records are kept (`--history-max-rows`).
+    pub history_max_rows: u64,
     /// The live view (`--http`), if any.
     pub live: Option<LiveConfig>,
 }
@@ -178,6 +186,8 @@ impl ForemanConfig {
             graceful_timeout: Duration::from_secs(30),
             burst: false,
             safety_interval: SAFETY_INTERVAL,
+            history_retention: Duration::from_secs(7 * 24 * 3600),
+            history_max_rows: 100_000,
             live: None,
         }
     }
@@ -1031,6 +1041,26 @@ impl Foreman<'_> {
             }
         }
         self.publish_queue_figures();
+        self.prune_records();
+    }
+
+    /// Prunes task records past the retention, in batches of `PRUNE_BATCH` rows a
+    /// transaction (a few ms each) for at most `PRUNE_BUDGET` a heartbeat: an enqueuer
+    /// never waits long behind it, and a backlog of old records goes over several beats.
+    fn prune_records(&mut self) {
+        let started = Instant::now();
+        let cutoff = now_micros() - micros_of(self.config.history_retention);
+        let max_rows = i64::try_from(self.config.history_max_rows).unwrap_or(i64::MAX);
+        while started.elapsed() < PRUNE_BUDGET {
+            match records::prune(&self.books, cutoff, max_rows, PRUNE_BATCH) {
+                Ok(n) if n as i64 == PRUNE_BATCH => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    self.db_failed("pruning task records", &e);
+                    break;
+                }
+            }
+        }
     }
 
     /// Hands tasks due and running to the telemetry sampler (at start, every heartbeat,

@@ -154,6 +154,57 @@ fn write_finished(conn: &Connection, finished: &[Finish]) -> Result<()> {
     Ok(())
 }
 
+/// Deletes up to `batch` records that ended before `cutoff` (Unix µs) or whose id is more
+/// than `max_rows` below the newest record's, oldest first, in one short transaction.
+/// Returns how many it deleted; the caller repeats while it deletes a whole batch.
+/// Running records are never pruned. Ids are the tasks' ids, dense but for tasks still
+/// queued, so "more than `max_rows` below the newest" keeps about the newest `max_rows`.
+pub fn prune(conn: &Connection, cutoff: i64, max_rows: i64, batch: i64) -> Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM task_records WHERE id IN (SELECT id FROM task_records \
+         WHERE state != 'running' AND (finished_at < ?1 \
+            OR id <= (SELECT max(id) FROM task_records) - ?2) \
+         ORDER BY id LIMIT ?3)",
+    )
+    .and_then(|mut s| s.execute(params![cutoff, max_rows, batch]))
+    .map_err(Error::sqlite("pruning task records"))
+}
+
+/// How many tasks ended in each of the states that need a look (`failed`, `panicked`,
+/// `rejected`, `lost`, `abandoned`) since `since` (Unix µs), for `status`.
+pub fn trouble_since(conn: &Connection, since: i64) -> Result<Trouble> {
+    let mut trouble = Trouble::default();
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT state, count(*) FROM task_records WHERE finished_at >= ?1 \
+             AND state IN ('failed', 'panicked', 'rejected', 'lost', 'abandoned') GROUP BY state",
+        )
+        .map_err(Error::sqlite("counting recent failures"))?;
+    let rows = stmt
+        .query_map([since], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })
+        .map_err(Error::sqlite("counting recent failures"))?;
+    for row in rows {
+        let (state, n) = row.map_err(Error::sqlite("counting recent failures"))?;
+        match state.as_str() {
+            "lost" => trouble.lost = n,
+            "abandoned" => trouble.abandoned = n,
+            _ => trouble.failed += n,
+        }
+    }
+    Ok(trouble)
+}
+
+/// Tasks that ended badly in a recent stretch (`trouble_since`).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Trouble {
+    /// Failed, panicked or rejected.
+    pub failed: i64,
+    pub lost: i64,
+    pub abandoned: i64,
+}
+
 /// Marks `lost` every record still `running` whose foreman is not among `alive` (the pids
 /// of foremen running on this database now, this one included). Returns the ids and task
 /// names, for the log.

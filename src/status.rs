@@ -47,6 +47,8 @@ pub struct ForemanStatus {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskStatus {
+    /// Tasks that ended badly in the last hour, from their records.
+    pub last_hour: crate::records::Trouble,
     pub due: i64,
     pub delayed: i64,
     pub running: i64,
@@ -113,6 +115,7 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
         db_exists: true,
         foreman: foremen.first().cloned(),
         tasks: TaskStatus {
+            last_hour: crate::records::trouble_since(conn, now - 3_600_000_000)?,
             due: counts.due,
             delayed: counts.delayed,
             running: foremen.iter().map(|f| f.running).sum(),
@@ -133,6 +136,7 @@ pub fn empty(db_path: &Path) -> Status {
         foreman: None,
         foremen: Vec::new(),
         tasks: TaskStatus {
+            last_hour: Default::default(),
             due: 0,
             delayed: 0,
             running: 0,
@@ -200,6 +204,18 @@ impl Status {
         }
         out.push('\n');
         out.push_str(&format!("tasks running: {}\n", t.running));
+        let trouble = t.last_hour;
+        out.push_str(&format!(
+            "last hour: {} failed, {} lost, {} abandoned{}\n",
+            trouble.failed,
+            trouble.lost,
+            trouble.abandoned,
+            if trouble == Default::default() {
+                ""
+            } else {
+                " (see `snapq history --since 1h`)"
+            }
+        ));
         match t.oldest_due_age_seconds {
             Some(age) => out.push_str(&format!("oldest due task: due {} ago\n", human(age))),
             None => out.push_str("oldest due task: none\n"),

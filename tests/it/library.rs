@@ -44,6 +44,8 @@ fn a_program_runs_its_own_tasks() {
         graceful_timeout: Duration::from_secs(5),
         burst: true,
         safety_interval: foreman::SAFETY_INTERVAL,
+        history_retention: Duration::from_secs(3600),
+        history_max_rows: 1_000,
         live: None,
     };
 

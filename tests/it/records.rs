@@ -87,6 +87,17 @@ fn every_state_shows_in_show_and_history() {
     foreman.wait_exit(Duration::from_secs(5)).unwrap();
     let abandoned = show(&home, running);
     assert_eq!(abandoned["state"], "abandoned", "{abandoned}");
+    // status counts the last hour's troubles from the records.
+    let status: Value = serde_json::from_str(&home.ok(&["status", "--json"])).unwrap();
+    assert_eq!(
+        status["tasks"]["last_hour"],
+        serde_json::json!({"failed": 3, "lost": 0, "abandoned": 1}),
+        "{status}"
+    );
+    assert!(
+        home.ok(&["status"])
+            .contains("last hour: 3 failed, 0 lost, 1 abandoned")
+    );
 
     // history: newest first, filtered by state and task.
     let all: Vec<Value> = serde_json::from_str(&home.ok(&["history", "--json"])).unwrap();
@@ -156,4 +167,70 @@ fn tasks_running_at_a_kill_9_are_lost_and_not_run_again() {
         next.log_text()
     );
     assert_eq!(home.queued(), 0);
+    let status: Value = serde_json::from_str(&home.ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["tasks"]["last_hour"]["lost"], 4, "{status}");
+}
+
+/// Retention: about the newest `--history-max-rows` records are kept, and records older
+/// than `--history-retention` go; pruning runs in short transactions, so an enqueuer
+/// beside it never waits more than 50 ms.
+#[test]
+fn old_records_are_pruned_in_short_transactions() {
+    let home = Home::new();
+    let total = 20_000;
+    home.enqueue_lines(&"{\"task\":\"noop\"}\n".repeat(total));
+    home.ok(&["run", "--burst", "--synchronous", "normal"]);
+    let count = |home: &Home| -> i64 {
+        home.conn()
+            .query_row("SELECT count(*) FROM task_records", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(count(&home), total as i64);
+
+    // A foreman keeping 50: it prunes ~20,000 records over its heartbeats while this test
+    // enqueues beside it, one task at a time, timing each enqueue.
+    let foreman = home.start(&["--history-max-rows", "50"]);
+    let mut q = snapq::Enqueuer::open(
+        &home.db_path(),
+        &home.file("wakeup"),
+        snapq::db::Synchronous::Normal,
+    )
+    .unwrap();
+    let mut slowest = Duration::ZERO;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while count(&home) > 60 && std::time::Instant::now() < deadline {
+        let started = std::time::Instant::now();
+        q.enqueue(&snapq::NewTask::new("noop")).unwrap();
+        slowest = slowest.max(started.elapsed());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        count(&home) <= 60,
+        "{} records left:\n{}",
+        count(&home),
+        foreman.log_text()
+    );
+    assert!(
+        slowest <= Duration::from_millis(50),
+        "an enqueue waited {slowest:?} beside the pruning"
+    );
+    // The newest are the ones kept.
+    let newest: i64 = home
+        .conn()
+        .query_row("SELECT max(id) FROM task_records", [], |r| r.get(0))
+        .unwrap();
+    let oldest_kept: i64 = home
+        .conn()
+        .query_row("SELECT min(id) FROM task_records", [], |r| r.get(0))
+        .unwrap();
+    assert!(newest - oldest_kept < 60, "{oldest_kept}..{newest}");
+    drop(foreman);
+
+    // Retention: with 1 s, records that ended more than a second ago go.
+    let _foreman = home.start(&["--history-retention", "1"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || count(&home) == 0),
+        "{} records left",
+        count(&home)
+    );
 }
