@@ -60,8 +60,9 @@
 //!    `settle_tasks` when no claim is about to come (nothing more due, stopping, exiting):
 //!    never a transaction per task. At the graceful deadline the tasks still
 //!    running are recorded `abandoned`. A record left `running` by a foreman that died
-//!    (kill -9, a crash) is marked `lost` when the next foreman starts, each logged by id
-//!    (`records::mark_lost`); a foreman that is alive on the same database keeps its own.
+//!    (kill -9, a crash) is marked `lost` when the next foreman starts, or within a few
+//!    seconds by another foreman on the same database (`find_dead_foremen`, at each
+//!    heartbeat), each logged by id (`records::mark_lost`); a live foreman keeps its own.
 //! 11. **The loop keeps turning.** After start-up the loop's two connections wait at most
 //!     `db::LOOP_BUSY_TIMEOUT` (100 ms) for a write lock another process holds (a bulk
 //!     enqueue of millions of lines, a backup, `sqlite3` left in a transaction). A write that
@@ -1042,6 +1043,58 @@ impl Foreman<'_> {
         }
         self.publish_queue_figures();
         self.prune_records();
+        self.find_dead_foremen();
+    }
+
+    /// Another foreman on this database that stopped beating and whose process is gone
+    /// (kill -9, a crash) leaves its running tasks' records `running`: they are `lost`
+    /// (invariant 9), and its heartbeat row goes. Cheap while every foreman lives: one
+    /// read of the few `foremen` rows a heartbeat.
+    fn find_dead_foremen(&mut self) {
+        let me = std::process::id();
+        let result = (|| -> Result<()> {
+            let rows: Vec<i64> = self
+                .books
+                .prepare_cached("SELECT pid FROM foremen WHERE pid != ?1 AND beat_at < ?2")
+                .and_then(|mut s| {
+                    s.query_map(
+                        params![me, now_micros() - crate::status::STALE_AFTER_MICROS],
+                        |r| r.get(0),
+                    )?
+                    .collect()
+                })
+                .map_err(Error::sqlite("reading foremen"))?;
+            let dead: Vec<i64> = rows
+                .into_iter()
+                .filter(|pid| !i32::try_from(*pid).is_ok_and(crate::pidfile::is_snapq_process))
+                .collect();
+            if dead.is_empty() {
+                return Ok(());
+            }
+            let mut alive = live_foremen(&self.books, me)?;
+            alive.push(me);
+            for (id, task) in records::mark_lost(&self.books, &alive)? {
+                tracing::warn!(
+                    id,
+                    %task,
+                    "task lost: it was running when its foreman ended (kill -9, a crash, a \
+                     power loss); recorded as lost, not run again"
+                );
+            }
+            for pid in dead {
+                self.books
+                    .execute("DELETE FROM foremen WHERE pid = ?1", [pid])
+                    .map_err(Error::sqlite("removing a dead foreman's heartbeat row"))?;
+                tracing::warn!(
+                    pid,
+                    "a foreman on this database died; its running tasks are lost"
+                );
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.db_failed("looking for dead foremen", &e);
+        }
     }
 
     /// Prunes task records past the retention, in batches of `PRUNE_BATCH` rows a

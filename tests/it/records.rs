@@ -234,3 +234,31 @@ fn old_records_are_pruned_in_short_transactions() {
         count(&home)
     );
 }
+
+/// A live foreman notices another one on the same database die: that one's running tasks
+/// are `lost` within seconds, without waiting for a restart.
+#[test]
+fn a_live_foreman_records_the_tasks_of_a_dead_one_as_lost() {
+    let home = Home::new();
+    let mut doomed = home.start(&["--no-pid-file", "--workers", "2"]);
+    let ids: Vec<i64> = (0..2)
+        .map(|_| enqueue(&home, &["sleep", "--kwargs", r#"{"seconds": 60}"#]))
+        .collect();
+    assert!(wait_until(Duration::from_secs(5), || ids
+        .iter()
+        .all(|id| show(&home, *id)["state"] == "running")));
+    // The survivor starts while the doomed one is alive: it keeps the tasks running.
+    let survivor = home.start(&["--no-pid-file"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(ids.iter().all(|id| show(&home, *id)["state"] == "running"));
+    doomed.kill9();
+    assert!(
+        wait_until(Duration::from_secs(10), || ids
+            .iter()
+            .all(|id| show(&home, *id)["state"] == "lost")),
+        "{}",
+        survivor.log_text()
+    );
+    assert!(survivor.has_log("a foreman on this database died"));
+    assert!(survivor.events("task started").is_empty());
+}
