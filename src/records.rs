@@ -8,7 +8,26 @@
 //! (invariant 9). A record still `running` when its foreman is gone is `lost`: found when
 //! a foreman starts (`mark_lost`).
 //!
-//! `show`, `history` and `cancel` are the readers' side, for the CLI and for programs.
+//! `show`, `history` and `cancel` are the readers' side, for the CLI and for programs:
+//!
+//! ```no_run
+//! use snapq::db::{self, Synchronous};
+//! use snapq::records::{self, Filter};
+//!
+//! let conn = db::open("/var/lib/snapq/snapq.sqlite3".as_ref(), Synchronous::Full)?;
+//! if let Some(task) = records::show(&conn, 42)? {
+//!     println!("task 42 is {}", task.state);
+//! }
+//! let failed = Filter {
+//!     states: vec!["failed".into()],
+//!     limit: 10,
+//!     ..Filter::default()
+//! };
+//! for task in records::history(&conn, &failed)? {
+//!     println!("{} {}: {:?}", task.id, task.task, task.error);
+//! }
+//! # Ok::<(), snapq::Error>(())
+//! ```
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
