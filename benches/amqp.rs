@@ -31,6 +31,7 @@ fn result(i: usize) -> RoundResult {
             serde_json::json!({"url": "http://127.0.0.1/health", "status": 200, "latency_ms": 0.4, "bytes": 3}),
         ),
         error: None,
+        panic: None,
     }
 }
 

@@ -775,6 +775,7 @@ impl Foreman<'_> {
                     duration_ms: round_ms(done.duration),
                     data,
                     error,
+                    panic: round.panic,
                 };
                 self.finished_rounds.push(FinishedRound {
                     result,

@@ -333,6 +333,7 @@ fn run_round(job: RoundJob, shared: &Shared) {
                     format!("the round panicked: {}", panic_message(payload.as_ref())),
                 )),
                 state: job.state.clone(),
+                panic: None,
             }
         });
     let duration = started.elapsed();

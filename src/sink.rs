@@ -124,6 +124,7 @@ mod tests {
             duration_ms: 1.0,
             data: Some(serde_json::json!({"status": 200})),
             error: None,
+            panic: None,
         }
     }
 

@@ -13,6 +13,7 @@ use serde_json::{Map, Value, json};
 use super::http_fetch::{Client, FetchError, check_url, split_limits};
 use super::prometheus::{self, Sample};
 use super::{Kind, Probe, Round, RoundError, parse_config};
+use crate::panic::{self, ChainlinkReading, PanicError};
 
 pub struct ChainlinkNode;
 
@@ -28,6 +29,9 @@ struct Config {
     node_id: Option<String>,
     #[serde(default)]
     node_parent_id: Option<String>,
+    /// The currency of the node's balance, in PANIC's `balance.symbol` (default empty).
+    #[serde(default)]
+    symbol: String,
     /// Seconds one round may take over all its sources (each call is also bounded by
     /// `timeout`). Without it, 1,000 unreachable sources made a round last 1,000 timeouts,
     /// holding a worker and then the whole graceful stop.
@@ -63,6 +67,7 @@ const OPTIONAL: [&str; 2] = [
 
 struct ChainlinkProbe {
     urls: Vec<String>,
+    symbol: String,
     client: Client,
     round_timeout: Duration,
 }
@@ -103,6 +108,7 @@ impl Kind for ChainlinkNode {
         let _ = (config.node_name, config.node_id, config.node_parent_id);
         Ok(Arc::new(ChainlinkProbe {
             urls: config.node_prometheus_urls,
+            symbol: config.symbol,
             client,
             round_timeout: Duration::from_secs_f64(round_timeout),
         }))
@@ -133,9 +139,9 @@ impl Probe for ChainlinkProbe {
             match self.client.get_until(url, Some(deadline)) {
                 Err(FetchError::Unreachable(why)) => unreachable.push(format!("{url}: {why}")),
                 Err(FetchError::BadAnswer(why)) => {
-                    return answered(
+                    return unreadable(
                         url,
-                        Err(RoundError::new("bad_response", format!("{url}: {why}"))),
+                        RoundError::new("bad_response", format!("{url}: {why}")),
                     );
                 }
                 Ok(fetched) if fetched.status != 200 => {
@@ -143,11 +149,14 @@ impl Probe for ChainlinkProbe {
                         "bad_status",
                         format!("{url} answered HTTP {}", fetched.status),
                     );
-                    return answered(url, Err(error));
+                    return unreadable(url, error);
                 }
-                Ok(fetched) => return answered(url, extract(url, &fetched.body)),
+                Ok(fetched) => return self.read(url, &fetched.body),
             }
         }
+        // PANIC keeps the last source used when the node is down: the one that answered
+        // last, or the first.
+        let last_used = last.unwrap_or(&self.urls[0]).to_owned();
         Round {
             outcome: Err(RoundError::new(
                 "node_down",
@@ -157,25 +166,49 @@ impl Probe for ChainlinkProbe {
                 ),
             )),
             state: state.clone(),
+            panic: Some(ChainlinkReading::Error {
+                source: last_used,
+                error: PanicError::NodeDown,
+            }),
         }
     }
 }
 
-fn answered(url: &str, outcome: Result<Value, RoundError>) -> Round {
-    Round {
-        outcome,
-        state: json!({ "last_source": url }),
+impl ChainlinkProbe {
+    /// A source answered with a body: snapq's reading of it and PANIC's.
+    fn read(&self, url: &str, body: &str) -> Round {
+        let samples = match prometheus::parse(body) {
+            Ok(samples) => samples,
+            Err(e) => {
+                let error = RoundError::new(
+                    "unparseable",
+                    format!("{url} did not answer with Prometheus text: {e}"),
+                );
+                return unreadable(url, error);
+            }
+        };
+        Round {
+            outcome: extract(url, &samples),
+            state: json!({ "last_source": url }),
+            panic: Some(panic::chainlink_reading(url, &samples, &self.symbol)),
+        }
     }
 }
 
-/// Reads the metrics of SPEC from an exposition.
-fn extract(url: &str, body: &str) -> Result<Value, RoundError> {
-    let samples = prometheus::parse(body).map_err(|e| {
-        RoundError::new(
-            "unparseable",
-            format!("{url} did not answer with Prometheus text: {e}"),
-        )
-    })?;
+/// A source answered, but not with metrics: PANIC's `DataReadingException`.
+fn unreadable(url: &str, error: RoundError) -> Round {
+    Round {
+        outcome: Err(error),
+        state: json!({ "last_source": url }),
+        panic: Some(ChainlinkReading::Error {
+            source: url.to_owned(),
+            error: PanicError::DataReading,
+        }),
+    }
+}
+
+/// Reads the metrics of SPEC from an exposition's samples.
+fn extract(url: &str, samples: &[Sample]) -> Result<Value, RoundError> {
     let first = |name: &str| {
         samples
             .iter()
@@ -193,7 +226,7 @@ fn extract(url: &str, body: &str) -> Result<Value, RoundError> {
             None => missing.push(name),
         }
     }
-    let balances: Map<String, Value> = with_name(&samples, "eth_balance")
+    let balances: Map<String, Value> = with_name(samples, "eth_balance")
         .filter_map(|s| Some((s.label("account")?.to_owned(), number(s.value))))
         .collect();
     if balances.is_empty() {
@@ -209,7 +242,7 @@ fn extract(url: &str, body: &str) -> Result<Value, RoundError> {
     for name in OPTIONAL {
         data.insert(name.into(), first(name).unwrap_or(Value::Null));
     }
-    let gas_prices: Vec<Value> = with_name(&samples, "gas_updater_set_gas_price")
+    let gas_prices: Vec<Value> = with_name(samples, "gas_updater_set_gas_price")
         .map(|s| json!({ "percentile": s.label("percentile"), "price": number(s.value) }))
         .collect();
     data.insert(
@@ -220,7 +253,7 @@ fn extract(url: &str, body: &str) -> Result<Value, RoundError> {
             Value::Array(gas_prices)
         },
     );
-    let runs: Vec<&Sample> = with_name(&samples, "run_status_update_total").collect();
+    let runs: Vec<&Sample> = with_name(samples, "run_status_update_total").collect();
     let errored = runs
         .iter()
         .filter(|s| s.label("status").is_some_and(|st| st.contains("error")))
@@ -269,7 +302,8 @@ run_status_update_total{status=\"errored\",job=\"x\"} 1
 
     #[test]
     fn extracts_the_metrics() {
-        let data = extract("http://n/metrics", GOOD).unwrap();
+        let samples = prometheus::parse(GOOD).unwrap();
+        let data = extract("http://n/metrics", &samples).unwrap();
         assert_eq!(data["head_tracker_current_head"], 1234);
         assert_eq!(data["eth_balance"]["0xA"], 2.5);
         assert_eq!(data["process_start_time_seconds"], 1_700_000_000);
@@ -281,10 +315,17 @@ run_status_update_total{status=\"errored\",job=\"x\"} 1
 
     #[test]
     fn incomplete_and_garbage_are_errors() {
-        let e = extract("u", "head_tracker_current_head 1\n").unwrap_err();
+        let samples = prometheus::parse("head_tracker_current_head 1\n").unwrap();
+        let e = extract("u", &samples).unwrap_err();
         assert_eq!(e.code, "incomplete_data");
         assert!(e.message.contains("eth_balance"), "{}", e.message);
-        let e = extract("u", "<html>oops</html>").unwrap_err();
+        let probe = ChainlinkProbe {
+            urls: vec!["u".into()],
+            symbol: String::new(),
+            client: split_limits(&json!({})).unwrap().0,
+            round_timeout: Duration::from_secs(1),
+        };
+        let e = probe.read("u", "<html>oops</html>").outcome.unwrap_err();
         assert_eq!(e.code, "unparseable");
     }
 

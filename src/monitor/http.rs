@@ -49,6 +49,7 @@ impl Probe for HttpProbe {
         Round {
             outcome: self.check(),
             state: Value::Null,
+            panic: None,
         }
     }
 }

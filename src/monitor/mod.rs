@@ -21,6 +21,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::panic::ChainlinkReading;
+
 /// Every kind, by name. One line per kind.
 pub static KINDS: &[&dyn Kind] = &[&chainlink::ChainlinkNode, &http::Http, &system::System];
 
@@ -46,6 +48,9 @@ pub struct Round {
     pub outcome: Result<Value, RoundError>,
     /// Handed to the next round of the same monitor.
     pub state: Value,
+    /// What PANIC's own monitor would have made of the round (Chainlink rounds), for the
+    /// RabbitMQ sink.
+    pub panic: Option<ChainlinkReading>,
 }
 
 /// A coded round error: `code` is stable (for alerting rules), `message` is for people.
@@ -103,6 +108,9 @@ pub struct RoundResult {
     pub data: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<RoundError>,
+    /// The round as PANIC reads it (`Round::panic`); not part of snapq's result object.
+    #[serde(skip)]
+    pub panic: Option<ChainlinkReading>,
 }
 
 impl RoundResult {

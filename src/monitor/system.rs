@@ -115,11 +115,13 @@ impl Probe for SystemProbe {
                         "disks": disks,
                     })),
                     state: next_state,
+                    panic: None,
                 }
             }
             Err(e) => Round {
                 outcome: Err(e),
                 state: state.clone(),
+                panic: None,
             },
         }
     }

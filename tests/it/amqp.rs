@@ -186,7 +186,12 @@ fn chainlink_results_reach_rabbitmq_in_panics_shape() {
         foreman.log_text()
     );
     let result = &ours[0]["prometheus"]["result"];
-    assert_eq!(result["data"]["head_tracker_current_head"], 4242);
+    assert_eq!(result["data"]["head_tracker_current_head"], json!(4242.0));
+    assert_eq!(
+        result["data"]["balance"],
+        json!({"address": "0x1aB5", "balance": 12.5, "symbol": ""})
+    );
+    assert_eq!(result["data"]["run_status_update_total_errors"], 1);
     assert_eq!(result["meta_data"]["last_source_used"], node.url());
     assert!(result["meta_data"]["time"].as_f64().unwrap() > 1.7e9);
     assert_eq!(result["meta_data"]["node_name"], "Node One");

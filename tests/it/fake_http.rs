@@ -157,6 +157,7 @@ pub fn chainlink_metrics(head: u64) -> String {
          unconfirmed_transactions 1\n\
          eth_balance{{account=\"0x1aB5\"}} 12.5\n\
          tx_manager_num_gas_bumps_total 3\n\
+         tx_manager_gas_bump_exceeds_limit_total 0\n\
          gas_updater_set_gas_price{{percentile=\"20%\"}} 2.5e+10\n\
          run_status_update_total{{job_spec_id=\"1\",status=\"errored\"}} 4\n\
          run_status_update_total{{job_spec_id=\"1\",status=\"completed\"}} 40\n"
