@@ -233,6 +233,19 @@ pub struct RunArgs {
     #[arg(long, env = "SNAPQ_OUTBOX_CAP", value_name = "ROWS", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub outbox_cap: u64,
+    /// Act as PANIC's node monitors manager (with --amqp-url): consume PANIC's Chainlink
+    /// nodes configurations (exchange `config`, `chains.*.*.nodes_config`) and start,
+    /// restart and stop a chainlink_node monitor per node as they say
+    #[arg(long, env = "SNAPQ_PANIC_CONFIGS", value_parser = FalseyValueParser::new())]
+    pub panic_configs: bool,
+    /// The durable queue --panic-configs consumes (PANIC's own by default)
+    #[arg(long, env = "SNAPQ_PANIC_CONFIGS_QUEUE", value_name = "NAME",
+          default_value = crate::panic_configs::DEFAULT_QUEUE)]
+    pub panic_configs_queue: String,
+    /// Seconds between the rounds of each monitor started by PANIC's configurations
+    #[arg(long, env = "SNAPQ_PANIC_INTERVAL", value_name = "SECS", default_value = "10",
+          value_parser = seconds, allow_negative_numbers = true)]
+    pub panic_interval: Duration,
     /// Record no telemetry (task durations and waits, resource use) in the telemetry
     /// directory
     #[arg(long, env = "SNAPQ_NO_TELEMETRY", value_parser = FalseyValueParser::new())]
@@ -408,8 +421,16 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         ..ForemanConfig::from_paths(paths)
     };
     let Some(url) = &args.amqp_url else {
+        if args.panic_configs {
+            return Err(Error::bad_input(
+                "--panic-configs",
+                "PANIC's configurations come over RabbitMQ: give --amqp-url too",
+            ));
+        }
         if paths.db.exists() {
-            crate::amqp::clear_state(&db::open(&paths.db, synchronous)?)?;
+            let conn = db::open(&paths.db, synchronous)?;
+            crate::amqp::clear_state(&conn)?;
+            crate::panic_configs::clear_state(&conn)?;
         }
         return foreman::run(&config, Registry::with_builtins()).and_then(burst_outcome);
     };
@@ -420,12 +441,35 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
             "give at least 0.1 seconds",
         ));
     }
+    if args.panic_configs && args.panic_interval < crate::monitor::store::MIN_INTERVAL {
+        return Err(Error::bad_input(
+            "--panic-interval",
+            "give at least 0.1 seconds",
+        ));
+    }
     let (sink, _publisher) = crate::amqp::start(
         url,
         paths.db.clone(),
         args.heartbeat_interval,
         args.outbox_cap,
     )?;
+    // Like the publisher, the consumer is stopped after the foreman loop.
+    let _configs = if args.panic_configs && !args.burst {
+        Some(crate::panic_configs::start(
+            crate::panic_configs::Settings {
+                url: url.clone(),
+                queue: args.panic_configs_queue.clone(),
+                interval: args.panic_interval,
+                manager_name: "snapq".into(),
+                db: paths.db.clone(),
+                wakeup_dir: paths.wakeup_dir.clone(),
+                synchronous,
+            },
+        )?)
+    } else {
+        crate::panic_configs::clear_state(&db::open(&paths.db, synchronous)?)?;
+        None
+    };
     foreman::run_with_sink(&config, Registry::with_builtins(), Box::new(sink))
         .and_then(burst_outcome)
 }
@@ -599,11 +643,15 @@ fn monitor_command(paths: &Paths, synchronous: Synchronous, command: MonitorComm
             let mut out = String::new();
             for m in &monitors {
                 let status = m.last_status.as_deref().unwrap_or("pending");
-                let detail = match (&m.last_error, &m.last_summary) {
+                let mut detail = match (&m.last_error, &m.last_summary) {
                     (Some(e), _) if status == "error" => e.clone(),
                     (_, Some(s)) => s.clone(),
                     _ => String::new(),
                 };
+                if let Some(owner) = &m.managed_by {
+                    let chain = owner.strip_prefix("panic:").unwrap_or(owner);
+                    detail = format!("[managed by PANIC configs, chain {chain}] {detail}");
+                }
                 out.push_str(&format!(
                     "{:20} {:15} every {:>6.1} s  {:7}  last run {}  {}\n",
                     m.name,

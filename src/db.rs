@@ -31,6 +31,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0006_task_records",
         include_str!("../migrations/0006_task_records.sql"),
     ),
+    (
+        "0007_panic_configs",
+        include_str!("../migrations/0007_panic_configs.sql"),
+    ),
 ];
 
 /// The schema version this build writes and understands.

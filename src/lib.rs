@@ -31,6 +31,7 @@ pub mod live;
 pub mod logging;
 pub mod monitor;
 pub mod panic;
+pub mod panic_configs;
 pub mod pidfile;
 pub mod pool;
 pub mod queue;

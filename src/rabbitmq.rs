@@ -20,8 +20,8 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{
@@ -36,6 +36,10 @@ pub type Outgoing<'a> = (&'a str, &'a str, &'a str);
 pub struct Incoming {
     pub routing_key: String,
     pub body: Vec<u8>,
+    /// For a message of a queue consumed with acknowledgements (`consume_queue`): what
+    /// acknowledges it (`Broker::ack`). Until then the broker keeps it, and hands it out
+    /// again if this connection goes.
+    pub acker: Option<lapin::Acker>,
 }
 
 /// One connection with one channel in confirm mode.
@@ -154,10 +158,74 @@ impl Broker {
                 )
                 .await
                 .map_err(|e| format!("cannot consume {exchange} / {binding}: {e}"))?;
-            forward(consumer, tx);
+            forward(consumer, tx, true);
             Ok::<_, String>(())
         })?;
         Ok(rx)
+    }
+
+    /// Consumes the durable queue `queue`, bound to `exchange` with `binding`, with
+    /// acknowledgements: each message stays the broker's until `ack`, and at most
+    /// `prefetch` are handed out unacknowledged. The queue outlives the connection, so
+    /// messages sent while snapq is down wait for it.
+    pub fn consume_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        binding: &str,
+        prefetch: u16,
+    ) -> Result<Receiver<Incoming>, String> {
+        let (tx, rx) = bounded(usize::from(prefetch.max(1)));
+        async_global_executor::block_on(async {
+            self.channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("cannot declare the queue {queue}: {e}"))?;
+            self.channel
+                .queue_bind(
+                    queue.into(),
+                    exchange.into(),
+                    binding.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("cannot bind {queue} to {exchange} / {binding}: {e}"))?;
+            self.channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|e| format!("cannot set the prefetch of {queue}: {e}"))?;
+            let consumer = self
+                .channel
+                .basic_consume(
+                    queue.into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("cannot consume {queue}: {e}"))?;
+            forward(consumer, tx, false);
+            Ok::<_, String>(())
+        })?;
+        Ok(rx)
+    }
+
+    /// Acknowledges a message of `consume_queue`: the broker forgets it.
+    pub fn ack(&self, incoming: &Incoming) -> Result<(), String> {
+        let Some(acker) = &incoming.acker else {
+            return Ok(());
+        };
+        async_global_executor::block_on(acker.ack(BasicAckOptions::default()))
+            .map(|_| ())
+            .map_err(|e| format!("cannot acknowledge a message: {e}"))
     }
 
     /// Publishes each message as persistent JSON, then waits until the broker has
@@ -258,12 +326,13 @@ fn watch_errors(connection: &Connection, tx: Sender<String>) {
 
 /// Hands a consumer's deliveries to `tx`, from a task on lapin's executor; drops what does
 /// not fit (see `Broker::subscribe`).
-fn forward(mut consumer: lapin::Consumer, tx: Sender<Incoming>) {
+fn forward(mut consumer: lapin::Consumer, tx: Sender<Incoming>, no_ack: bool) {
     async_global_executor::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
             let incoming = Incoming {
                 routing_key: delivery.routing_key.to_string(),
                 body: delivery.data,
+                acker: (!no_ack).then_some(delivery.acker),
             };
             if let Err(crossbeam_channel::TrySendError::Disconnected(_)) = tx.try_send(incoming) {
                 return;

@@ -27,6 +27,10 @@ pub struct Status {
     /// Where monitor results go: the results file, or RabbitMQ with its connection state
     /// and outbox.
     pub sink: Option<crate::amqp::SinkStatus>,
+    /// PANIC's configurations consumed over RabbitMQ (`run --panic-configs`): the queue,
+    /// the connection state, messages received, applied and rejected as malformed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub panic_configs: Option<crate::panic_configs::ConfigsStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,6 +129,7 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
         foremen,
         monitors: crate::monitor::store::counts(conn)?,
         sink: Some(crate::amqp::status(conn)?),
+        panic_configs: crate::panic_configs::status(conn)?,
     })
 }
 
@@ -145,6 +150,7 @@ pub fn empty(db_path: &Path) -> Status {
         },
         monitors: Default::default(),
         sink: None,
+        panic_configs: None,
     }
 }
 
@@ -242,6 +248,21 @@ impl Status {
                 )),
                 None => out.push_str("results: results.jsonl in the home directory\n"),
             }
+        }
+        if let Some(p) = &self.panic_configs {
+            out.push_str(&format!(
+                "PANIC configs: queue {}, {} ({}); {} received, {} applied, {} rejected{}\n",
+                p.queue,
+                p.state,
+                p.detail,
+                p.received,
+                p.applied,
+                p.rejected,
+                p.last_rejection
+                    .as_deref()
+                    .map(|r| format!(" (last: {r})"))
+                    .unwrap_or_default()
+            ));
         }
         out.push_str(&format!("database: {}\n", self.db));
         if !self.db_exists {

@@ -33,6 +33,10 @@ pub struct MonitorInfo {
     pub last_error: Option<String>,
     pub last_run_at: Option<String>,
     pub last_duration_ms: Option<f64>,
+    /// Who owns the monitor when it is not the CLI: `panic:<chain>` for one started by
+    /// PANIC's configurations (src/panic_configs.rs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub managed_by: Option<String>,
 }
 
 fn bad_config(kind: &str, message: String) -> Error {
@@ -130,13 +134,16 @@ pub fn update(
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(Error::sqlite("starting the update"))?;
-    let kind_name: String = tx
-        .query_row("SELECT kind FROM monitors WHERE name = ?1", [name], |r| {
-            r.get(0)
-        })
+    let (kind_name, managed_by): (String, Option<String>) = tx
+        .query_row(
+            "SELECT kind, managed_by FROM monitors WHERE name = ?1",
+            [name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()
         .map_err(Error::sqlite("reading the monitor"))?
         .ok_or_else(|| unknown(name))?;
+    refuse_managed(name, managed_by.as_deref())?;
     if let Some(config) = config {
         let kind = kind(&kind_name).ok_or_else(|| {
             Error::Runtime(format!(
@@ -174,6 +181,39 @@ pub fn remove(conn: &mut Connection, name: &str) -> Result<()> {
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(Error::sqlite("starting to remove the monitor"))?;
+    let managed_by: Option<Option<String>> = tx
+        .query_row(
+            "SELECT managed_by FROM monitors WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(Error::sqlite("reading the monitor"))?;
+    refuse_managed(name, managed_by.flatten().as_deref())?;
+    retire(&tx, name)?;
+    tx.commit().map_err(Error::sqlite("committing the removal"))
+}
+
+/// The CLI does not change what another owner keeps in step with its own source.
+fn refuse_managed(name: &str, managed_by: Option<&str>) -> Result<()> {
+    match managed_by {
+        None => Ok(()),
+        Some(owner) => {
+            let chain = owner.strip_prefix("panic:").unwrap_or(owner);
+            Err(Error::bad_input(
+                "monitor name",
+                format!(
+                    "monitor {name:?} is managed by PANIC's configurations (chain {chain}): \
+                     snapq starts, restarts and stops it as that chain's nodes_config messages \
+                     say; change the node in PANIC's configuration instead"
+                ),
+            ))
+        }
+    }
+}
+
+/// Deletes a monitor inside `tx`, remembering its version.
+fn retire(tx: &Transaction<'_>, name: &str) -> Result<()> {
     let retired = tx
         .execute(
             "INSERT INTO monitor_retired (name, version) \
@@ -187,11 +227,118 @@ pub fn remove(conn: &mut Connection, name: &str) -> Result<()> {
     }
     tx.execute("DELETE FROM monitors WHERE name = ?1", [name])
         .map_err(Error::sqlite("removing the monitor"))?;
-    tx.commit().map_err(Error::sqlite("committing the removal"))
+    Ok(())
+}
+
+/// One monitor an owner wants: name, kind, config, interval in µs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wanted {
+    pub name: String,
+    pub kind: String,
+    pub config: Value,
+    pub interval_us: i64,
+}
+
+/// What `apply_owned` changed, by monitor name.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Applied {
+    pub started: Vec<String>,
+    pub restarted: Vec<String>,
+    pub stopped: Vec<String>,
+}
+
+/// Makes the monitors `owner` manages exactly `wanted`, inside `tx`: a new one is added
+/// (due now), a changed one updated (a new version, due now: its next round uses the new
+/// config), one no longer wanted removed. Each `wanted` must have passed `check_new`. A
+/// name taken by a monitor of another owner (or of the CLI) is refused and nothing of the
+/// rest is kept, as the caller rolls back.
+pub fn apply_owned(tx: &Transaction<'_>, owner: &str, wanted: &[Wanted]) -> Result<Applied> {
+    let mut applied = Applied::default();
+    let now = now_micros();
+    let current: Vec<(String, String, i64)> = {
+        let mut stmt = tx
+            .prepare("SELECT name, config, interval_us FROM monitors WHERE managed_by = ?1")
+            .map_err(Error::sqlite("reading the managed monitors"))?;
+        let rows = stmt
+            .query_map([owner], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(Error::sqlite("reading the managed monitors"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(Error::sqlite("reading the managed monitors"))?
+    };
+    for (name, _, _) in &current {
+        if !wanted.iter().any(|w| &w.name == name) {
+            retire(tx, name)?;
+            applied.stopped.push(name.clone());
+        }
+    }
+    for w in wanted {
+        let config = w.config.to_string();
+        match current.iter().find(|(name, _, _)| name == &w.name) {
+            Some((_, old, interval)) => {
+                let same = serde_json::from_str::<Value>(old).ok().as_ref() == Some(&w.config)
+                    && *interval == w.interval_us;
+                if !same {
+                    tx.execute(
+                        "UPDATE monitors SET config = ?2, interval_us = ?3, version = version + 1, \
+                         next_due = ?4, updated_at = ?4 WHERE name = ?1",
+                        params![w.name, config, w.interval_us, now],
+                    )
+                    .map_err(Error::sqlite("updating a managed monitor"))?;
+                    applied.restarted.push(w.name.clone());
+                }
+            }
+            None => {
+                let inserted = tx
+                    .execute(
+                        "INSERT INTO monitors (name, kind, config, interval_us, next_due, \
+                         created_at, updated_at, version, managed_by) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5, \
+                         1 + coalesce((SELECT version FROM monitor_retired WHERE name = ?1), 0), ?6) \
+                         ON CONFLICT (name) DO NOTHING",
+                        params![w.name, w.kind, config, w.interval_us, now, owner],
+                    )
+                    .map_err(Error::sqlite("adding a managed monitor"))?;
+                if inserted == 0 {
+                    return Err(Error::bad_input(
+                        "monitor name",
+                        format!(
+                            "a monitor named {:?} exists already and is not managed by {owner}; \
+                             remove it or rename the node",
+                            w.name
+                        ),
+                    ));
+                }
+                applied.started.push(w.name.clone());
+            }
+        }
+    }
+    Ok(applied)
+}
+
+/// The monitors each owner manages whose owner starts with `prefix`: (owner, name, config).
+pub fn owned(conn: &Connection, prefix: &str) -> Result<Vec<(String, String, Value)>> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT managed_by, name, config FROM monitors \
+             WHERE substr(managed_by, 1, length(?1)) = ?1 ORDER BY managed_by, name",
+        )
+        .map_err(Error::sqlite("reading the managed monitors"))?;
+    let rows = stmt
+        .query_map([prefix], |r| {
+            let config: String = r.get(2)?;
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                serde_json::from_str(&config).unwrap_or(Value::Null),
+            ))
+        })
+        .map_err(Error::sqlite("reading the managed monitors"))?;
+    rows.collect::<rusqlite::Result<_>>()
+        .map_err(Error::sqlite("reading the managed monitors"))
 }
 
 const INFO_COLUMNS: &str = "name, kind, config, interval_us, version, enabled, next_due, last_ok, \
-     last_summary, last_error, last_run_at, last_duration_ms";
+     last_summary, last_error, last_run_at, last_duration_ms, managed_by";
 
 fn info_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MonitorInfo> {
     let config: String = r.get(2)?;
@@ -209,6 +356,7 @@ fn info_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MonitorInfo> {
         last_error: r.get(9)?,
         last_run_at: r.get::<_, Option<i64>>(10)?.map(format_micros),
         last_duration_ms: r.get(11)?,
+        managed_by: r.get(12)?,
     })
 }
 

@@ -15,24 +15,24 @@ use serde_json::{Value, json};
 use crate::fake_http::{FakeServer, Mode, chainlink_metrics};
 use crate::support::{Home, wait_until};
 
-const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// A message as the test's own consumer received it.
-struct Received {
-    routing_key: String,
-    body: Vec<u8>,
+pub struct Received {
+    pub routing_key: String,
+    pub body: Vec<u8>,
     delivery_mode: Option<u8>,
 }
 
 /// The test's own RabbitMQ client: lapin used directly (not snapq's src/rabbitmq.rs, so
 /// that what snapq publishes is read by code that is not snapq's).
-struct TestBroker {
+pub struct TestBroker {
     connection: lapin::Connection,
     channel: lapin::Channel,
 }
 
 impl TestBroker {
-    fn connect() -> TestBroker {
+    pub fn connect() -> TestBroker {
         async_global_executor::block_on(async {
             let connection = lapin::Connection::connect(BROKER, ConnectionProperties::default())
                 .await
@@ -46,7 +46,7 @@ impl TestBroker {
     }
 
     /// Messages on `exchange` under `binding`, through an exclusive queue, without acks.
-    fn subscribe(&self, exchange: &str, binding: &str) -> Receiver<Received> {
+    pub fn subscribe(&self, exchange: &str, binding: &str) -> Receiver<Received> {
         let (tx, rx) = crossbeam_channel::unbounded();
         async_global_executor::block_on(async {
             let durable = ExchangeDeclareOptions {
@@ -111,7 +111,7 @@ impl TestBroker {
         rx
     }
 
-    fn publish(&self, exchange: &str, key: &str, body: &[u8]) {
+    pub fn publish(&self, exchange: &str, key: &str, body: &[u8]) {
         async_global_executor::block_on(self.channel.basic_publish(
             exchange.into(),
             key.into(),
@@ -120,6 +120,16 @@ impl TestBroker {
             BasicProperties::default(),
         ))
         .unwrap();
+    }
+}
+
+impl TestBroker {
+    /// Deletes a queue a test made (brokers persist between runs).
+    pub fn delete_queue(&self, queue: &str) {
+        let _ = async_global_executor::block_on(
+            self.channel
+                .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default()),
+        );
     }
 }
 
