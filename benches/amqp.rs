@@ -1,5 +1,6 @@
-//! Results through the RabbitMQ outbox (issue 4): `cargo bench --bench amqp`, with the
-//! broker at 127.0.0.1:5672 (guest/guest).
+//! Results through the broker outbox (issue 4): `cargo bench --bench amqp`, with the
+//! broker at 127.0.0.1:5672 (guest/guest); `SNAPQ_BENCH_BROKER_URL=mqtt://127.0.0.1:1883
+//! cargo bench --bench amqp` for MQTT (Mosquitto).
 //!
 //! - Throughput: 20,000 results staged into the outbox (in transactions of 100, as the
 //!   foreman records finished rounds), timed until the publisher has had every one
@@ -46,8 +47,14 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let db_path = dir.join("snapq.sqlite3");
     let mut conn = db::open(&db_path, Synchronous::Normal).unwrap();
-    let (mut sink, publisher) = snapq::amqp::start(
-        BROKER,
+    // The same outbox and publisher whatever the broker: SNAPQ_BENCH_BROKER_URL picks it
+    // (mqtt://127.0.0.1:1883 for Mosquitto).
+    let url = std::env::var("SNAPQ_BENCH_BROKER_URL").unwrap_or_else(|_| BROKER.to_owned());
+    let kind = snapq::brokers::for_url("SNAPQ_BENCH_BROKER_URL", &url).unwrap();
+    println!("broker: {} at {url}", kind.title());
+    let (mut sink, publisher) = snapq::outbox::start(
+        kind,
+        &url,
         db_path.clone(),
         Duration::from_secs(3600),
         1_000_000,
@@ -55,10 +62,10 @@ fn main() {
     .unwrap();
     // Wait for the connection (its first heartbeat goes out first).
     let connected = Instant::now();
-    while snapq::amqp::status(&conn).unwrap().state.as_deref() != Some("connected") {
+    while snapq::outbox::status(&conn).unwrap().state.as_deref() != Some("connected") {
         assert!(
             connected.elapsed() < Duration::from_secs(10),
-            "no broker at {BROKER}"
+            "no broker at {url}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -224,6 +224,14 @@ pub struct RunArgs {
     /// appending them to HOME/results.jsonl, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
     #[arg(long, env = "SNAPQ_AMQP_URL", value_name = "URL")]
     pub amqp_url: Option<String>,
+    /// Publish monitor results to an MQTT broker instead, through the same outbox (QoS 1;
+    /// topics mirror RabbitMQ's routing keys), e.g. mqtt://127.0.0.1:1883
+    #[arg(long, env = "SNAPQ_MQTT_URL", value_name = "URL")]
+    pub mqtt_url: Option<String>,
+    /// Publish monitor results to the broker whose URL scheme this is (amqp://, amqps://,
+    /// mqtt://; --amqp-url and --mqtt-url are the same for their schemes)
+    #[arg(long, env = "SNAPQ_BROKER_URL", value_name = "URL")]
+    pub broker_url: Option<String>,
     /// Seconds between heartbeats on RabbitMQ's health_check exchange (with --amqp-url)
     #[arg(long, env = "SNAPQ_HEARTBEAT_INTERVAL", value_name = "SECS", default_value = "10",
           value_parser = seconds, allow_negative_numbers = true)]
@@ -420,7 +428,7 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         live: live_config(paths, args)?,
         ..ForemanConfig::from_paths(paths)
     };
-    let Some(url) = &args.amqp_url else {
+    let Some((kind, url)) = broker(args)? else {
         if args.panic_configs {
             return Err(Error::bad_input(
                 "--panic-configs",
@@ -429,7 +437,7 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         }
         if paths.db.exists() {
             let conn = db::open(&paths.db, synchronous)?;
-            crate::amqp::clear_state(&conn)?;
+            crate::outbox::clear_state(&conn)?;
             crate::panic_configs::clear_state(&conn)?;
         }
         return foreman::run(&config, Registry::with_builtins()).and_then(burst_outcome);
@@ -447,8 +455,18 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
             "give at least 0.1 seconds",
         ));
     }
-    let (sink, _publisher) = crate::amqp::start(
-        url,
+    if args.panic_configs && kind.name() != "amqp" {
+        return Err(Error::bad_input(
+            "--panic-configs",
+            format!(
+                "PANIC's configurations come over RabbitMQ, not {}: give --amqp-url",
+                kind.title()
+            ),
+        ));
+    }
+    let (sink, _publisher) = crate::outbox::start(
+        kind,
+        &url,
         paths.db.clone(),
         args.heartbeat_interval,
         args.outbox_cap,
@@ -457,7 +475,7 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
     let _configs = if args.panic_configs && !args.burst {
         Some(crate::panic_configs::start(
             crate::panic_configs::Settings {
-                url: url.clone(),
+                url,
                 queue: args.panic_configs_queue.clone(),
                 interval: args.panic_interval,
                 manager_name: "snapq".into(),
@@ -472,6 +490,49 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
     };
     foreman::run_with_sink(&config, Registry::with_builtins(), Box::new(sink))
         .and_then(burst_outcome)
+}
+
+/// The broker results go to, if any: its kind (by the URL's scheme) and URL. One of
+/// --amqp-url, --mqtt-url and --broker-url at most; the first two only take their schemes.
+fn broker(args: &RunArgs) -> Result<Option<(&'static dyn crate::brokers::BrokerKind, String)>> {
+    let given: Vec<(&str, &String, Option<&str>)> = [
+        ("--amqp-url", &args.amqp_url, Some("amqp")),
+        ("--mqtt-url", &args.mqtt_url, Some("mqtt")),
+        ("--broker-url", &args.broker_url, None),
+    ]
+    .into_iter()
+    .filter_map(|(flag, url, only)| url.as_ref().map(|u| (flag, u, only)))
+    .collect();
+    let [(flag, url, only)] = given.as_slice() else {
+        if given.is_empty() {
+            return Ok(None);
+        }
+        let flags: Vec<&str> = given.iter().map(|(f, ..)| *f).collect();
+        return Err(Error::bad_input(
+            "broker",
+            format!(
+                "{} were all given: results go to one broker; keep one",
+                flags.join(" and ")
+            ),
+        ));
+    };
+    let found = crate::brokers::for_url(flag, url);
+    if let Some(only) = only
+        && let Some(wanted) = crate::brokers::by_name(only)
+        && found.as_ref().map_or(true, |k| k.name() != *only)
+    {
+        let elsewhere = found
+            .map(|k| format!(" (a {} URL goes to --broker-url)", k.title()))
+            .unwrap_or_default();
+        return Err(Error::bad_input(
+            *flag,
+            format!(
+                "{url:?} is not an {only}:// URL; write e.g. {}{elsewhere}",
+                wanted.example()
+            ),
+        ));
+    }
+    Ok(Some((found?, (*url).clone())))
 }
 
 /// SPEC: a `--burst` run exits 3 when any task it ran did not succeed, so that a cron job

@@ -34,7 +34,7 @@
 //!    the signal thread, the telemetry thread (unless `--no-telemetry`) and this one:
 //!    `workers + 4`, whatever the number of tasks or monitor rounds (monitors resolve host
 //!    names on the worker itself, src/monitor/http_fetch.rs, not on a thread per lookup).
-//!    With `--amqp-url`, five more at most: the publisher (`snapq-amqp`), lapin's executor
+//!    With `--amqp-url`, five more at most: the publisher (`snapq-amqp`, src/outbox.rs), lapin's executor
 //!    (`snapq-amqp-io`), async-io's reactor, one thread of the `blocking` pool, and lapin's
 //!    I/O loop while connected (src/rabbitmq.rs); reconnecting replaces the last, it does
 //!    not add one. With `--panic-configs`, two more: the configuration consumer

@@ -20,7 +20,7 @@
 //! );
 //! ```
 
-pub mod amqp;
+pub mod brokers;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -30,6 +30,7 @@ pub mod foreman;
 pub mod live;
 pub mod logging;
 pub mod monitor;
+pub mod outbox;
 pub mod panic;
 pub mod panic_configs;
 pub mod pidfile;

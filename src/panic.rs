@@ -1,6 +1,6 @@
 //! PANIC's message shapes (SimplyStaking/panic): what its consumers — the Chainlink node
 //! data transformer, the alerters, the health checker — expect on RabbitMQ. The RabbitMQ
-//! sink (src/amqp.rs) sends these; nothing here knows about connections or the outbox.
+//! sink (src/outbox.rs) sends these; nothing here knows about connections or the outbox.
 
 use rusqlite::Transaction;
 use serde_json::{Map, Value, json};

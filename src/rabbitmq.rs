@@ -1,12 +1,12 @@
 //! The one RabbitMQ connection code (lapin), for every part of snapq that talks to the
-//! broker: the results sink (src/amqp.rs) today, the queue backend later.
+//! broker: the results sink (src/brokers/amqp.rs, src/outbox.rs) and PANIC's configurations (src/panic_configs.rs) today, the queue backend later.
 //!
 //! lapin is asynchronous; snapq's threads are not. Each call here drives lapin's futures to
 //! completion with `block_on` on the calling thread, so a caller is a plain thread that
 //! blocks in it, like any other I/O. lapin itself runs on async-global-executor (no tokio):
 //! one executor thread (`snapq-amqp-io`, set up once by `connect`), async-io's reactor
 //! thread, and lapin's own I/O loop thread per connection. lapin's automatic recovery is
-//! not used: snapq reconnects itself (src/amqp.rs, `publish_loop`) and resends from its
+//! not used: snapq reconnects itself (src/outbox.rs, `publish_loop`) and resends from its
 //! outbox, because a recovered channel does not replay unconfirmed publishes.
 //!
 //! Errors come back as text naming what failed, for the log and `snapq status`; the URL in
@@ -113,13 +113,15 @@ impl Broker {
     /// Receives what is published on `exchange` under `binding`, through a queue of this
     /// connection's own (exclusive: it goes with the connection), without acks. The
     /// receiver's capacity bounds what waits for the caller; past it messages are dropped
-    /// (pings and the like, where one waiting is as good as many).
-    pub fn subscribe(
+    /// (pings and the like, where one waiting is as good as many). `map` makes of each
+    /// message what the caller wants of it (on lapin's I/O thread: keep it short).
+    pub fn subscribe<T: Send + 'static>(
         &self,
         exchange: &str,
         binding: &str,
         capacity: usize,
-    ) -> Result<Receiver<Incoming>, String> {
+        map: fn(lapin::message::Delivery) -> T,
+    ) -> Result<Receiver<T>, String> {
         let (tx, rx) = bounded(capacity);
         async_global_executor::block_on(async {
             let queue = self
@@ -158,7 +160,7 @@ impl Broker {
                 )
                 .await
                 .map_err(|e| format!("cannot consume {exchange} / {binding}: {e}"))?;
-            forward(consumer, tx, true);
+            forward(consumer, tx, map);
             Ok::<_, String>(())
         })?;
         Ok(rx)
@@ -212,7 +214,11 @@ impl Broker {
                 )
                 .await
                 .map_err(|e| format!("cannot consume {queue}: {e}"))?;
-            forward(consumer, tx, false);
+            forward(consumer, tx, |delivery| Incoming {
+                routing_key: delivery.routing_key.to_string(),
+                body: delivery.data,
+                acker: Some(delivery.acker),
+            });
             Ok::<_, String>(())
         })?;
         Ok(rx)
@@ -326,15 +332,16 @@ fn watch_errors(connection: &Connection, tx: Sender<String>) {
 
 /// Hands a consumer's deliveries to `tx`, from a task on lapin's executor; drops what does
 /// not fit (see `Broker::subscribe`).
-fn forward(mut consumer: lapin::Consumer, tx: Sender<Incoming>, no_ack: bool) {
+fn forward<T: Send + 'static>(
+    mut consumer: lapin::Consumer,
+    tx: Sender<T>,
+    map: fn(lapin::message::Delivery) -> T,
+) {
     async_global_executor::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
-            let incoming = Incoming {
-                routing_key: delivery.routing_key.to_string(),
-                body: delivery.data,
-                acker: (!no_ack).then_some(delivery.acker),
-            };
-            if let Err(crossbeam_channel::TrySendError::Disconnected(_)) = tx.try_send(incoming) {
+            if let Err(crossbeam_channel::TrySendError::Disconnected(_)) =
+                tx.try_send(map(delivery))
+            {
                 return;
             }
         }

@@ -26,7 +26,7 @@ pub struct Status {
     pub monitors: crate::monitor::store::Counts,
     /// Where monitor results go: the results file, or RabbitMQ with its connection state
     /// and outbox.
-    pub sink: Option<crate::amqp::SinkStatus>,
+    pub sink: Option<crate::outbox::SinkStatus>,
     /// PANIC's configurations consumed over RabbitMQ (`run --panic-configs`): the queue,
     /// the connection state, messages received, applied and rejected as malformed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,7 +128,7 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
         },
         foremen,
         monitors: crate::monitor::store::counts(conn)?,
-        sink: Some(crate::amqp::status(conn)?),
+        sink: Some(crate::outbox::status(conn)?),
         panic_configs: crate::panic_configs::status(conn)?,
     })
 }
@@ -234,7 +234,8 @@ impl Status {
         if let Some(sink) = &self.sink {
             match &sink.state {
                 Some(state) => out.push_str(&format!(
-                    "results: RabbitMQ, {state} ({}); outbox {} unsent{}{}\n",
+                    "results: {}, {state} ({}); outbox {} unsent{}{}\n",
+                    sink.broker.as_deref().unwrap_or(&sink.kind),
                     sink.detail.as_deref().unwrap_or(""),
                     sink.outbox_depth,
                     sink.oldest_unsent_age_seconds

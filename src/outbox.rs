@@ -1,20 +1,20 @@
-//! The RabbitMQ sink (SPEC "Monitors", issue 4), behind the `Sink` trait.
+//! The broker sink (SPEC "Monitors", issue 4), behind the `Sink` trait, whatever the broker
+//! (src/brokers/: RabbitMQ, MQTT).
 //!
 //! A round's result is first written to the `outbox` table, in the transaction that records
-//! the round (`AmqpSink::stage`). The publisher thread (`snapq-amqp`) owns one long-lived
-//! connection: it sends outbox rows in id order to durable topic exchanges, as persistent
-//! messages on a channel in confirm mode, and deletes rows only once the broker confirmed
-//! them. A broker that is down, restarted or cut off costs nothing but a growing outbox:
-//! the thread notices the loss by the connection's own errors (a failed publish, the
-//! confirm channel closing, no confirm within `CONFIRM_TIMEOUT`), reconnects with backoff
-//! and sends the backlog in order. Delivery is at least once: a message whose confirm was
-//! lost with the connection is sent again.
+//! the round (`OutboxSink::stage`). The publisher thread (`snapq-<broker>`) owns one
+//! long-lived connection (a `Link` of the broker's kind): it sends outbox rows in id order,
+//! durably, and deletes rows only once the broker confirmed them (RabbitMQ's publisher
+//! confirms, MQTT's PUBACK at QoS 1). A broker that is down, restarted or cut off costs
+//! nothing but a growing outbox: the thread notices the loss by the connection's own
+//! errors (a failed publish, the connection closing, no confirm within
+//! `CONFIRM_TIMEOUT`), reconnects with backoff and sends the backlog in order. Delivery is
+//! at least once: a message whose confirm was lost with the connection is sent again.
 //!
 //! Message shapes follow PANIC's (src/panic.rs), so its consumers can read them: a
 //! Chainlink round on `raw_data` / `node.chainlink`, other kinds on `raw_data` /
-//! `<kind>.<monitor>` as snapq's own result object, heartbeats on `health_check`.
-//!
-//! The connection itself (lapin, confirms, redaction of the URL) is src/rabbitmq.rs.
+//! `<kind>.<monitor>` as snapq's own result object, heartbeats on `health_check`. Each
+//! broker kind maps (exchange, routing key) to its own addressing.
 
 use std::path::PathBuf;
 use std::thread::JoinHandle;
@@ -24,12 +24,13 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use rusqlite::{Connection, Transaction, params};
 use serde_json::{Value, json};
 
+use crate::brokers::{BrokerKind, Plan};
 use crate::clock::now_micros;
 use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
 use crate::monitor::RoundResult;
 use crate::panic::{NodeNames, message_for, node_names, worker_heartbeat};
-use crate::rabbitmq::{Broker, redact};
+use crate::rabbitmq::redact;
 use crate::sink::Sink;
 
 /// Where round results go (PANIC's name).
@@ -50,7 +51,9 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Stages results into the outbox and pokes the publisher after commit.
-pub struct AmqpSink {
+pub struct OutboxSink {
+    /// The broker kind's name: its row in `sink_status`.
+    sink: &'static str,
     /// Capacity one: a poke waiting means "look at the outbox", more would repeat it.
     poke: Sender<()>,
     staged: bool,
@@ -60,7 +63,7 @@ pub struct AmqpSink {
     capped: bool,
 }
 
-impl Sink for AmqpSink {
+impl Sink for OutboxSink {
     fn stage(&mut self, tx: &Transaction<'_>, result: &RoundResult) -> Result<()> {
         let names = if result.kind == "chainlink_node" {
             node_names(tx, &result.monitor)
@@ -89,14 +92,14 @@ impl Sink for AmqpSink {
             .map_err(Error::sqlite("trimming the outbox"))?;
         if dropped > 0 {
             tx.execute(
-                "UPDATE sink_status SET dropped = dropped + ?1 WHERE sink = 'amqp'",
-                [dropped as i64],
+                "UPDATE sink_status SET dropped = dropped + ?1 WHERE sink = ?2",
+                params![dropped as i64, self.sink],
             )
             .map_err(Error::sqlite("counting dropped results"))?;
             if !self.capped {
                 tracing::warn!(
                     cap = self.cap,
-                    "the outbox is full (RabbitMQ unreachable?): dropping its oldest results; \
+                    "the outbox is full (the broker unreachable?): dropping its oldest results; \
                      raise --outbox-cap or bring the broker back"
                 );
             }
@@ -133,35 +136,41 @@ impl Drop for Publisher {
     }
 }
 
-/// Checks the URL's form, then starts the publisher thread, which also sends heartbeats
-/// every `heartbeat_interval` and in answer to a `ping`. A broker that cannot be reached
-/// is not an error here: the publisher retries, and says so in the log and in
-/// `snapq status`.
+/// Starts the publisher thread for `url` on the broker `kind` (chosen by the URL's
+/// scheme, src/brokers/mod.rs), which also sends heartbeats every `heartbeat_interval`
+/// and in answer to a `ping`. A broker that cannot be reached is not an error here: the
+/// publisher retries, and says so in the log and in `snapq status`.
 pub fn start(
+    kind: &'static dyn BrokerKind,
     url: &str,
     db_path: PathBuf,
     heartbeat_interval: Duration,
     outbox_cap: u64,
-) -> Result<(AmqpSink, Publisher)> {
-    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-        return Err(Error::bad_input(
-            "--amqp-url",
-            format!(
-                "{url:?} is not an amqp:// URL; write e.g. amqp://guest:guest@127.0.0.1:5672/%2f"
-            ),
-        ));
-    }
+) -> Result<(OutboxSink, Publisher)> {
     let conn = db::open(&db_path, Synchronous::Normal)?;
-    set_state(&conn, "connecting", &redact(url));
+    // One sink at a time: a row of another broker is an earlier run's.
+    conn.execute("DELETE FROM sink_status WHERE sink <> ?1", [kind.name()])
+        .map_err(Error::sqlite("clearing an earlier sink's state"))?;
+    set_state(&conn, kind, "connecting", &redact(url));
     let (poke_tx, poke_rx) = bounded(1);
     let (stop_tx, stop_rx) = bounded(1);
     let url = url.to_owned();
     let thread = std::thread::Builder::new()
-        .name("snapq-amqp".into())
-        .spawn(move || publish_loop(&url, &conn, &poke_rx, &stop_rx, heartbeat_interval))
-        .map_err(|e| Error::Runtime(format!("cannot start the AMQP publisher thread: {e}")))?;
+        .name(format!("snapq-{}", kind.name()))
+        .spawn(move || {
+            publish_loop(&Publishing {
+                kind,
+                url: &url,
+                conn: &conn,
+                poke: &poke_rx,
+                stop: &stop_rx,
+                heartbeat_interval,
+            });
+        })
+        .map_err(|e| Error::Runtime(format!("cannot start the publisher thread: {e}")))?;
     Ok((
-        AmqpSink {
+        OutboxSink {
+            sink: kind.name(),
             poke: poke_tx,
             staged: false,
             cap: i64::try_from(outbox_cap).unwrap_or(i64::MAX),
@@ -174,29 +183,42 @@ pub fn start(
     ))
 }
 
-fn set_state(conn: &Connection, state: &str, detail: &str) {
+fn set_state(conn: &Connection, kind: &dyn BrokerKind, state: &str, detail: &str) {
     let result = conn.execute(
-        "INSERT INTO sink_status (sink, state, detail, updated_at) VALUES ('amqp', ?1, ?2, ?3) \
+        "INSERT INTO sink_status (sink, state, detail, updated_at) VALUES (?4, ?1, ?2, ?3) \
          ON CONFLICT (sink) DO UPDATE SET state = ?1, detail = ?2, updated_at = ?3",
-        params![state, detail, now_micros()],
+        params![state, detail, now_micros(), kind.name()],
     );
     if let Err(e) = result {
-        tracing::warn!("could not record the AMQP sink's state: {e}");
+        tracing::warn!("could not record the {} sink's state: {e}", kind.title());
     }
 }
 
-fn publish_loop(
-    url: &str,
-    conn: &Connection,
-    poke: &Receiver<()>,
-    stop: &Receiver<()>,
+/// What the publisher thread works with.
+struct Publishing<'a> {
+    kind: &'a dyn BrokerKind,
+    url: &'a str,
+    conn: &'a Connection,
+    /// Rows were committed to the outbox.
+    poke: &'a Receiver<()>,
+    /// The foreman is done: stop (rows stay in the outbox).
+    stop: &'a Receiver<()>,
     heartbeat_interval: Duration,
-) {
+}
+
+fn publish_loop(p: &Publishing<'_>) {
+    let Publishing {
+        kind,
+        url,
+        conn,
+        stop,
+        ..
+    } = *p;
     let mut backoff = MIN_BACKOFF;
     let mut last_error = String::new();
     loop {
         let mut connected = false;
-        let outcome = session(url, conn, poke, stop, heartbeat_interval, &mut connected);
+        let outcome = session(p, &mut connected);
         if connected {
             // A connection that worked starts the backoff and the error log afresh.
             backoff = MIN_BACKOFF;
@@ -208,12 +230,13 @@ fn publish_loop(
                 if e != last_error {
                     tracing::error!(
                         broker = %redact(url),
-                        "RabbitMQ: {e}; results wait in the outbox, retrying in {:.1} s",
+                        "{}: {e}; results wait in the outbox, retrying in {:.1} s",
+                        kind.title(),
                         backoff.as_secs_f64()
                     );
                     last_error = e.clone();
                 }
-                set_state(conn, "disconnected", &e);
+                set_state(conn, kind, "disconnected", &e);
             }
         }
         if stop.recv_timeout(backoff).is_ok() {
@@ -225,22 +248,26 @@ fn publish_loop(
 
 /// One connection's life: connect, declare, then send heartbeats and the outbox until an
 /// error or stop. Returns Ok only when asked to stop; sets `connected` once it was.
-fn session(
-    url: &str,
-    conn: &Connection,
-    poke: &Receiver<()>,
-    stop: &Receiver<()>,
-    heartbeat_interval: Duration,
-    connected: &mut bool,
-) -> Result<(), String> {
-    let broker = Broker::connect(url)?;
-    broker.declare_topic_exchange(RESULTS_EXCHANGE)?;
-    broker.declare_topic_exchange(HEALTH_EXCHANGE)?;
-    // PANIC's health checker sends `ping` on health_check and waits for heartbeats. One
-    // waiting ping is as good as many.
-    let pings = broker.subscribe(HEALTH_EXCHANGE, "ping", 1)?;
-    tracing::info!(broker = %redact(url), "RabbitMQ: connected");
-    set_state(conn, "connected", &redact(url));
+fn session(p: &Publishing<'_>, connected: &mut bool) -> Result<(), String> {
+    let Publishing {
+        kind,
+        url,
+        conn,
+        poke,
+        stop,
+        heartbeat_interval,
+    } = *p;
+    // PANIC's health checker sends `ping` on health_check and waits for heartbeats.
+    let broker = kind.connect(
+        url,
+        &Plan {
+            exchanges: &[RESULTS_EXCHANGE, HEALTH_EXCHANGE],
+            ping: (HEALTH_EXCHANGE, "ping"),
+        },
+    )?;
+    let pings = broker.pings();
+    tracing::info!(broker = %redact(url), "{}: connected", kind.title());
+    set_state(conn, kind, "connected", &redact(url));
     *connected = true;
     let mut next_heartbeat = Instant::now();
     let result = (|| loop {
@@ -364,10 +391,14 @@ fn pending(conn: &Connection) -> rusqlite::Result<Vec<Row>> {
     rows.collect()
 }
 
-/// The AMQP sink's figures for `snapq status`.
+/// The broker sink's figures for `snapq status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SinkStatus {
+    /// `file`, or the broker kind's name (`amqp`, `mqtt`).
     pub kind: String,
+    /// What people call that broker ("RabbitMQ"); absent for the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
     pub state: Option<String>,
     pub detail: Option<String>,
     pub outbox_depth: i64,
@@ -377,14 +408,14 @@ pub struct SinkStatus {
 }
 
 pub fn status(conn: &Connection) -> Result<SinkStatus> {
-    let (state, detail, dropped): (Option<String>, Option<String>, i64) = conn
+    let (sink, state, detail, dropped): (String, Option<String>, Option<String>, i64) = conn
         .query_row(
-            "SELECT state, detail, dropped FROM sink_status WHERE sink = 'amqp'",
+            "SELECT sink, state, detail, dropped FROM sink_status ORDER BY updated_at DESC",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok((None, None, 0)),
+            rusqlite::Error::QueryReturnedNoRows => Ok(("file".into(), None, None, 0)),
             e => Err(e),
         })
         .map_err(Error::sqlite("reading the sink's state"))?;
@@ -394,7 +425,8 @@ pub fn status(conn: &Connection) -> Result<SinkStatus> {
         })
         .map_err(Error::sqlite("reading the outbox"))?;
     Ok(SinkStatus {
-        kind: if state.is_some() { "amqp" } else { "file" }.into(),
+        broker: crate::brokers::by_name(&sink).map(|k| k.title().to_owned()),
+        kind: sink,
         state,
         detail,
         outbox_depth: depth,
@@ -403,9 +435,9 @@ pub fn status(conn: &Connection) -> Result<SinkStatus> {
     })
 }
 
-/// Forgets the AMQP sink's state (a foreman writing to the results file).
+/// Forgets the broker sink's state (a foreman writing to the results file).
 pub fn clear_state(conn: &Connection) -> Result<()> {
-    conn.execute("DELETE FROM sink_status WHERE sink = 'amqp'", [])
+    conn.execute("DELETE FROM sink_status", [])
         .map(drop)
         .map_err(Error::sqlite("clearing the sink's state"))
 }
