@@ -37,7 +37,8 @@
 //!    With `--amqp-url`, five more at most: the publisher (`snapq-amqp`, src/outbox.rs), lapin's executor
 //!    (`snapq-amqp-io`), async-io's reactor, one thread of the `blocking` pool, and lapin's
 //!    I/O loop while connected (src/rabbitmq.rs); reconnecting replaces the last, it does
-//!    not add one. With `--panic-configs`, two more: the configuration consumer
+//!    not add one. With `--mqtt-url`, two more: the publisher (`snapq-mqtt`) and the
+//!    socket's reader (`snapq-mqtt-io`, src/brokers/mqtt.rs). With `--panic-configs`, two more: the configuration consumer
 //!    (`snapq-panic-configs`, src/panic_configs.rs) and its own connection's I/O loop. With
 //!    `--http`, two more (the live view's hub and acceptor) and one a connection while it
 //!    is served, at most `--http-max-connections` (src/live/mod.rs).

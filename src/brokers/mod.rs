@@ -8,6 +8,7 @@
 //! pings, and its line in `snapq status`.
 
 pub mod amqp;
+pub mod mqtt;
 
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use crossbeam_channel::Receiver;
 use crate::error::{Error, Result};
 
 /// Every broker kind. One line per kind.
-pub static BROKERS: &[&dyn BrokerKind] = &[&amqp::Rabbitmq];
+pub static BROKERS: &[&dyn BrokerKind] = &[&amqp::Rabbitmq, &mqtt::Mqtt];
 
 /// One message to publish: (exchange, routing key, body). Exchange and routing key are
 /// RabbitMQ's words (PANIC's layout); a kind maps them to its own addressing.

@@ -13,7 +13,7 @@ use lapin::{BasicProperties, ConnectionProperties, ExchangeKind};
 use serde_json::{Value, json};
 
 use crate::fake_http::{FakeServer, Mode, chainlink_metrics};
-use crate::support::{Home, wait_until};
+use crate::support::{Foreman, Home, wait_until};
 
 pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -367,7 +367,7 @@ impl Drop for Consumer {
 }
 
 /// A loopback TCP proxy to the broker that can cut every connection and refuse new ones.
-struct Proxy {
+pub struct Proxy {
     port: u16,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
     streams: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
@@ -375,6 +375,11 @@ struct Proxy {
 
 impl Proxy {
     fn start() -> Proxy {
+        Proxy::start_to(5672)
+    }
+
+    /// A proxy to the broker listening on 127.0.0.1:`upstream_port`.
+    pub fn start_to(upstream_port: u16) -> Proxy {
         use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -389,7 +394,8 @@ impl Proxy {
                         let _ = client.shutdown(std::net::Shutdown::Both);
                         continue;
                     }
-                    let Ok(upstream) = std::net::TcpStream::connect("127.0.0.1:5672") else {
+                    let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", upstream_port))
+                    else {
                         continue;
                     };
                     let mut all = streams.lock().unwrap();
@@ -414,27 +420,31 @@ impl Proxy {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Cuts every connection through the proxy and refuses new ones until `restore`.
-    fn cut(&self) {
+    pub fn cut(&self) {
         self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
         for s in self.streams.lock().unwrap().drain(..) {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
 
-    fn restore(&self) {
+    pub fn restore(&self) {
         self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
-fn outbox_depth(home: &Home) -> i64 {
+pub fn outbox_depth(home: &Home) -> i64 {
     home.conn()
         .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
         .unwrap()
 }
 
 /// started_at of each delivered result, first deliveries only (delivery is at least once).
-fn first_deliveries(messages: &[Value]) -> Vec<String> {
+pub fn first_deliveries(messages: &[Value]) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
     messages
         .iter()
@@ -443,19 +453,21 @@ fn first_deliveries(messages: &[Value]) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn a_broker_outage_loses_no_result_and_keeps_their_order() {
+/// A broker outage, whatever the broker: `args` start a foreman publishing through
+/// `proxy`, `delivered` reads what a consumer of the monitor's results got. Checks that
+/// results pile up while the proxy is cut, then all arrive, in order.
+pub fn outage_loses_nothing(
+    args: &[&str],
+    proxy: &Proxy,
+    monitor: &str,
+    delivered: &dyn Fn() -> Vec<Value>,
+    while_cut: &dyn Fn(&Home),
+) -> Foreman {
     let home = Home::new();
     let web = FakeServer::start(Mode::Text("ok\n".into()));
-    let proxy = Proxy::start();
-    let name = format!("outage-{}", std::process::id());
-    let consumer = Consumer::start(&format!("http.{name}"));
-    let foreman = home.start(&["--amqp-url", &proxy.url()]);
-    crate::monitors::add(&home, "http", &name, json!({"url": web.url()}), "0.1");
-    assert!(wait_until(Duration::from_secs(10), || consumer
-        .messages()
-        .len()
-        >= 3));
+    let foreman = home.start(args);
+    crate::monitors::add(&home, "http", monitor, json!({"url": web.url()}), "0.1");
+    assert!(wait_until(Duration::from_secs(10), || delivered().len() >= 3));
 
     proxy.cut();
     // Results pile up in the outbox while the broker is out of reach.
@@ -464,22 +476,23 @@ fn a_broker_outage_loses_no_result_and_keeps_their_order() {
         "the outbox did not grow:\n{}",
         home.ok(&["status"])
     );
-    let during = consumer.messages().len();
+    while_cut(&home);
+    let during = delivered().len();
     std::thread::sleep(Duration::from_secs(1));
     proxy.restore();
     assert!(
         wait_until(Duration::from_secs(30), || outbox_depth(&home) == 0
-            && consumer.messages().len() > during + 10),
+            && delivered().len() > during + 10),
         "the backlog was not delivered:\n{}\n{}",
         home.ok(&["status"]),
         foreman.log_text()
     );
-    home.ok(&["monitor", "remove", &name]);
+    home.ok(&["monitor", "remove", monitor]);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(outbox_depth(&home), 0);
     std::thread::sleep(Duration::from_millis(500));
 
-    let delivered = first_deliveries(&consumer.messages());
+    let delivered = first_deliveries(&delivered());
     // In the order the rounds ran.
     let mut sorted = delivered.clone();
     sorted.sort();
@@ -492,19 +505,37 @@ fn a_broker_outage_loses_no_result_and_keeps_their_order() {
         "{} results delivered for {rounds} rounds",
         delivered.len()
     );
-    assert!(foreman.has_log("RabbitMQ: connected"));
+    foreman
 }
 
 #[test]
-fn results_waiting_in_the_outbox_survive_kill_9() {
+fn a_broker_outage_loses_no_result_and_keeps_their_order() {
+    let proxy = Proxy::start();
+    let name = format!("outage-{}", std::process::id());
+    let consumer = Consumer::start(&format!("http.{name}"));
+    let foreman = outage_loses_nothing(
+        &["--amqp-url", &proxy.url()],
+        &proxy,
+        &name,
+        &|| consumer.messages(),
+        &|_| {},
+    );
+    assert!(foreman.has_log("RabbitMQ: connected"));
+}
+
+/// A kill -9 with results waiting in the outbox, whatever the broker: they are all
+/// delivered by the next foreman, first and in order.
+pub fn kill_9_loses_nothing(
+    args: &[&str],
+    proxy: &Proxy,
+    monitor: &str,
+    delivered: &dyn Fn() -> Vec<Value>,
+) {
     let home = Home::new();
     let web = FakeServer::start(Mode::Text("ok\n".into()));
-    let proxy = Proxy::start();
-    let name = format!("kill-{}", std::process::id());
-    let consumer = Consumer::start(&format!("http.{name}"));
     proxy.cut();
-    let mut first = home.start(&["--amqp-url", &proxy.url()]);
-    crate::monitors::add(&home, "http", &name, json!({"url": web.url()}), "0.1");
+    let mut first = home.start(args);
+    crate::monitors::add(&home, "http", monitor, json!({"url": web.url()}), "0.1");
     assert!(wait_until(Duration::from_secs(10), || outbox_depth(&home) >= 5));
     first.kill9();
     let waiting: Vec<String> = {
@@ -522,17 +553,27 @@ fn results_waiting_in_the_outbox_survive_kill_9() {
     };
     assert!(waiting.len() >= 5);
     proxy.restore();
-    let _second = home.start(&["--amqp-url", &proxy.url()]);
+    let _second = home.start(args);
     assert!(
         wait_until(Duration::from_secs(30), || {
-            let got = first_deliveries(&consumer.messages());
+            let got = first_deliveries(&delivered());
             waiting.iter().all(|w| got.contains(w))
         }),
         "results from before the kill were not delivered"
     );
     // And in their order, ahead of the new ones.
-    let got = first_deliveries(&consumer.messages());
+    let got = first_deliveries(&delivered());
     assert_eq!(&got[..waiting.len()], &waiting[..]);
+}
+
+#[test]
+fn results_waiting_in_the_outbox_survive_kill_9() {
+    let proxy = Proxy::start();
+    let name = format!("kill-{}", std::process::id());
+    let consumer = Consumer::start(&format!("http.{name}"));
+    kill_9_loses_nothing(&["--amqp-url", &proxy.url()], &proxy, &name, &|| {
+        consumer.messages()
+    });
 }
 
 /// Collects messages on `health_check` / `heartbeat.manager`.

@@ -15,6 +15,7 @@ mod first_hour;
 mod library;
 mod live;
 mod monitors;
+mod mqtt;
 mod panic_configs;
 mod pidfile;
 mod protocol;
