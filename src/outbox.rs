@@ -29,7 +29,7 @@ use crate::clock::now_micros;
 use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
 use crate::monitor::RoundResult;
-use crate::panic::{NodeNames, message_for, node_names, worker_heartbeat};
+use crate::panic::{NodeNames, message_for, node_names, worker_heartbeats};
 use crate::rabbitmq::redact;
 use crate::sink::Sink;
 
@@ -46,7 +46,7 @@ const DEAD_SLACK_MICROS: i64 = 2_000_000;
 /// How long the publisher waits for the broker to confirm a batch.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Outbox rows sent before waiting for their confirms.
-const BATCH: i64 = 256;
+const BATCH: i64 = 1024;
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -270,6 +270,21 @@ fn session(p: &Publishing<'_>, connected: &mut bool) -> Result<(), String> {
     set_state(conn, kind, "connected", &redact(url));
     *connected = true;
     let mut next_heartbeat = Instant::now();
+    // One batch in flight while the next is read and sent: its last outbox id and its
+    // confirms. Rows are deleted only once their own batch is confirmed, in order; a
+    // failure drops both batches' confirms and the next connection sends from the oldest
+    // row still in the outbox. `sent` is the last id handed to the broker.
+    let mut in_flight: Option<(i64, Box<dyn crate::brokers::InFlight + '_>)> = None;
+    let mut sent: i64 = 0;
+    let settle = |batch: Option<(i64, Box<dyn crate::brokers::InFlight + '_>)>| {
+        let Some((last_id, confirms)) = batch else {
+            return Ok(());
+        };
+        confirms.wait(CONFIRM_TIMEOUT)?;
+        conn.execute("DELETE FROM outbox WHERE id <= ?1", [last_id])
+            .map(drop)
+            .map_err(|e| format!("removing confirmed rows from the outbox: {e}"))
+    };
     let result = (|| loop {
         if stop.try_recv().is_ok() {
             return Ok(());
@@ -288,8 +303,12 @@ fn session(p: &Publishing<'_>, connected: &mut bool) -> Result<(), String> {
                 next_heartbeat = Instant::now() + heartbeat_interval;
             }
         }
-        let rows = pending(conn).map_err(|e| format!("reading the outbox: {e}"))?;
+        let rows = pending(conn, sent).map_err(|e| format!("reading the outbox: {e}"))?;
         let Some(&(last_id, ..)) = rows.last() else {
+            if in_flight.is_some() {
+                settle(in_flight.take())?;
+                continue;
+            }
             // Nothing to send: wait for a poke, a ping, a stop, a connection error, the next
             // heartbeat, or a second (a safety net).
             let wait = next_heartbeat
@@ -314,12 +333,13 @@ fn session(p: &Publishing<'_>, connected: &mut bool) -> Result<(), String> {
             continue;
         };
         // After each round's result, the worker heartbeat PANIC's monitors send after each
-        // of theirs (its health checker takes a monitor that stops sending them for dead).
-        let worker_beats: Vec<String> = rows
-            .iter()
-            .filter(|(_, exchange, ..)| exchange == RESULTS_EXCHANGE)
-            .filter_map(|(.., body)| worker_heartbeat(body))
-            .collect();
+        // of theirs (its health checker takes a monitor that stops sending them for dead):
+        // one per monitor of the batch.
+        let worker_beats = worker_heartbeats(
+            rows.iter()
+                .filter(|(_, exchange, ..)| exchange == RESULTS_EXCHANGE)
+                .map(|(.., body)| body.as_str()),
+        );
         let messages: Vec<_> = rows
             .iter()
             .map(|(_, exchange, key, body)| (exchange.as_str(), key.as_str(), body.as_str()))
@@ -329,10 +349,11 @@ fn session(p: &Publishing<'_>, connected: &mut bool) -> Result<(), String> {
                     .map(|beat| (HEALTH_EXCHANGE, WORKER_HEARTBEAT, beat.as_str())),
             )
             .collect();
-        broker.publish_confirmed(&messages, CONFIRM_TIMEOUT)?;
-        conn.execute("DELETE FROM outbox WHERE id <= ?1", [last_id])
-            .map_err(|e| format!("removing confirmed rows from the outbox: {e}"))?;
+        let confirms = broker.publish(&messages, CONFIRM_TIMEOUT)?;
+        sent = last_id;
+        settle(in_flight.replace((last_id, confirms)))?;
     })();
+    drop(in_flight);
     broker.close();
     result
 }
@@ -381,11 +402,12 @@ fn heartbeat(conn: &Connection) -> Value {
 
 type Row = (i64, String, String, String);
 
-fn pending(conn: &Connection) -> rusqlite::Result<Vec<Row>> {
+/// The next batch of rows after id `after`, oldest first.
+fn pending(conn: &Connection, after: i64) -> rusqlite::Result<Vec<Row>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, exchange, routing_key, body FROM outbox ORDER BY id LIMIT ?1",
+        "SELECT id, exchange, routing_key, body FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
     )?;
-    let rows = stmt.query_map([BATCH], |r| {
+    let rows = stmt.query_map([after, BATCH], |r| {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
     })?;
     rows.collect()

@@ -312,27 +312,53 @@ pub fn message_for(result: &RoundResult, names: &NodeNames) -> (String, Value) {
     ("node.chainlink".to_owned(), body)
 }
 
-/// PANIC's worker heartbeat for the monitor whose result `body` is (`message_for`'s
-/// shapes): `{"component_name": <monitor>, "is_alive": true, "timestamp": <Unix s>}`, as
-/// its monitors send after each round (alerter/src/monitors/node/chainlink.py, `_monitor`).
-pub fn worker_heartbeat(body: &str) -> Option<String> {
-    let body: Value = serde_json::from_str(body).ok()?;
-    let monitor = match body.get("prometheus") {
-        Some(p) => p
-            .get("result")
-            .or_else(|| p.get("error"))?
-            .get("meta_data")?
-            .get("monitor_name")?,
-        None => body.get("monitor")?,
-    };
-    Some(
-        json!({
-            "component_name": monitor,
-            "is_alive": true,
-            "timestamp": now_micros() as f64 / 1e6,
+/// PANIC's worker heartbeats for a batch of result bodies (`message_for`'s shapes):
+/// `{"component_name": <monitor>, "is_alive": true, "timestamp": <Unix s>}`, as its monitors
+/// send after each round (alerter/src/monitors/node/chainlink.py, `_monitor`). One per
+/// monitor of the batch, in the order of its last result: PANIC's health checker keeps
+/// only the latest of a component, and a backlog sent after an outage would otherwise
+/// carry thousands of heartbeats for the same monitor.
+pub fn worker_heartbeats<'a>(bodies: impl Iterator<Item = &'a str>) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        monitor_name: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Part {
+        meta_data: Meta,
+    }
+    #[derive(serde::Deserialize)]
+    struct Prometheus {
+        result: Option<Part>,
+        error: Option<Part>,
+    }
+    /// Only the fields that name the monitor; the rest is skipped unread.
+    #[derive(serde::Deserialize)]
+    struct Named {
+        monitor: Option<String>,
+        prometheus: Option<Prometheus>,
+    }
+    let mut monitors: Vec<String> = Vec::new();
+    for body in bodies {
+        let Ok(named) = serde_json::from_str::<Named>(body) else {
+            continue;
+        };
+        let monitor = match named.prometheus {
+            Some(p) => p.result.or(p.error).map(|part| part.meta_data.monitor_name),
+            None => named.monitor,
+        };
+        if let Some(monitor) = monitor {
+            monitors.retain(|m| *m != monitor);
+            monitors.push(monitor);
+        }
+    }
+    let timestamp = now_micros() as f64 / 1e6;
+    monitors
+        .into_iter()
+        .map(|monitor| {
+            json!({"component_name": monitor, "is_alive": true, "timestamp": timestamp}).to_string()
         })
-        .to_string(),
-    )
+        .collect()
 }
 
 #[cfg(test)]

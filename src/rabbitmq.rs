@@ -242,6 +242,21 @@ impl Broker {
         messages: &[Outgoing<'_>],
         timeout: Duration,
     ) -> Result<(), String> {
+        let started = std::time::Instant::now();
+        let confirms = self.publish(messages, timeout)?;
+        confirms.wait(timeout.saturating_sub(started.elapsed()))
+    }
+
+    /// Publishes each message as persistent JSON and returns once lapin's I/O loop has
+    /// them all, without waiting for the broker's confirms: `Confirms::wait` does. The
+    /// next batch can go out meanwhile (the outbox keeps one batch in flight). Sending is
+    /// bounded by `timeout`: a broker that stops reading the socket must not hold the
+    /// thread.
+    pub fn publish(
+        &self,
+        messages: &[Outgoing<'_>],
+        timeout: Duration,
+    ) -> Result<Confirms, String> {
         let work = async {
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
@@ -277,32 +292,20 @@ impl Broker {
                 if done { Poll::Ready(()) } else { Poll::Pending }
             })
             .await;
-            let mut confirms = Vec::with_capacity(messages.len());
+            let mut pending = Vec::with_capacity(messages.len());
             for (result, (exchange, key, _)) in sent.into_iter().zip(messages) {
                 // (poll_fn above returned only once every publish had its result.)
                 let confirm = result
                     .ok_or_else(|| format!("publishing to {exchange} / {key} did not end"))?
                     .map_err(|e| format!("publishing to {exchange} / {key} failed: {e}"))?;
-                confirms.push(confirm);
+                pending.push((confirm, format!("{exchange} / {key}")));
             }
-            for (confirm, (exchange, key, _)) in confirms.into_iter().zip(messages) {
-                let confirmation = confirm
-                    .await
-                    .map_err(|e| format!("no confirm for {exchange} / {key}: {e}"))?;
-                if !confirmation.is_ack() {
-                    return Err(format!(
-                        "the broker refused a message to {exchange} / {key}"
-                    ));
-                }
-            }
-            Ok(())
+            Ok(Confirms { pending })
         };
-        // The whole batch, writes included: a broker that stops reading the socket must
-        // not hold this thread.
         let late = async {
             async_io::Timer::after(timeout).await;
             Err(format!(
-                "the batch was not confirmed within {} s",
+                "the batch could not be sent within {} s",
                 timeout.as_secs()
             ))
         };
@@ -312,6 +315,38 @@ impl Broker {
     /// Closes the connection (politely; errors do not matter then).
     pub fn close(self) {
         let _ = async_global_executor::block_on(self.connection.close(200, "bye".into()));
+    }
+}
+
+/// A published batch's confirms, each with the (exchange / routing key) it is for.
+pub struct Confirms {
+    pending: Vec<(PublisherConfirm, String)>,
+}
+
+impl Confirms {
+    /// Waits until the broker has confirmed every message, within `timeout`. A nack, a
+    /// closed connection or the timeout is an error: the caller sends the batch again on
+    /// a new connection.
+    pub fn wait(self, timeout: Duration) -> Result<(), String> {
+        let work = async {
+            for (confirm, target) in self.pending {
+                let confirmation = confirm
+                    .await
+                    .map_err(|e| format!("no confirm for {target}: {e}"))?;
+                if !confirmation.is_ack() {
+                    return Err(format!("the broker refused a message to {target}"));
+                }
+            }
+            Ok(())
+        };
+        let late = async {
+            async_io::Timer::after(timeout).await;
+            Err(format!(
+                "the batch was not confirmed within {} s",
+                timeout.as_secs()
+            ))
+        };
+        async_global_executor::block_on(futures_lite::future::or(work, late))
     }
 }
 

@@ -6,8 +6,14 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 
-use super::{BrokerKind, Link, Outgoing, Plan};
-use crate::rabbitmq::Broker;
+use super::{BrokerKind, InFlight, Link, Outgoing, Plan};
+use crate::rabbitmq::{Broker, Confirms};
+
+impl InFlight for Confirms {
+    fn wait(self: Box<Self>, timeout: Duration) -> Result<(), String> {
+        Confirms::wait(*self, timeout)
+    }
+}
 
 pub struct Rabbitmq;
 
@@ -46,12 +52,12 @@ struct RabbitmqLink {
 }
 
 impl Link for RabbitmqLink {
-    fn publish_confirmed(
-        &self,
+    fn publish<'a>(
+        &'a self,
         messages: &[Outgoing<'_>],
         timeout: Duration,
-    ) -> Result<(), String> {
-        self.broker.publish_confirmed(messages, timeout)
+    ) -> Result<Box<dyn InFlight + 'a>, String> {
+        Ok(Box::new(self.broker.publish(messages, timeout)?))
     }
 
     fn errors(&self) -> &Receiver<String> {

@@ -44,16 +44,34 @@ pub trait BrokerKind: Sync {
     fn connect(&self, url: &str, plan: &Plan<'_>) -> std::result::Result<Box<dyn Link>, String>;
 }
 
+/// A batch sent and not yet confirmed.
+pub trait InFlight {
+    /// Waits until the broker has confirmed every message of the batch, within `timeout`.
+    /// Any error means the connection is to be dropped and the batch sent again.
+    fn wait(self: Box<Self>, timeout: Duration) -> std::result::Result<(), String>;
+}
+
 /// One live connection to a broker, used by the publisher thread alone.
 pub trait Link {
-    /// Publishes each message durably (persistent, or QoS 1) and returns once the broker
-    /// has confirmed every one, all within `timeout`. Any error means the connection is
-    /// to be dropped and the messages sent again on a new one.
+    /// Sends each message durably (persistent, or QoS 1), in order, without waiting for
+    /// the broker's confirms (sending itself is bounded by `timeout`). At most two batches
+    /// are in flight at once: the outbox sends the next while it waits for this one.
+    fn publish<'a>(
+        &'a self,
+        messages: &[Outgoing<'_>],
+        timeout: Duration,
+    ) -> std::result::Result<Box<dyn InFlight + 'a>, String>;
+    /// `publish`, then `wait`: returns once the broker has confirmed every message, all
+    /// within `timeout`.
     fn publish_confirmed(
         &self,
         messages: &[Outgoing<'_>],
         timeout: Duration,
-    ) -> std::result::Result<(), String>;
+    ) -> std::result::Result<(), String> {
+        let started = std::time::Instant::now();
+        self.publish(messages, timeout)?
+            .wait(timeout.saturating_sub(started.elapsed()))
+    }
     /// The connection's errors as they happen (a closed socket, a broker that went), so a
     /// caller waiting on other channels can reconnect at once.
     fn errors(&self) -> &Receiver<String>;
