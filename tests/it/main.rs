@@ -8,6 +8,7 @@ mod bad_rows;
 mod browser;
 mod burst;
 mod delay;
+mod deps;
 mod drain;
 mod enqueue_faults;
 mod fake_http;
