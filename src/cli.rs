@@ -739,8 +739,8 @@ fn monitor_command(paths: &Paths, synchronous: Synchronous, command: MonitorComm
 
 fn no_task(id: i64) -> Error {
     Error::NotThere(format!(
-        "no task {id} (never enqueued here, or its record was pruned); is --home the \
-         foreman's? `snapq history` lists the recorded ones"
+        "{}; is --home the foreman's? `snapq history` lists the recorded ones",
+        crate::records::not_found_message(id)
     ))
 }
 

@@ -302,6 +302,11 @@ fn record_of(r: &rusqlite::Row) -> rusqlite::Result<Record> {
     })
 }
 
+/// What `show` and `/api/tasks/<id>` say of an id with neither a queued row nor a record.
+pub fn not_found_message(id: i64) -> String {
+    format!("no task {id} (never enqueued here, or its record was pruned)")
+}
+
 /// Task `id` wherever it is: still queued (state `queued`), or its record.
 pub fn show(conn: &Connection, id: i64) -> Result<Option<Record>> {
     let queued = conn

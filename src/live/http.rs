@@ -5,7 +5,9 @@
 //! (src/live/ws.rs).
 //!
 //! Routes: `/` (the page), `/api/status` (`snapq status --json`), `/api/monitors`
-//! (`snapq monitor list --json` without the configs), `/metrics`, `/events`.
+//! (`snapq monitor list --json` without the configs), `/api/tasks/<id>` (`snapq show ID
+//! --json`: a task's record), `/api/series` (the page's charts: the last 15 minutes of
+//! heartbeat samples), `/metrics`, `/events`.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -299,6 +301,18 @@ fn route(
             Ok(body) => respond(&mut stream, 200, JSON, &[], body.as_bytes()),
             Err(e) => respond(&mut stream, 503, TEXT, &[], format!("{e}\n").as_bytes()),
         },
+        "/api/series" => {
+            // Copied out under the lock, serialised after it.
+            let series: Vec<_> = server.hub.counters.lock().series.iter().copied().collect();
+            match to_json(&series) {
+                Ok(body) => respond(&mut stream, 200, JSON, &[], body.as_bytes()),
+                Err(e) => respond(&mut stream, 503, TEXT, &[], format!("{e}\n").as_bytes()),
+            }
+        }
+        path if path.starts_with(TASKS_ROUTE) => {
+            let (status, body) = task_json(server, &path[TASKS_ROUTE.len()..]);
+            respond(&mut stream, status, JSON, &[], body.as_bytes())
+        }
         "/metrics" => {
             let body = metrics_text(server);
             respond(
@@ -336,7 +350,8 @@ fn route(
             404,
             TEXT,
             &[],
-            b"not found; this server has /, /api/status, /api/monitors, /metrics and /events\n",
+            b"not found; this server has /, /api/status, /api/monitors, /api/tasks/<id>, \
+              /api/series, /metrics and /events\n",
         ),
     }
 }
@@ -525,6 +540,37 @@ fn monitors_json(server: &Server) -> Result<String> {
         }
     }
     to_json(&monitors)
+}
+
+/// `/api/tasks/<id>`: a task's record, as `snapq show ID --json` prints it.
+const TASKS_ROUTE: &str = "/api/tasks/";
+
+/// The status and JSON body for `/api/tasks/<id>`: 200 and the record, 404 for an id with
+/// neither a queued row nor a record, 400 for what is not an id, 503 when the database
+/// cannot be read.
+fn task_json(server: &Server, id: &str) -> (u16, String) {
+    let error = |message: String| serde_json::json!({ "error": message }).to_string();
+    let Some(id) = id
+        .parse::<i64>()
+        .ok()
+        .filter(|n| itoa::Buffer::new().format(*n) == id)
+    else {
+        return (
+            400,
+            error(format!(
+                "{id:?} is not a task id; ask for /api/tasks/<id>, e.g. /api/tasks/42"
+            )),
+        );
+    };
+    let found = open_db(server).and_then(|conn| crate::records::show(&conn, id));
+    match found {
+        Ok(Some(record)) => match to_json(&record) {
+            Ok(body) => (200, body),
+            Err(e) => (503, error(e.to_string())),
+        },
+        Ok(None) => (404, error(crate::records::not_found_message(id))),
+        Err(e) => (503, error(e.to_string())),
+    }
 }
 
 fn to_json(value: &impl Serialize) -> Result<String> {

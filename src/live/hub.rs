@@ -25,7 +25,7 @@ use serde::Serialize;
 use tungstenite::Bytes;
 
 use super::feed::{Block, Feed, text_frame};
-use super::metrics::{Counters, TaskCounts};
+use super::metrics::{Counters, SERIES_SAMPLES, Sample, TaskCounts};
 use super::{Event, Tally};
 use crate::clock::{format_micros, now_micros};
 use crate::db::{self, Synchronous};
@@ -114,6 +114,9 @@ const EVENT_BATCH: usize = 4096;
 
 /// The hub gives up its CPU after this many events (see `super::lower_priority`).
 const YIELD_EVERY: usize = 64;
+
+/// The most task waits kept for one chart sample's percentile.
+const MAX_WAITS: usize = 10_000;
 
 /// How often the hub publishes a heartbeat and forgets expired channels.
 const TICK: Duration = Duration::from_secs(1);
@@ -346,6 +349,13 @@ pub(crate) struct Hub {
     /// `FOREMAN_CHANNEL`, made once.
     foreman_channel: Arc<str>,
     counters: Arc<Mutex<Counters>>,
+    /// Since the last heartbeat, for the charts' sample: tasks finished, failed, and the
+    /// waits (`late_ms`) of the tasks started (at most `MAX_WAITS`; past it, every other
+    /// one is kept, which leaves the percentile as it was).
+    tick_finished: u64,
+    tick_failed: u64,
+    tick_waits: Vec<f64>,
+    last_sample: Instant,
     started: Instant,
     /// CPU ticks and wall time at the previous heartbeat, for the CPU share.
     last_cpu: Option<(Instant, u64)>,
@@ -386,6 +396,10 @@ impl Hub {
             pending: Block::default(),
             foreman_channel: Arc::from(FOREMAN_CHANNEL),
             counters: Arc::clone(&counters),
+            tick_finished: 0,
+            tick_failed: 0,
+            tick_waits: Vec::new(),
+            last_sample: Instant::now(),
             started: Instant::now(),
             last_cpu: None,
             ticks_per_second: ProcStat::ticks_per_second(),
@@ -491,6 +505,9 @@ impl Hub {
         });
         // The channels to replay.
         let mut replayed: Vec<Key> = Vec::new();
+        // Tasks the hub keeps nothing of (ended before this foreman started, or longer ago
+        // than the retention): their final state, from their records.
+        let mut from_records: Vec<i64> = Vec::new();
         let mut all = false;
         let mut added = Vec::new();
         if channels.iter().any(|c| c == "*") {
@@ -514,12 +531,18 @@ impl Hub {
                 }
                 if self.channels.contains_key(&key) {
                     replayed.push(key.clone());
+                } else if let Key::Task(task) = key {
+                    from_records.push(task);
                 }
                 client.channels.insert(key.clone());
                 *self.watched.entry(key).or_default() += 1;
                 added.push(name);
             }
         }
+        let from_records: Vec<Bytes> = from_records
+            .into_iter()
+            .filter_map(|task| self.record_frame(task))
+            .collect();
         let mut replay: Vec<(u64, Bytes)> = Vec::new();
         for key in replayed {
             if let Some(channel) = self.channels.get_mut(&key) {
@@ -534,7 +557,10 @@ impl Hub {
         let _ = reply.try_send(Subscribed {
             all,
             added,
-            replay: replay.into_iter().map(|(_, frame)| frame).collect(),
+            replay: from_records
+                .into_iter()
+                .chain(replay.into_iter().map(|(_, frame)| frame))
+                .collect(),
             from: self.next_global,
         });
         self.counters.lock().clients = self.clients.len();
@@ -542,8 +568,18 @@ impl Hub {
 
     fn on_event(&mut self, event: Event) {
         let (id, ends) = match &event {
-            Event::TaskStarted { id, task, .. } => {
+            Event::TaskStarted {
+                id, task, late_ms, ..
+            } => {
                 self.count(task, |c| c.started += 1);
+                if self.tick_waits.len() >= MAX_WAITS {
+                    let mut n = 0;
+                    self.tick_waits.retain(|_| {
+                        n += 1;
+                        n % 2 == 0
+                    });
+                }
+                self.tick_waits.push(*late_ms);
                 (*id, false)
             }
             Event::TaskProgress { id, .. } => (*id, false),
@@ -551,11 +587,13 @@ impl Hub {
                 id, task, duration, ..
             } => {
                 self.count(task, |c| c.finished(*duration));
+                self.tick_finished += 1;
                 (*id, true)
             }
             Event::TaskFailed {
                 id, task, duration, ..
             } => {
+                self.tick_failed += 1;
                 let failed = |c: &mut TaskCounts| c.failed(duration.unwrap_or_default());
                 match task {
                     Some(task) => self.count(task, failed),
@@ -744,7 +782,9 @@ impl Hub {
         });
         let stop_deadline =
             Some(self.tally.stop_deadline.load(Ordering::Relaxed)).filter(|&t| t > 0);
+        let chart = self.sample(now, tasks.as_ref().map(|t| t.due));
         let payload = Box::new(Heartbeat {
+            chart,
             at: format_micros(now),
             pid: std::process::id(),
             uptime_seconds: self.started.elapsed().as_secs(),
@@ -767,17 +807,90 @@ impl Hub {
         self.publish(key, Message::Heartbeat(payload), false);
     }
 
-    fn queue_figures(&mut self, now: i64) -> Option<QueueFigures> {
+    /// The charts' point for the interval since the last one, kept in `Counters::series`.
+    fn sample(&mut self, now: i64, due: Option<i64>) -> Sample {
+        let elapsed = self.last_sample.elapsed().as_secs_f64().max(1e-3);
+        self.last_sample = Instant::now();
+        let rate = |n: u64| (n as f64 / elapsed * 100.0).round() / 100.0;
+        let wait_p95_ms = (!self.tick_waits.is_empty()).then(|| {
+            self.tick_waits.sort_unstable_by(f64::total_cmp);
+            let rank = ((self.tick_waits.len() as f64) * 0.95).ceil() as usize;
+            self.tick_waits[rank.clamp(1, self.tick_waits.len()) - 1]
+        });
+        let sample = Sample {
+            at_ms: now / 1000,
+            finished_per_second: rate(std::mem::take(&mut self.tick_finished)),
+            failed_per_second: rate(std::mem::take(&mut self.tick_failed)),
+            due,
+            wait_p95_ms,
+        };
+        self.tick_waits.clear();
+        let mut counters = self.counters.lock();
+        if counters.series.len() >= SERIES_SAMPLES {
+            counters.series.pop_front();
+        }
+        counters.series.push_back(sample);
+        sample
+    }
+
+    /// A task's final state from its record, as the one message of its channel: type
+    /// `task.finished` (succeeded) or `task.failed` (any other end, its state as the
+    /// reason), with `"record": true` and `seq` 0. `None` for a task with no record, or
+    /// one still queued or running (its live messages will come).
+    fn record_frame(&mut self, id: i64) -> Option<Bytes> {
+        let conn = self.connection()?;
+        let record = match crate::records::show(conn, id) {
+            Ok(record) => record?,
+            Err(e) => {
+                tracing::warn!("live view: cannot read the record of task {id}: {e}");
+                self.conn = None;
+                return None;
+            }
+        };
+        if matches!(record.state.as_str(), "queued" | "running") {
+            return None;
+        }
+        let succeeded = record.state == "succeeded";
+        let payload = RecordPayload {
+            id,
+            task: &record.task,
+            at: record.finished_at.as_deref(),
+            duration_ms: record.duration_seconds.map(|s| (s * 1e6).round() / 1e3),
+            reason: (!succeeded).then_some(record.state.as_str()),
+            error: record.error.as_deref(),
+            state: &record.state,
+            record: true,
+        };
+        let kind = if succeeded {
+            "task.finished"
+        } else {
+            "task.failed"
+        };
+        match envelope(kind, &Key::Task(id).to_string(), 0, &payload) {
+            Ok(text) => Some(Bytes::from(text_frame(text))),
+            Err(e) => {
+                tracing::warn!("live view: cannot render the record of task {id}: {e}");
+                None
+            }
+        }
+    }
+
+    /// The hub's database connection, opened on first use and again after an error.
+    fn connection(&mut self) -> Option<&rusqlite::Connection> {
         if self.conn.is_none() {
             match db::open(&self.db, Synchronous::Normal) {
                 Ok(conn) => self.conn = Some(conn),
                 Err(e) => {
-                    tracing::warn!("live view: cannot open the database for queue figures: {e}");
+                    tracing::warn!("live view: cannot open the database: {e}");
                     return None;
                 }
             }
         }
-        let conn = self.conn.as_ref()?;
+        self.conn.as_ref()
+    }
+
+    fn queue_figures(&mut self, now: i64) -> Option<QueueFigures> {
+        let conn = self.connection()?;
         match crate::queue::counts(conn, now) {
             Ok(counts) => Some(QueueFigures {
                 due: counts.due,
@@ -841,6 +954,21 @@ struct TaskPayload<'a> {
     error: Option<&'a str>,
 }
 
+/// A task's final state read from its record (`Hub::record_frame`).
+#[derive(Serialize)]
+struct RecordPayload<'a> {
+    id: i64,
+    task: &'a str,
+    at: Option<&'a str>,
+    duration_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    state: &'a str,
+    record: bool,
+}
+
 #[derive(Serialize)]
 struct MonitorPayload<'a> {
     #[serde(flatten)]
@@ -858,6 +986,8 @@ struct QueueFigures {
 
 #[derive(Serialize)]
 struct Heartbeat {
+    /// This second's point of the page's charts (also kept for `/api/series`).
+    chart: Sample,
     at: String,
     pid: u32,
     uptime_seconds: u64,

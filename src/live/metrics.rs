@@ -64,6 +64,9 @@ pub(crate) struct MonitorCounts {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub tasks: BTreeMap<Arc<str>, TaskCounts>,
+    /// The page's charts: one sample a heartbeat, the last `SERIES_SAMPLES` (15 minutes),
+    /// oldest first; `/api/series` serves them.
+    pub series: std::collections::VecDeque<Sample>,
     pub monitors: BTreeMap<String, MonitorCounts>,
     pub clients: usize,
     pub clients_cut_off: u64,
@@ -85,6 +88,25 @@ impl Counters {
             counts.failed += 1;
         }
     }
+}
+
+/// How many heartbeat samples the charts keep: 15 minutes at one a second.
+pub(crate) const SERIES_SAMPLES: usize = 900;
+
+/// One point of the page's charts, made at each heartbeat from what happened since the
+/// previous one.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct Sample {
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// Tasks finished (succeeded) and failed per second over the interval.
+    pub finished_per_second: f64,
+    pub failed_per_second: f64,
+    /// Tasks due and not started, at the heartbeat (null when the database was busy).
+    pub due: Option<i64>,
+    /// The 95th percentile of how long the tasks started in the interval waited past
+    /// their due time, in ms (null when none started).
+    pub wait_p95_ms: Option<f64>,
 }
 
 /// What the database says at scrape time.

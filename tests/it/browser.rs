@@ -292,7 +292,9 @@ fn the_page_shows_a_sleep_task_running_with_progress_then_finished_within_a_seco
         const wrap = document.querySelector('#monitors').parentElement;
         const failed = document.querySelector('#failures tr[data-task-id="3"] .outcome');
         const finished = document.querySelector('#finished tr[data-task-id="3"]');
+        const link = document.querySelector('#failures tr[data-task-id="3"] a.record');
         return {
+            record: link ? link.getAttribute('href') : null,
             fits: wrap.scrollWidth <= wrap.clientWidth,
             page_fits: document.documentElement.scrollWidth <= window.innerWidth,
             failure: failed ? failed.textContent : null,
@@ -308,9 +310,45 @@ fn the_page_shows_a_sleep_task_running_with_progress_then_finished_within_a_seco
         "150 successes did not push the failure out of 'finished': {shown}"
     );
     assert_eq!(shown["failure"], "failed", "{shown}");
+    // Issue 15: the failure links to its record, which the link serves.
+    assert_eq!(shown["record"], "/api/tasks/3", "{shown}");
+    let record = browser.eval(
+        r#"const r = new XMLHttpRequest();
+           r.open('GET', document.querySelector('#failures tr[data-task-id="3"] a.record').href, false);
+           r.send();
+           return {status: r.status, body: JSON.parse(r.responseText)};"#,
+    );
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(record["body"]["state"], "failed", "{record}");
+    assert_eq!(record["body"]["id"], 3, "{record}");
     assert_eq!(shown["fits"], true, "{shown}");
     assert_eq!(shown["page_fits"], true, "{shown}");
     browser.screenshot("live-page-1280.png");
+
+    // Issue 15: the last 15 minutes charted from the heartbeats (finished and failed per
+    // second, queue depth, wait p95); the 150 tasks above make the finished line rise.
+    let charts = r#"
+        const points = id => Number(document.getElementById(id).dataset.points || 0);
+        // Samples are about a second apart: their sum is about the tasks finished.
+        const total = state.series.reduce((n, s) => n + s.finished_per_second, 0);
+        return {finished: points('chart-finished'), failed: points('chart-failed'),
+                due: points('chart-due'), wait: points('chart-wait'), total_finished: total};
+    "#;
+    let mut drawn = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            drawn = browser.eval(charts);
+            drawn["finished"].as_u64() >= Some(3)
+                && drawn["failed"].as_u64() >= Some(3)
+                && drawn["due"].as_u64() >= Some(3)
+                && drawn["wait"].as_u64() >= Some(1)
+                // The 150 tasks above are in the line.
+                && drawn["total_finished"].as_f64() >= Some(140.0)
+        }),
+        "the charts were not drawn: {drawn}"
+    );
+
+    browser.screenshot("live-page-charts.png");
 
     // Issue 13, item 16: during a graceful stop the page says "stopping" (not "live") and
     // still shows the task that runs.

@@ -225,11 +225,99 @@ fn a_channel_is_forgotten_after_the_retention() {
         ended.elapsed() < Duration::from_secs(1),
         "the check above came too late"
     );
-    // ...and gone once it passed (the hub sweeps every second).
+    // ...and gone once it passed (the hub sweeps every second): a late subscriber gets
+    // the task's final state from its record (issue 15), one message, not the history.
     std::thread::sleep(Duration::from_millis(2_500));
     let mut late = subscribe(&addr, "", &[&channel]);
+    let record = next(&mut late).expect("the final state from the record");
+    assert_eq!(record["type"], "task.finished", "{record}");
+    assert_eq!(record["record"], true, "{record}");
+    assert_eq!(record["state"], "succeeded", "{record}");
+    assert_eq!(record["id"], id, "{record}");
     assert_eq!(next(&mut late), None, "the history outlived the retention");
-    assert_eq!(next(&mut late), None);
+    foreman.stop();
+}
+
+#[test]
+fn records_of_tasks_that_ended_before_the_foreman_started_are_served_and_replayed() {
+    let home = Home::new();
+    let failed: i64 = home
+        .ok(&["enqueue", "fail", "--kwargs", r#"{"message": "disk full"}"#])
+        .trim()
+        .parse()
+        .unwrap();
+    let succeeded = enqueue_sleep(&home, 0.0);
+    let out = home.snapq(&["run", "--burst"]);
+    assert_eq!(out.status.code(), Some(3), "one task failed");
+    let (mut foreman, addr) = start_live(&home, &[]);
+
+    // /api/tasks/<id>: the record, as `snapq show ID --json` prints it.
+    let (status, body) = get(&addr, &format!("/api/tasks/{failed}"), &[]);
+    assert_eq!(status, 200, "{body}");
+    let record: Value = serde_json::from_str(&body).unwrap();
+    let shown: Value =
+        serde_json::from_str(&home.ok(&["show", &failed.to_string(), "--json"])).unwrap();
+    assert_eq!(record, shown);
+    assert_eq!(record["state"], "failed");
+    let (status, body) = get(&addr, "/api/tasks/987654", &[]);
+    assert_eq!(status, 404);
+    assert!(body.contains("no task 987654"), "{body}");
+    for bad in ["abc", "007", "1x"] {
+        let (status, body) = get(&addr, &format!("/api/tasks/{bad}"), &[]);
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains("not a task id"), "{body}");
+    }
+
+    // A subscriber to their channels gets each one's final state from its record.
+    let channels = [format!("task:{failed}"), format!("task:{succeeded}")];
+    let mut ws = subscribe(&addr, "", &[&channels[0], &channels[1]]);
+    let got = until(&mut ws, Duration::from_secs(5), |m| m["id"] == succeeded);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0]["type"], "task.failed");
+    assert_eq!(got[0]["channel"], channels[0].as_str());
+    assert_eq!(got[0]["reason"], "failed");
+    assert_eq!(got[0]["state"], "failed");
+    assert_eq!(got[0]["record"], true);
+    assert!(
+        got[0]["error"].as_str().unwrap().contains("disk full"),
+        "{got:?}"
+    );
+    assert!(got[0]["at"].is_string());
+    assert_eq!(got[1]["type"], "task.finished");
+    assert_eq!(got[1]["state"], "succeeded");
+    assert!(got[1]["duration_ms"].as_f64().unwrap() >= 0.0);
+    // The charts' samples: one a heartbeat, oldest first.
+    std::thread::sleep(Duration::from_millis(2_100));
+    let (status, body) = get(&addr, "/api/series", &[]);
+    assert_eq!(status, 200, "{body}");
+    let series: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert!(series.len() >= 2, "{body}");
+    for sample in &series {
+        for field in ["at_ms", "finished_per_second", "failed_per_second", "due"] {
+            assert!(sample[field].is_number(), "{field}: {sample}");
+        }
+        assert!(sample.get("wait_p95_ms").is_some(), "{sample}");
+    }
+    assert!(
+        series
+            .windows(2)
+            .all(|w| w[0]["at_ms"].as_i64() < w[1]["at_ms"].as_i64())
+    );
+    // A task still queued gets no record message: its live messages will come.
+    let queued = home
+        .ok(&[
+            "enqueue",
+            "sleep",
+            "--kwargs",
+            r#"{"seconds": 0}"#,
+            "--delay",
+            "60",
+        ])
+        .trim()
+        .parse::<i64>()
+        .unwrap();
+    let mut ws = subscribe(&addr, "", &[&format!("task:{queued}")]);
+    assert_eq!(next(&mut ws), None);
     foreman.stop();
 }
 
