@@ -43,6 +43,7 @@ pub mod sink;
 pub mod stats;
 pub mod status;
 pub mod systemd;
+pub mod tasks_file;
 pub mod telemetry;
 pub mod wakeup;
 
