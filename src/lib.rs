@@ -23,6 +23,7 @@
 pub mod brokers;
 pub mod cli;
 pub mod clock;
+pub mod command;
 pub mod config;
 pub mod db;
 pub mod error;

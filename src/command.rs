@@ -1,0 +1,366 @@
+//! Running one command task as a child process (issue 16, begun; nothing calls it yet).
+//!
+//! The worker thread that runs the task does all of it, with no thread per stream:
+//! - It spawns the child in a process group of its own, with stdin from /dev/null and
+//!   the parent-death signal set to SIGKILL. If the foreman dies under `kill -9`, the
+//!   kernel kills the child; its own children stay in the group.
+//! - It polls the stdout and stderr pipes together, keeping only the last `output_bytes`
+//!   of their interleaved bytes.
+//! - It waits for the child to end.
+//!
+//! Past `timeout` the group gets SIGTERM, and `kill_after` later SIGKILL. When the child
+//! ends, whatever it left in its group (a background grandchild holding the pipes) is
+//! killed too. A command leaves nothing running.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::tasks_file::CommandTask;
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal killed it (not ours).
+    Signalled(i32),
+    /// It ran past its timeout and was killed.
+    TimedOut,
+    /// It could not be started: the OS error.
+    NotStarted(String),
+}
+
+/// What running a command gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub ended: Ended,
+    /// The last `output_bytes` of stdout and stderr, interleaved as they came.
+    pub output: Vec<u8>,
+    /// Whether earlier output was dropped to keep the tail within `output_bytes`.
+    pub truncated: bool,
+}
+
+/// Runs `argv` as `task` says, with `env` added to the task's own environment.
+pub fn run(task: &CommandTask, argv: &[String], env: &[(&str, String)]) -> Run {
+    let not_started = |why: String| Run {
+        ended: Ended::NotStarted(why),
+        output: Vec::new(),
+        truncated: false,
+    };
+    let Some((program, args)) = argv.split_first() else {
+        return not_started("the command is empty".into());
+    };
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .envs(&task.env)
+        .envs(env.iter().map(|(k, v)| (*k, v)))
+        .process_group(0);
+    if let Some(cwd) = &task.cwd {
+        command.current_dir(cwd);
+    }
+    let parent = std::process::id();
+    // SAFETY: between fork and exec only async-signal-safe calls: prctl and getppid.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The foreman died before the signal was set: do not run at all.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other("the foreman is gone"));
+            }
+            Ok(())
+        });
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => return not_started(format!("{program}: {e}")),
+    };
+    let group = child.id() as libc::pid_t;
+    let mut pipes: Vec<Box<dyn ReadFd>> = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        pipes.push(Box::new(out));
+    }
+    if let Some(err) = child.stderr.take() {
+        pipes.push(Box::new(err));
+    }
+    let mut tail = Tail::new(task.output_bytes);
+    let started = Instant::now();
+    let deadline = task.timeout.map(|t| started + t);
+    let mut terminated_at: Option<Instant> = None;
+    let mut status = None;
+    loop {
+        // Once the child has ended, read only what is already in the pipes.
+        let wait = if status.is_some() {
+            Duration::ZERO
+        } else {
+            let next = match (terminated_at, deadline) {
+                (Some(t), _) => Some(t + task.kill_after),
+                (None, d) => d,
+            };
+            next.map_or(Duration::from_millis(100), |n| {
+                n.saturating_duration_since(Instant::now())
+            })
+            .min(Duration::from_millis(100))
+        };
+        let ended_before = status.is_some();
+        let (open, read) = poll_into(&mut pipes, &mut tail, wait);
+        if status.is_none() {
+            status = child.try_wait().ok().flatten();
+        }
+        // After the end: read until the pipes are empty (or closed), then stop, even if a
+        // leftover process still holds them open.
+        if status.is_some() && (!open || (ended_before && !read)) {
+            break;
+        }
+        let now = Instant::now();
+        match terminated_at {
+            None if deadline.is_some_and(|d| now >= d) => {
+                signal_group(group, libc::SIGTERM);
+                terminated_at = Some(now);
+            }
+            Some(t) if now >= t + task.kill_after => {
+                signal_group(group, libc::SIGKILL);
+            }
+            _ => {}
+        }
+    }
+    // Whatever the command left in its group goes with it.
+    signal_group(group, libc::SIGKILL);
+    let status = match status {
+        Some(s) => s,
+        None => match child.wait() {
+            Ok(s) => s,
+            Err(e) => return not_started(format!("waiting for {program}: {e}")),
+        },
+    };
+    let ended = if terminated_at.is_some() {
+        Ended::TimedOut
+    } else if let Some(code) = status.code() {
+        Ended::Exited(code)
+    } else {
+        Ended::Signalled(status.signal().unwrap_or(0))
+    };
+    let (output, truncated) = tail.finish();
+    Run {
+        ended,
+        output,
+        truncated,
+    }
+}
+
+fn signal_group(group: libc::pid_t, signal: libc::c_int) {
+    // SAFETY: kill(2) with a negative pid signals that process group; no memory involved.
+    unsafe {
+        libc::kill(-group, signal);
+    }
+}
+
+/// A pipe the poll loop reads: a readable file descriptor.
+trait ReadFd: Read + AsRawFd {}
+impl<T: Read + AsRawFd> ReadFd for T {}
+
+/// Waits up to `wait` for output on any open pipe and reads what came into `tail`; pipes
+/// at end of file are dropped. Returns whether any pipe is still open, and whether
+/// anything was read.
+fn poll_into(pipes: &mut Vec<Box<dyn ReadFd>>, tail: &mut Tail, wait: Duration) -> (bool, bool) {
+    if pipes.is_empty() {
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        return (false, false);
+    }
+    let mut fds: Vec<libc::pollfd> = pipes
+        .iter()
+        .map(|p| libc::pollfd {
+            fd: p.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let timeout = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures for the call.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+    if ready <= 0 {
+        return (true, false);
+    }
+    let mut read = false;
+    let mut closed = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    for (i, fd) in fds.iter().enumerate() {
+        if fd.revents == 0 {
+            continue;
+        }
+        match pipes[i].read(&mut buf) {
+            Ok(0) => closed.push(i),
+            Ok(n) => {
+                tail.push(&buf[..n]);
+                read = true;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => closed.push(i),
+        }
+    }
+    for i in closed.into_iter().rev() {
+        pipes.remove(i);
+    }
+    (!pipes.is_empty(), read)
+}
+
+/// The last `cap` bytes written to it.
+struct Tail {
+    cap: usize,
+    bytes: VecDeque<u8>,
+    dropped: bool,
+}
+
+impl Tail {
+    fn new(cap: usize) -> Tail {
+        Tail {
+            cap,
+            bytes: VecDeque::new(),
+            dropped: false,
+        }
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        let data = if data.len() > self.cap {
+            self.dropped = true;
+            &data[data.len() - self.cap..]
+        } else {
+            data
+        };
+        let over = (self.bytes.len() + data.len()).saturating_sub(self.cap);
+        if over > 0 {
+            self.dropped = true;
+            self.bytes.drain(..over);
+        }
+        self.bytes.extend(data);
+    }
+
+    fn finish(self) -> (Vec<u8>, bool) {
+        (self.bytes.into(), self.dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks_file::parse;
+
+    fn task(extra: &str) -> CommandTask {
+        parse(&format!("[tasks.t]\ncommand = [\"/bin/sh\"]\n{extra}"))
+            .unwrap()
+            .remove(0)
+    }
+
+    fn sh(task: &CommandTask, script: &str) -> Run {
+        run(
+            task,
+            &["/bin/sh".into(), "-c".into(), script.into()],
+            &[("SNAPQ_TASK_ID", "7".into())],
+        )
+    }
+
+    /// Whether the process runs: it exists and is not a zombie (one killed and not yet
+    /// reaped by whoever inherited it).
+    fn alive(pid: &str) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())) {
+            Ok(stat) => stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+            Err(_) => false,
+        }
+    }
+
+    #[test]
+    fn exit_codes_signals_env_and_cwd() {
+        let t = task("cwd = \"/tmp\"\nenv = { GREETING = \"hi there\" }\n");
+        let r = sh(
+            &t,
+            "echo \"$GREETING $SNAPQ_TASK_ID $(pwd)\"; echo oops >&2; exit 3",
+        );
+        assert_eq!(r.ended, Ended::Exited(3));
+        let out = String::from_utf8(r.output).unwrap();
+        assert!(out.contains("hi there 7 /tmp"), "{out}");
+        assert!(out.contains("oops"), "{out}");
+        assert_eq!(
+            sh(&t, "kill -USR1 $$").ended,
+            Ended::Signalled(libc::SIGUSR1)
+        );
+        let r = run(&t, &["/no/such/program".into()], &[]);
+        assert!(matches!(r.ended, Ended::NotStarted(ref e) if e.contains("/no/such/program")));
+    }
+
+    #[test]
+    fn only_the_tail_of_a_flood_is_kept() {
+        let t = task("output_bytes = 1000\n");
+        let r = sh(&t, "head -c 1048576 /dev/zero | tr '\\0' a; echo END");
+        assert_eq!(r.ended, Ended::Exited(0));
+        assert_eq!(r.output.len(), 1000);
+        assert!(r.truncated);
+        assert!(r.output.ends_with(b"aEND\n"));
+        // Output still in the pipes when the command exits is read to the end, even with
+        // a background child holding them open.
+        let t = task("");
+        let r = sh(
+            &t,
+            "sleep 5 & head -c 60000 /dev/zero | tr '\\0' b; echo END",
+        );
+        assert_eq!(r.ended, Ended::Exited(0));
+        assert_eq!(r.output.len(), 60004, "{}", r.output.len());
+    }
+
+    #[test]
+    fn a_timeout_kills_the_whole_group_and_a_leftover_grandchild_goes_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("grandchild");
+        let t = task("timeout = 0.5\nkill_after = 0.5\n");
+        let started = Instant::now();
+        // The shell ignores SIGTERM, so SIGKILL is needed after kill_after.
+        let r = sh(
+            &t,
+            &format!(
+                "trap '' TERM; sleep 100 & echo $! > {}; wait",
+                pidfile.display()
+            ),
+        );
+        assert_eq!(r.ended, Ended::TimedOut);
+        assert!(
+            started.elapsed() < Duration::from_millis(1_500),
+            "{:?}",
+            started.elapsed()
+        );
+        let grandchild = std::fs::read_to_string(&pidfile).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!alive(&grandchild), "the grandchild outlived the timeout");
+
+        // A command that exits and leaves a background child holding its pipes.
+        let t = task("");
+        let started = Instant::now();
+        let r = sh(
+            &t,
+            &format!("sleep 100 & echo $! > {}; exit 0", pidfile.display()),
+        );
+        assert_eq!(r.ended, Ended::Exited(0));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let grandchild = std::fs::read_to_string(&pidfile).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !alive(&grandchild),
+            "a background grandchild was left running"
+        );
+    }
+}
