@@ -30,7 +30,7 @@ use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
 use crate::monitor::RoundResult;
 use crate::panic::{NodeNames, message_for, node_names, worker_heartbeats};
-use crate::rabbitmq::redact;
+use crate::rabbitmq::{Backoff, redact};
 use crate::sink::Sink;
 
 /// Where round results go (PANIC's name).
@@ -47,8 +47,6 @@ const DEAD_SLACK_MICROS: i64 = 2_000_000;
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Outbox rows sent before waiting for their confirms.
 const BATCH: i64 = 1024;
-const MIN_BACKOFF: Duration = Duration::from_millis(500);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Stages results into the outbox and pokes the publisher after commit.
 pub struct OutboxSink {
@@ -214,14 +212,14 @@ fn publish_loop(p: &Publishing<'_>) {
         stop,
         ..
     } = *p;
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new();
     let mut last_error = String::new();
     loop {
         let mut connected = false;
         let outcome = session(p, &mut connected);
         if connected {
             // A connection that worked starts the backoff and the error log afresh.
-            backoff = MIN_BACKOFF;
+            backoff.reset();
             last_error.clear();
         }
         match outcome {
@@ -232,17 +230,17 @@ fn publish_loop(p: &Publishing<'_>) {
                         broker = %redact(url),
                         "{}: {e}; results wait in the outbox, retrying in {:.1} s",
                         kind.title(),
-                        backoff.as_secs_f64()
+                        backoff.wait().as_secs_f64()
                     );
                     last_error = e.clone();
                 }
                 set_state(conn, kind, "disconnected", &e);
             }
         }
-        if stop.recv_timeout(backoff).is_ok() {
+        if stop.recv_timeout(backoff.wait()).is_ok() {
             return;
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        backoff.failed();
     }
 }
 

@@ -45,7 +45,7 @@ use crate::clock::now_micros;
 use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
 use crate::monitor::store::{self, Applied, Wanted};
-use crate::rabbitmq::{Broker, Incoming, redact};
+use crate::rabbitmq::{Backoff, Broker, Incoming, redact};
 use crate::wakeup::WakeDir;
 
 /// PANIC's exchange for configurations.
@@ -61,8 +61,6 @@ const OWNER_PREFIX: &str = "panic:";
 /// How long to wait before trying a busy database again, and the longest the thread
 /// takes to notice a stop.
 const RETRY: Duration = Duration::from_millis(200);
-const MIN_BACKOFF: Duration = Duration::from_millis(500);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the consumer needs.
@@ -133,22 +131,22 @@ fn stopped(stop: &Receiver<()>, wait: Duration) -> bool {
 }
 
 fn consume_loop(settings: &Settings, conn: &Connection, wake: &WakeDir, stop: &Receiver<()>) {
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new();
     loop {
         let broker = match connect(settings) {
             Ok(pair) => pair,
             Err(why) => {
-                tracing::warn!(queue = %settings.queue, "PANIC configs: {why}; retrying in {:.1} s", backoff.as_secs_f64());
+                tracing::warn!(queue = %settings.queue, "PANIC configs: {why}; retrying in {:.1} s", backoff.wait().as_secs_f64());
                 set_state(conn, &settings.queue, "disconnected", &why);
-                if stopped(stop, backoff) {
+                if stopped(stop, backoff.wait()) {
                     return;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff.failed();
                 continue;
             }
         };
         let (broker, deliveries) = broker;
-        backoff = MIN_BACKOFF;
+        backoff.reset();
         set_state(conn, &settings.queue, "consuming", &redact(&settings.url));
         tracing::info!(queue = %settings.queue, "PANIC configs: consuming {NODES_CONFIG_BINDING}");
         publish_monitorables(&broker, conn, settings);
@@ -177,7 +175,7 @@ fn consume_loop(settings: &Settings, conn: &Connection, wake: &WakeDir, stop: &R
         tracing::warn!(queue = %settings.queue, "PANIC configs: {lost}; reconnecting");
         set_state(conn, &settings.queue, "disconnected", &lost);
         broker.close();
-        if stopped(stop, MIN_BACKOFF) {
+        if stopped(stop, backoff.wait()) {
             return;
         }
     }

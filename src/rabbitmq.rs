@@ -31,15 +31,14 @@ use lapin::{
 /// A message to publish: exchange, routing key, JSON body.
 pub type Outgoing<'a> = (&'a str, &'a str, &'a str);
 
-/// A message received on a subscription: its routing key and body.
+/// A message of a queue consumed with acknowledgements (`consume_queue`): its routing key,
+/// its body, and what acknowledges it (`Broker::ack`). Until then the broker keeps it, and
+/// hands it out again if this connection goes.
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub routing_key: String,
     pub body: Vec<u8>,
-    /// For a message of a queue consumed with acknowledgements (`consume_queue`): what
-    /// acknowledges it (`Broker::ack`). Until then the broker keeps it, and hands it out
-    /// again if this connection goes.
-    pub acker: Option<lapin::Acker>,
+    acker: lapin::Acker,
 }
 
 /// One connection with one channel in confirm mode.
@@ -217,7 +216,7 @@ impl Broker {
             forward(consumer, tx, |delivery| Incoming {
                 routing_key: delivery.routing_key.to_string(),
                 body: delivery.data,
-                acker: Some(delivery.acker),
+                acker: delivery.acker,
             });
             Ok::<_, String>(())
         })?;
@@ -226,10 +225,7 @@ impl Broker {
 
     /// Acknowledges a message of `consume_queue`: the broker forgets it.
     pub fn ack(&self, incoming: &Incoming) -> Result<(), String> {
-        let Some(acker) = &incoming.acker else {
-            return Ok(());
-        };
-        async_global_executor::block_on(acker.ack(BasicAckOptions::default()))
+        async_global_executor::block_on(incoming.acker.ack(BasicAckOptions::default()))
             .map(|_| ())
             .map_err(|e| format!("cannot acknowledge a message: {e}"))
     }
@@ -264,7 +260,7 @@ impl Broker {
             // Every publish is started before any is awaited: each one's first poll queues
             // its frames for lapin's I/O loop, in the order of `messages` (the outbox's), and
             // then waits for the loop to have written them. Awaited one by one, each publish
-            // was a round trip to that thread, and a batch of 256 took 256 of them.
+            // was a round trip to that thread, one per message of the batch.
             let mut publishing: Vec<_> = messages
                 .iter()
                 .map(|(exchange, key, body)| {
@@ -315,6 +311,42 @@ impl Broker {
     /// Closes the connection (politely; errors do not matter then).
     pub fn close(self) {
         let _ = async_global_executor::block_on(self.connection.close(200, "bye".into()));
+    }
+}
+
+/// The wait before reconnecting to a broker: 0.5 s after a connection that worked, then
+/// doubling up to 30 s while attempts fail. Shared by everything that keeps a broker
+/// connection (src/outbox.rs, src/panic_configs.rs).
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff(Duration);
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    pub fn new() -> Backoff {
+        Backoff(Backoff::MIN)
+    }
+
+    /// How long to wait now.
+    pub fn wait(self) -> Duration {
+        self.0
+    }
+
+    /// An attempt failed: the next wait is longer.
+    pub fn failed(&mut self) {
+        self.0 = (self.0 * 2).min(Backoff::MAX);
+    }
+
+    /// A connection worked: start again from the shortest wait.
+    pub fn reset(&mut self) {
+        self.0 = Backoff::MIN;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff::new()
     }
 }
 

@@ -32,7 +32,6 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::registry::Kind;
 
 /// What `kill_after` is when the file does not say: seconds between SIGTERM and SIGKILL.
 pub const DEFAULT_KILL_AFTER: Duration = Duration::from_secs(10);
@@ -81,15 +80,6 @@ impl ParamType {
             ParamType::Integer => value.is_i64() || value.is_u64(),
             ParamType::Number => value.is_number(),
             ParamType::Bool => value.is_boolean(),
-        }
-    }
-
-    /// The registry's type for binding (`integer` is checked here, on top).
-    pub fn registry_kind(self) -> Kind {
-        match self {
-            ParamType::String => Kind::String,
-            ParamType::Integer | ParamType::Number => Kind::Number,
-            ParamType::Bool => Kind::Bool,
         }
     }
 

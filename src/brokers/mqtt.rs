@@ -90,11 +90,11 @@ impl MqttLink {
             .host_str()
             .ok_or_else(|| "the URL names no host".to_owned())?;
         let port = parsed.port().unwrap_or(1883);
+        // The URL keeps them percent-encoded (`p%40ss` for `p@ss`).
         let decode = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
         };
         let username = (!parsed.username().is_empty()).then(|| decode(parsed.username()));
         let password = parsed.password().map(decode);
@@ -310,9 +310,27 @@ fn encode_into(
     Ok(())
 }
 
+/// Writes a control packet (not a PUBLISH, which `publish` encodes in batches).
 fn write_packet(stream: &mut TcpStream, packet: &Packet<'_>) -> std::io::Result<()> {
+    // The variable part's length: names, credentials and topics, plus their prefixes.
+    let size = match packet {
+        Packet::Connect(c) => {
+            c.client_id.len()
+                + c.username.map_or(0, str::len)
+                + c.password.map_or(0, <[u8]>::len)
+                + 32
+        }
+        Packet::Subscribe(s) => {
+            s.topics
+                .iter()
+                .map(|t| t.topic_path.len() + 3)
+                .sum::<usize>()
+                + 2
+        }
+        _ => 2,
+    };
     let mut bytes = Vec::new();
-    encode_into(packet, 256, &mut bytes)
+    encode_into(packet, size, &mut bytes)
         .map_err(|e| std::io::Error::other(format!("cannot encode {packet:?}: {e:?}")))?;
     stream.write_all(&bytes)
 }
