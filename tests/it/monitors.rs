@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::fake_http::{FakeServer, Mode, chainlink_metrics};
-use crate::support::{Home, wait_until};
+use crate::support::{Foreman, Home, wait_until};
 
 /// The results of `monitor` in results.jsonl, in order.
 fn results(home: &Home, monitor: &str) -> Vec<Value> {
@@ -165,8 +165,16 @@ fn an_update_takes_effect_within_a_second_with_a_newer_version() {
     assert_eq!(shown["last_status"], "ok");
 }
 
-#[test]
-fn after_remove_no_result_comes_not_even_from_a_running_round() {
+/// A foreman whose monitor `name` has a round hanging on a silent server (timeout 1.5 s),
+/// and a second server that answers at once.
+struct Hanging {
+    home: Home,
+    silent: FakeServer,
+    fast: FakeServer,
+    foreman: Foreman,
+}
+
+fn with_a_round_hanging(name: &str) -> Hanging {
     let home = Home::new();
     let silent = FakeServer::start(Mode::Silent);
     let fast = FakeServer::start(Mode::Text("up 1\n".into()));
@@ -174,14 +182,30 @@ fn after_remove_no_result_comes_not_even_from_a_running_round() {
     add(
         &home,
         "http",
-        "slow",
+        name,
         json!({"url": silent.url(), "timeout": 1.5}),
         "0.2",
     );
-    add(&home, "http", "quick", json!({"url": fast.url()}), "0.1");
-    // The slow round is under way (the server has its connection) and the quick one has
-    // produced results.
+    // The round is under way: the server has its connection.
     assert!(wait_until(Duration::from_secs(5), || silent.hits() >= 1));
+    Hanging {
+        home,
+        silent,
+        fast,
+        foreman,
+    }
+}
+
+#[test]
+fn after_remove_no_result_comes_not_even_from_a_running_round() {
+    let Hanging {
+        home,
+        silent: _silent,
+        fast,
+        foreman,
+    } = with_a_round_hanging("slow");
+    add(&home, "http", "quick", json!({"url": fast.url()}), "0.1");
+    // The quick one has produced results.
     assert!(wait_until(Duration::from_secs(5), || results(
         &home, "quick"
     )
@@ -465,18 +489,12 @@ fn two_foremen_on_one_database_start_each_round_once() {
 /// still running is discarded.
 #[test]
 fn a_monitor_removed_and_added_again_is_a_new_monitor() {
-    let home = Home::new();
-    let silent = FakeServer::start(Mode::Silent);
-    let fast = FakeServer::start(Mode::Text("up 1\n".into()));
-    let foreman = home.start(&[]);
-    add(
-        &home,
-        "http",
-        "m",
-        json!({"url": silent.url(), "timeout": 1.5}),
-        "0.2",
-    );
-    assert!(wait_until(Duration::from_secs(5), || silent.hits() >= 1));
+    let Hanging {
+        home,
+        silent,
+        fast,
+        foreman,
+    } = with_a_round_hanging("m");
     home.ok(&["monitor", "remove", "m"]);
     add(&home, "http", "m", json!({"url": fast.url()}), "0.2");
     let shown: Value = serde_json::from_str(&home.ok(&["monitor", "show", "m"])).unwrap();

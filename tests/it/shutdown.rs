@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Home, append_lines, wait_until};
+use crate::support::{Foreman, Home, append_lines, wait_until};
 
 fn started_ids(foreman: &crate::support::Foreman) -> Vec<i64> {
     foreman
@@ -30,17 +30,8 @@ fn sigterm_keeps_unstarted_tasks_and_lets_running_ones_finish() {
         == 2));
     let sent = Instant::now();
     foreman.signal(libc::SIGTERM);
-    let status = foreman
-        .wait_exit(Duration::from_secs(10))
-        .expect("the foreman did not exit after SIGTERM");
-    assert!(status.success(), "exit {status}:\n{}", foreman.log_text());
     // The sleeps had up to a second left; the foreman waited for them...
-    assert_eq!(
-        foreman.events("task finished").len(),
-        2,
-        "{}",
-        foreman.log_text()
-    );
+    exits_0_having_finished(&mut foreman, 2);
     assert!(sent.elapsed() < Duration::from_secs(5));
     // ...and started nothing else.
     assert_eq!(started_ids(&foreman).len(), 2);
@@ -153,15 +144,21 @@ fn sighup_reloads_and_never_stops_the_foreman() {
     foreman.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(200));
     foreman.signal(libc::SIGHUP);
+    // None abandoned.
+    exits_0_having_finished(&mut foreman, 3);
+    assert!(!home.file("snapq.pid").exists());
+}
+
+/// Waits for a stopped foreman to exit 0, having finished `tasks` tasks (none abandoned).
+fn exits_0_having_finished(foreman: &mut Foreman, tasks: usize) {
     let status = foreman
         .wait_exit(Duration::from_secs(10))
         .expect("the foreman did not exit after SIGTERM");
     assert!(status.success(), "exit {status}:\n{}", foreman.log_text());
     assert_eq!(
         foreman.events("task finished").len(),
-        3,
-        "the sleep was abandoned:\n{}",
+        tasks,
+        "{}",
         foreman.log_text()
     );
-    assert!(!home.file("snapq.pid").exists());
 }
