@@ -120,22 +120,10 @@ fn a_bulk_file_with_one_bad_line_stores_nothing_and_names_the_line() {
         "cannot be read",
     );
     // From stdin too.
-    let mut child = home
-        .cmd()
-        .args(["enqueue", "--file", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"{\"task\":\"noop\"}\n{\"task\":1}\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = crate::support::output_with_stdin(
+        home.cmd().args(["enqueue", "--file", "-"]),
+        b"{\"task\":\"noop\"}\n{\"task\":1}\n",
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 2 of stdin"));
     assert_eq!(home.queued(), 1);

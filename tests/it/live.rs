@@ -876,20 +876,10 @@ import json, sys
 from prometheus_client.parser import text_string_to_metric_families
 print(json.dumps({f.name: [s.value for s in f.samples] for f in text_string_to_metric_families(sys.stdin.read())}))
 "#;
-    let mut child = std::process::Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = crate::support::output_with_stdin(
+        std::process::Command::new(python).arg("-c").arg(script),
+        text.as_bytes(),
+    );
     assert!(out.status.success());
     let families: Value = serde_json::from_slice(&out.stdout).unwrap();
     for (name, want) in [

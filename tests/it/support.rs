@@ -296,3 +296,16 @@ pub fn python_with(modules: &[&str]) -> Option<PathBuf> {
     }
     found
 }
+
+/// Runs `cmd` with `input` on its stdin; returns its output (stdout and stderr captured).
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
