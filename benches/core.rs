@@ -514,6 +514,7 @@ fn wakeup_latency(
         history_retention: Duration::from_secs(7 * 24 * 3600),
         history_max_rows: 100_000,
         live: None,
+        tasks_file: None,
     };
     let foreman = std::thread::spawn(move || foreman::run(&config, registry));
     // The foreman opens the database and records its task types; wait for that.

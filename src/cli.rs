@@ -66,6 +66,10 @@ pub struct Global {
     /// Directory for telemetry CSV files [default: HOME/telemetry]
     #[arg(long, env = "SNAPQ_TELEMETRY_DIR", global = true, value_name = "DIR")]
     pub telemetry_dir: Option<PathBuf>,
+    /// Command task definitions (TOML; README "Your own tasks"), read by the foreman and
+    /// by enqueuers [default: HOME/tasks.toml, if it exists]
+    #[arg(long, env = "SNAPQ_TASKS", global = true, value_name = "FILE")]
+    pub tasks: Option<PathBuf>,
     /// What a commit survives: `full` fsyncs every commit (survives power loss); `normal`
     /// survives a crash of any process but power loss may roll back the last commits
     #[arg(
@@ -117,10 +121,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a command task's output (the tail its record keeps: stdout and stderr as
+    /// they came), as raw bytes; exit 1 if there is no such task
+    Logs {
+        /// The id `enqueue` printed
+        id: i64,
+    },
     /// Task records, newest first: id, task, state, finished, duration, error
     History {
         /// Only tasks in this state (repeat for several): running, succeeded, failed,
-        /// panicked, rejected, abandoned, lost, cancelled
+        /// panicked, rejected, timed_out, abandoned, lost, cancelled
         #[arg(long = "state", value_name = "STATE")]
         states: Vec<String>,
         /// Only tasks of this name
@@ -394,6 +404,7 @@ pub fn execute(cli: Cli) -> Result<()> {
         pid_file: g.pid_file.clone(),
         no_pid_file: g.no_pid_file,
         telemetry_dir: g.telemetry_dir.clone(),
+        tasks: g.tasks.clone(),
     })?;
     match cli.command {
         Command::Run(args) => run(&paths, g.synchronous, &args),
@@ -402,6 +413,7 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Tasks { json } => tasks(&paths, g.synchronous, json),
         Command::Stats { json, since } => show_stats(&paths, json, since),
         Command::Show { id, json } => show_task(&paths, g.synchronous, id, json),
+        Command::Logs { id } => show_logs(&paths, g.synchronous, id),
         Command::History {
             states,
             task,
@@ -426,6 +438,7 @@ fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
         history_retention: args.history_retention,
         history_max_rows: args.history_max_rows,
         live: live_config(paths, args)?,
+        tasks_file: Some(paths.tasks_file.clone()),
         ..ForemanConfig::from_paths(paths)
     };
     let Some((kind, url)) = broker(args)? else {
@@ -577,8 +590,10 @@ fn live_config(paths: &Paths, args: &RunArgs) -> Result<Option<LiveConfig>> {
 
 fn enqueue(paths: &Paths, synchronous: Synchronous, args: &EnqueueArgs) -> Result<()> {
     if let Some(file) = &args.file {
+        let registry = paths.tasks_file.with_commands(&Registry::with_builtins())?;
+        let open = || Enqueuer::with_registry(&paths.db, &paths.wakeup_dir, synchronous, &registry);
         let (count, q) = if file == "-" {
-            let mut q = Enqueuer::open(&paths.db, &paths.wakeup_dir, synchronous)?;
+            let mut q = open()?;
             (q.enqueue_lines(std::io::stdin().lock(), "stdin")?, q)
         } else {
             let handle = std::fs::File::open(file).map_err(|e| Error::BadPath {
@@ -586,7 +601,7 @@ fn enqueue(paths: &Paths, synchronous: Synchronous, args: &EnqueueArgs) -> Resul
                 path: file.into(),
                 problem: format!("cannot be read ({e})"),
             })?;
-            let mut q = Enqueuer::open(&paths.db, &paths.wakeup_dir, synchronous)?;
+            let mut q = open()?;
             (q.enqueue_lines(BufReader::new(handle), file)?, q)
         };
         if !args.ids {
@@ -622,7 +637,8 @@ fn enqueue(paths: &Paths, synchronous: Synchronous, args: &EnqueueArgs) -> Resul
         kwargs,
         when,
     };
-    let mut q = Enqueuer::open(&paths.db, &paths.wakeup_dir, synchronous)?;
+    let registry = paths.tasks_file.with_commands(&Registry::with_builtins())?;
+    let mut q = Enqueuer::with_registry(&paths.db, &paths.wakeup_dir, synchronous, &registry)?;
     let id = q.enqueue(&task)?;
     print(&format!("{id}\n"))
 }
@@ -779,7 +795,39 @@ fn show_task(paths: &Paths, synchronous: Synchronous, id: i64, json: bool) -> Re
     if let Some(error) = &r.error {
         out.push_str(&format!("  error: {error}\n"));
     }
+    match (r.exit_code, &r.signal) {
+        (Some(code), _) => out.push_str(&format!("  exit code {code}\n")),
+        (None, Some(signal)) => out.push_str(&format!("  ended by {signal}\n")),
+        (None, None) => {}
+    }
+    if let Some(output) = r.output.as_deref().filter(|o| !o.is_empty()) {
+        out.push_str(if r.output_truncated {
+            "  output (its last part; `snapq logs` prints it alone):\n"
+        } else {
+            "  output (`snapq logs` prints it alone):\n"
+        });
+        for line in output.lines() {
+            out.push_str(&format!("    {line}\n"));
+        }
+    }
     print(&out)
+}
+
+fn show_logs(paths: &Paths, synchronous: Synchronous, id: i64) -> Result<()> {
+    if !paths.db.exists() {
+        return Err(no_task(id));
+    }
+    let conn = db::open(&paths.db, synchronous)?;
+    let output = crate::records::output(&conn, id)?.ok_or_else(|| no_task(id))?;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&output).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Io {
+            context: "writing to",
+            path: "stdout".into(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -874,13 +922,26 @@ fn show_stats(paths: &Paths, json: bool, since: Option<Duration>) -> Result<()> 
 }
 
 fn tasks(paths: &Paths, synchronous: Synchronous, json: bool) -> Result<()> {
-    let mut catalog = Catalog::from_registry(&Registry::with_builtins());
+    let registry = paths.tasks_file.with_commands(&Registry::with_builtins())?;
+    let mut catalog = Catalog::from_registry(&registry);
     if paths.db.exists() {
         let conn = db::open(&paths.db, synchronous)?;
         catalog.add_recorded(&conn)?;
     }
     if json {
-        return print_json(&catalog.specs().collect::<Vec<_>>());
+        // Command tasks carry their command as the file writes it.
+        let mut specs = Vec::new();
+        for spec in catalog.specs() {
+            let mut value = serde_json::to_value(spec)
+                .map_err(|e| Error::Runtime(format!("serialising the output: {e}")))?;
+            if let (Some(command), Some(object)) =
+                (registry.command(&spec.name), value.as_object_mut())
+            {
+                object.insert("command".into(), command.command_text.clone().into());
+            }
+            specs.push(value);
+        }
+        return print_json(&specs);
     }
     let width = catalog.specs().map(|s| s.name.len()).max().unwrap_or(0);
     let mut out = String::new();
@@ -891,6 +952,13 @@ fn tasks(paths: &Paths, synchronous: Synchronous, json: bool) -> Result<()> {
             spec.signature(),
             spec.summary
         ));
+        if let Some(command) = registry.command(&spec.name) {
+            out.push_str(&format!(
+                "{:width$}  runs {}\n",
+                "",
+                serde_json::Value::from(command.command_text.clone())
+            ));
+        }
     }
     print(&out)
 }

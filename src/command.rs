@@ -1,4 +1,4 @@
-//! Running one command task as a child process (issue 16, begun; nothing calls it yet).
+//! Running one command task as a child process, on the worker thread that runs the task.
 //!
 //! The worker thread that runs the task does all of it, with no thread per stream:
 //! - It spawns the child in a process group of its own, with stdin from /dev/null and
@@ -8,15 +8,22 @@
 //!   of their interleaved bytes.
 //! - It waits for the child to end.
 //!
-//! Past `timeout` the group gets SIGTERM, and `kill_after` later SIGKILL. When the child
-//! ends, whatever it left in its group (a background grandchild holding the pipes) is
-//! killed too. A command leaves nothing running.
+//! Past `timeout` the group gets SIGTERM, and `kill_after` later SIGKILL; the same when
+//! the pool's stop flag is set (the foreman stopping past its graceful deadline), checked
+//! at least every `POLL_STEP`. When the child ends, whatever it left in its group (a
+//! background grandchild holding the pipes) is killed too. A command leaves nothing
+//! running.
+//!
+//! The parent-death signal is tied to the thread that spawned the child, not to the
+//! process: the pool's worker threads live as long as the foreman, so the child is killed
+//! when the foreman dies, not before.
 
 use std::collections::VecDeque;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::tasks_file::CommandTask;
@@ -30,6 +37,8 @@ pub enum Ended {
     Signalled(i32),
     /// It ran past its timeout and was killed.
     TimedOut,
+    /// The stop flag was set (the foreman's graceful deadline passed) and it was killed.
+    Stopped,
     /// It could not be started: the OS error.
     NotStarted(String),
 }
@@ -38,16 +47,40 @@ pub enum Ended {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Run {
     pub ended: Ended,
+    /// The exit code, if it exited (also after a SIGTERM it handled).
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, if one did (ours after a timeout, or another).
+    pub signal: Option<i32>,
     /// The last `output_bytes` of stdout and stderr, interleaved as they came.
     pub output: Vec<u8>,
     /// Whether earlier output was dropped to keep the tail within `output_bytes`.
     pub truncated: bool,
 }
 
-/// Runs `argv` as `task` says, with `env` added to the task's own environment.
-pub fn run(task: &CommandTask, argv: &[String], env: &[(&str, String)]) -> Run {
+/// The longest the loop waits on the pipes before it looks at the clock, the child and
+/// the stop flag again.
+const POLL_STEP: Duration = Duration::from_millis(100);
+
+/// The longest output line passed to `on_line`; the rest of a longer line is dropped.
+const MAX_LINE: usize = 1024;
+
+/// What gets each output line of a running command.
+pub type OnLine<'a> = dyn FnMut(&[u8]) + 'a;
+
+/// Runs `argv` as `task` says, with `env` added to the task's own environment. `stop`
+/// ends it early as a timeout would; `on_line`, if given, gets each output line as it
+/// comes (without its newline; at most `MAX_LINE` bytes of it).
+pub fn run(
+    task: &CommandTask,
+    argv: &[String],
+    env: &[(&str, String)],
+    stop: &AtomicBool,
+    mut on_line: Option<&mut OnLine<'_>>,
+) -> Run {
     let not_started = |why: String| Run {
         ended: Ended::NotStarted(why),
+        exit_code: None,
+        signal: None,
         output: Vec::new(),
         truncated: false,
     };
@@ -96,7 +129,9 @@ pub fn run(task: &CommandTask, argv: &[String], env: &[(&str, String)]) -> Run {
     let started = Instant::now();
     let deadline = task.timeout.map(|t| started + t);
     let mut terminated_at: Option<Instant> = None;
+    let mut stopped = false;
     let mut status = None;
+    let mut line = Vec::new();
     loop {
         // Once the child has ended, read only what is already in the pipes.
         let wait = if status.is_some() {
@@ -106,13 +141,16 @@ pub fn run(task: &CommandTask, argv: &[String], env: &[(&str, String)]) -> Run {
                 (Some(t), _) => Some(t + task.kill_after),
                 (None, d) => d,
             };
-            next.map_or(Duration::from_millis(100), |n| {
-                n.saturating_duration_since(Instant::now())
-            })
-            .min(Duration::from_millis(100))
+            next.map_or(POLL_STEP, |n| n.saturating_duration_since(Instant::now()))
+                .min(POLL_STEP)
         };
         let ended_before = status.is_some();
-        let (open, read) = poll_into(&mut pipes, &mut tail, wait);
+        let (open, read) = match on_line.as_deref_mut() {
+            Some(each) => poll_into(&mut pipes, &mut tail, wait, &mut |chunk: &[u8]| {
+                split_lines(&mut line, chunk, each)
+            }),
+            None => poll_into(&mut pipes, &mut tail, wait, &mut |_: &[u8]| {}),
+        };
         if status.is_none() {
             status = child.try_wait().ok().flatten();
         }
@@ -123,9 +161,15 @@ pub fn run(task: &CommandTask, argv: &[String], env: &[(&str, String)]) -> Run {
         }
         let now = Instant::now();
         match terminated_at {
-            None if deadline.is_some_and(|d| now >= d) => {
+            None if status.is_none() && deadline.is_some_and(|d| now >= d) => {
                 signal_group(group, libc::SIGTERM);
                 terminated_at = Some(now);
+            }
+            // Relaxed: a request read at the next turn; it guards no other data.
+            None if status.is_none() && stop.load(Ordering::Relaxed) => {
+                signal_group(group, libc::SIGTERM);
+                terminated_at = Some(now);
+                stopped = true;
             }
             Some(t) if now >= t + task.kill_after => {
                 signal_group(group, libc::SIGKILL);
@@ -142,7 +186,14 @@ pub fn run(task: &CommandTask, argv: &[String], env: &[(&str, String)]) -> Run {
             Err(e) => return not_started(format!("waiting for {program}: {e}")),
         },
     };
-    let ended = if terminated_at.is_some() {
+    if let Some(each) = on_line
+        && !line.is_empty()
+    {
+        each(&line);
+    }
+    let ended = if stopped {
+        Ended::Stopped
+    } else if terminated_at.is_some() {
         Ended::TimedOut
     } else if let Some(code) = status.code() {
         Ended::Exited(code)
@@ -152,6 +203,8 @@ pub fn run(task: &CommandTask, argv: &[String], env: &[(&str, String)]) -> Run {
     let (output, truncated) = tail.finish();
     Run {
         ended,
+        exit_code: status.code(),
+        signal: status.signal(),
         output,
         truncated,
     }
@@ -168,10 +221,30 @@ fn signal_group(group: libc::pid_t, signal: libc::c_int) {
 trait ReadFd: Read + AsRawFd {}
 impl<T: Read + AsRawFd> ReadFd for T {}
 
-/// Waits up to `wait` for output on any open pipe and reads what came into `tail`; pipes
-/// at end of file are dropped. Returns whether any pipe is still open, and whether
-/// anything was read.
-fn poll_into(pipes: &mut Vec<Box<dyn ReadFd>>, tail: &mut Tail, wait: Duration) -> (bool, bool) {
+/// Passes each complete line of `chunk` (with what `line` held before it) to `each`;
+/// keeps an unfinished line in `line`, at most `MAX_LINE` bytes of it.
+fn split_lines(line: &mut Vec<u8>, chunk: &[u8], each: &mut dyn FnMut(&[u8])) {
+    let mut rest = chunk;
+    while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+        let room = MAX_LINE.saturating_sub(line.len());
+        line.extend_from_slice(&rest[..end.min(room)]);
+        each(line);
+        line.clear();
+        rest = &rest[end + 1..];
+    }
+    let room = MAX_LINE.saturating_sub(line.len());
+    line.extend_from_slice(&rest[..rest.len().min(room)]);
+}
+
+/// Waits up to `wait` for output on any open pipe and reads what came into `tail` (and
+/// `seen`); pipes at end of file are dropped. Returns whether any pipe is still open, and
+/// whether anything was read.
+fn poll_into(
+    pipes: &mut Vec<Box<dyn ReadFd>>,
+    tail: &mut Tail,
+    wait: Duration,
+    seen: &mut dyn FnMut(&[u8]),
+) -> (bool, bool) {
     if pipes.is_empty() {
         if !wait.is_zero() {
             std::thread::sleep(wait);
@@ -203,6 +276,7 @@ fn poll_into(pipes: &mut Vec<Box<dyn ReadFd>>, tail: &mut Tail, wait: Duration) 
             Ok(0) => closed.push(i),
             Ok(n) => {
                 tail.push(&buf[..n]);
+                seen(&buf[..n]);
                 read = true;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -267,18 +341,13 @@ mod tests {
             task,
             &["/bin/sh".into(), "-c".into(), script.into()],
             &[("SNAPQ_TASK_ID", "7".into())],
+            &AtomicBool::new(false),
+            None,
         )
     }
 
-    /// Whether the process runs: it exists and is not a zombie (one killed and not yet
-    /// reaped by whoever inherited it).
     fn alive(pid: &str) -> bool {
-        match std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())) {
-            Ok(stat) => stat
-                .rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z')),
-            Err(_) => false,
-        }
+        crate::pidfile::process_runs(pid.trim().parse().unwrap())
     }
 
     #[test]
@@ -296,7 +365,13 @@ mod tests {
             sh(&t, "kill -USR1 $$").ended,
             Ended::Signalled(libc::SIGUSR1)
         );
-        let r = run(&t, &["/no/such/program".into()], &[]);
+        let r = run(
+            &t,
+            &["/no/such/program".into()],
+            &[],
+            &AtomicBool::new(false),
+            None,
+        );
         assert!(matches!(r.ended, Ended::NotStarted(ref e) if e.contains("/no/such/program")));
     }
 
@@ -361,6 +436,49 @@ mod tests {
         assert!(
             !alive(&grandchild),
             "a background grandchild was left running"
+        );
+    }
+
+    #[test]
+    fn output_lines_are_passed_on_and_the_stop_flag_ends_the_command() {
+        let t = task("");
+        let mut lines = Vec::new();
+        let mut each = |l: &[u8]| lines.push(String::from_utf8_lossy(l).into_owned());
+        let r = run(
+            &t,
+            &[
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo one; printf 'two\\nthree'".into(),
+            ],
+            &[],
+            &AtomicBool::new(false),
+            Some(&mut each),
+        );
+        assert_eq!(r.ended, Ended::Exited(0));
+        assert_eq!(lines, ["one", "two", "three"]);
+
+        let stop = AtomicBool::new(false);
+        let started = Instant::now();
+        let r = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(200));
+                stop.store(true, Ordering::Relaxed);
+            });
+            run(
+                &t,
+                &["/bin/sh".into(), "-c".into(), "sleep 100".into()],
+                &[],
+                &stop,
+                None,
+            )
+        });
+        assert_eq!(r.ended, Ended::Stopped);
+        assert_eq!(r.signal, Some(libc::SIGTERM));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
         );
     }
 }

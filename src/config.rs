@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::tasks_file::TasksFile;
 
 /// The resolved file layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +17,8 @@ pub struct Paths {
     pub telemetry_dir: PathBuf,
     /// Monitor results, one JSON object a line (the default sink).
     pub results_file: PathBuf,
+    /// The command tasks' definitions (`--tasks`, else HOME/tasks.toml if it exists).
+    pub tasks_file: TasksFile,
 }
 
 /// Overrides from the command line or environment (clap merges the two).
@@ -27,6 +30,7 @@ pub struct PathOverrides {
     pub pid_file: Option<PathBuf>,
     pub no_pid_file: bool,
     pub telemetry_dir: Option<PathBuf>,
+    pub tasks: Option<PathBuf>,
 }
 
 impl Paths {
@@ -46,6 +50,10 @@ impl Paths {
             pid_file: (!o.no_pid_file).then(|| under(&o.pid_file, "snapq.pid")),
             telemetry_dir: under(&o.telemetry_dir, "telemetry"),
             results_file: home.join("results.jsonl"),
+            tasks_file: TasksFile {
+                required: o.tasks.is_some(),
+                path: under(&o.tasks, "tasks.toml"),
+            },
             home,
         })
     }

@@ -35,6 +35,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0007_panic_configs",
         include_str!("../migrations/0007_panic_configs.sql"),
     ),
+    (
+        "0008_command_output",
+        include_str!("../migrations/0008_command_output.sql"),
+    ),
 ];
 
 /// The schema version this build writes and understands.

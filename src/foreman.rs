@@ -17,9 +17,14 @@
 //!    `shut_down`, which claims nothing and starts no monitor round. Unclaimed rows are
 //!    never touched.
 //! 3. **Graceful deadline.** After the first signal `shut_down` waits on the completion
-//!    channel with a deadline of `--graceful-timeout`, logs every task still running by id
-//!    and name when it passes, and returns. A second signal ends the wait at once. Either
-//!    way `run` returns to its caller, so the pid file's guard removes the file.
+//!    channel with a deadline of `--graceful-timeout`. When it passes with command tasks
+//!    running, it sets the pool's stop flag: each command's worker sends SIGTERM to its
+//!    process group, SIGKILL `kill_after` later, and reports it `abandoned`; the wait goes
+//!    on for the longest `kill_after` (plus `COMMAND_STOP_SLACK`). Then it logs every
+//!    task still running by id and name, records it `abandoned`, and returns. A second
+//!    signal ends the wait at once (the commands die with the process: the parent-death
+//!    signal, src/command.rs). Either way `run` returns to its caller, so the pid file's
+//!    guard removes the file.
 //! 4. **Pid file.** Taken (`pidfile::PidFile`, an flock) before anything else is started,
 //!    held until `run` returns.
 //! 5. **Wake-ups.** The watch (src/wakeup.rs) is started before the old wake files are
@@ -33,7 +38,8 @@
 //! 6. **Bounded threads.** `--workers` pool threads, started once, plus the inotify thread,
 //!    the signal thread, the telemetry thread (unless `--no-telemetry`) and this one:
 //!    `workers + 4`, whatever the number of tasks or monitor rounds (monitors resolve host
-//!    names on the worker itself, src/monitor/http_fetch.rs, not on a thread per lookup).
+//!    names on the worker itself, src/monitor/http_fetch.rs, not on a thread per lookup;
+//!    a command task's worker polls its pipes and waits for it itself, src/command.rs).
 //!    With `--amqp-url`, five more at most: the publisher (`snapq-amqp`, src/outbox.rs), lapin's executor
 //!    (`snapq-amqp-io`), async-io's reactor, one thread of the `blocking` pool, and lapin's
 //!    I/O loop while connected (src/rabbitmq.rs); reconnecting replaces the last, it does
@@ -99,6 +105,7 @@ use crate::records;
 use crate::registry::Registry;
 use crate::sink::{FileSink, Sink};
 use crate::systemd::Notifier;
+use crate::tasks_file::TasksFile;
 use crate::telemetry::{self, DUE_COUNT_CAP, Telemetry};
 use crate::wakeup::Watch;
 
@@ -134,6 +141,10 @@ const MAX_GATHER: Duration = Duration::from_millis(2);
 /// ~50,000 records a second, above the fastest drain (BENCHMARKS.md).
 const PRUNE_BATCH: i64 = 250;
 const PRUNE_PAUSE: Duration = Duration::from_millis(5);
+
+/// Past the graceful deadline, how long after the longest `kill_after` the foreman waits
+/// for stopped commands' workers to report: their poll step, and reaping.
+const COMMAND_STOP_SLACK: Duration = Duration::from_millis(500);
 
 /// How long the loop waits before it tries again a write that found the database busy.
 const BUSY_RETRY: Duration = Duration::from_millis(200);
@@ -176,6 +187,9 @@ pub struct ForemanConfig {
     pub history_max_rows: u64,
     /// The live view (`--http`), if any.
     pub live: Option<LiveConfig>,
+    /// The command tasks' file, read at start (a bad file stops the start) and again on
+    /// SIGHUP (a bad file is logged and the tasks stay as they were).
+    pub tasks_file: Option<TasksFile>,
 }
 
 impl ForemanConfig {
@@ -197,6 +211,7 @@ impl ForemanConfig {
             history_retention: Duration::from_secs(7 * 24 * 3600),
             history_max_rows: 100_000,
             live: None,
+            tasks_file: None,
         }
     }
 
@@ -258,6 +273,16 @@ pub fn run_with_sink(
     if config.workers == 0 || config.batch == 0 {
         return Err(Error::bad_input("--workers/--batch", "must be at least 1"));
     }
+    // The programme's own tasks; the tasks file's are added to a copy at each load.
+    let base = registry;
+    let registry = match &config.tasks_file {
+        Some(file) => {
+            let registry = file.with_commands(&base)?;
+            file.warn_of_missing_programs(&registry);
+            registry
+        }
+        None => base.clone(),
+    };
     // Signals first: from here on SIGTERM is ours to handle, never the default death.
     let signals = SignalThread::start()?;
     let mut conn = db::open(&config.db, config.synchronous)?;
@@ -305,6 +330,7 @@ pub fn run_with_sink(
 
     // Capacity = workers: each slot has at most one report outstanding (src/pool.rs).
     let (done_tx, done_rx) = bounded::<Done>(config.workers);
+    let max_kill_after = registry.max_kill_after();
     let pool = Pool::start(
         config.workers,
         Arc::new(registry),
@@ -323,6 +349,8 @@ pub fn run_with_sink(
 
     let mut foreman = Foreman {
         config,
+        base,
+        max_kill_after,
         conn,
         books,
         finished_rounds: Vec::new(),
@@ -395,6 +423,12 @@ pub fn run_with_sink(
 
 struct Foreman<'a> {
     config: &'a ForemanConfig,
+    /// The registry the programme gave, before the tasks file's commands (SIGHUP adds
+    /// the file's current ones to a copy).
+    base: Registry,
+    /// The longest `kill_after` of the command tasks loaded: how long stopping running
+    /// commands at the graceful deadline may take.
+    max_kill_after: Option<Duration>,
     /// The foreman's own connection: only this thread claims (invariant 8). Commits with
     /// the user's `--synchronous`.
     conn: Connection,
@@ -615,6 +649,7 @@ impl Foreman<'_> {
     /// wake-up watch is checked, and the queue and monitors are read again. The log filter
     /// (RUST_LOG) is read at start only: change it with a restart.
     fn reload(&mut self) {
+        self.reload_tasks();
         self.probes.clear();
         self.check_watch();
         self.maybe_due = true;
@@ -623,6 +658,38 @@ impl Foreman<'_> {
             "SIGHUP: reloaded (monitor configs checked again, wake-up watch checked, queue \
              read again); the foreman goes on"
         );
+    }
+
+    /// Reads the tasks file again: tasks claimed from now on run with its definitions,
+    /// and enqueuers learn its tasks (`task_types`). A file that is now bad changes
+    /// nothing: the error is logged and the tasks stay as they were.
+    fn reload_tasks(&mut self) {
+        let Some(file) = &self.config.tasks_file else {
+            return;
+        };
+        let registry = match file.with_commands(&self.base) {
+            Ok(registry) => {
+                file.warn_of_missing_programs(&registry);
+                registry
+            }
+            Err(e) => {
+                tracing::error!("SIGHUP: {e}; the tasks stay as they were");
+                return;
+            }
+        };
+        if let Err(e) = queue::record_task_types(&self.conn, &registry) {
+            tracing::warn!("SIGHUP: could not record the task types for enqueuers: {e}");
+        }
+        let commands = registry.specs().count() - self.base.specs().count();
+        tracing::info!(
+            file = %file.path.display(),
+            commands,
+            "SIGHUP: tasks file read again"
+        );
+        self.max_kill_after = self.max_kill_after.max(registry.max_kill_after());
+        if let Some(pool) = &self.pool {
+            pool.reload(registry);
+        }
     }
 
     /// When the loop must wake up even if no event comes.
@@ -806,6 +873,8 @@ impl Foreman<'_> {
                     Outcome::Failed(e) => ("failed", Some(e)),
                     Outcome::Panicked(e) => ("panicked", Some(e)),
                     Outcome::Rejected(e) => ("rejected", Some(e)),
+                    Outcome::TimedOut(e) => ("timed_out", Some(e)),
+                    Outcome::Abandoned(e) => ("abandoned", Some(e)),
                     Outcome::Round(_) => ("failed", Some("a round reported for a task".into())),
                 };
                 if state == "succeeded" {
@@ -818,6 +887,7 @@ impl Foreman<'_> {
                     state,
                     error,
                     at: now_micros(),
+                    command: done.command,
                 });
             }
             (JobKey::Round(..), _) => {}
@@ -1145,7 +1215,9 @@ impl Foreman<'_> {
 
     /// Invariants 2 and 3: no more claims; wait for running tasks up to the deadline.
     fn shut_down(&mut self, signal: i32) -> Result<Stopped> {
-        let deadline = Instant::now() + self.config.graceful_timeout;
+        let mut deadline = Instant::now() + self.config.graceful_timeout;
+        // Set when running commands were told to stop at the deadline.
+        let mut stopping_commands = false;
         // Said to `status` (the heartbeat row, written below) and the live page: stopping,
         // and by when.
         let stop_at = now_micros().saturating_add(micros_of(self.config.graceful_timeout));
@@ -1167,7 +1239,27 @@ impl Foreman<'_> {
             self.notifier.watchdog();
             let now = Instant::now();
             if now >= deadline {
-                return Ok(self.abandon("the graceful timeout passed"));
+                // Commands still running are stopped as a timeout stops them (SIGTERM to
+                // their groups, SIGKILL `kill_after` later) and reported `abandoned` by
+                // their workers; what is left after that is abandoned here.
+                let commands = self.pool.as_ref().map_or(0, Pool::commands_running);
+                match self.max_kill_after {
+                    Some(kill_after) if commands > 0 && !stopping_commands => {
+                        tracing::warn!(
+                            commands,
+                            "the graceful timeout passed: SIGTERM to the running commands' \
+                             process groups, SIGKILL {:.1} s later if needed",
+                            kill_after.as_secs_f64()
+                        );
+                        if let Some(pool) = &self.pool {
+                            pool.stop_tasks();
+                        }
+                        stopping_commands = true;
+                        deadline = now + kill_after + COMMAND_STOP_SLACK;
+                        continue;
+                    }
+                    _ => return Ok(self.abandon("the graceful timeout passed")),
+                }
             }
             if now >= self.next_beat {
                 self.beat();
@@ -1212,6 +1304,7 @@ impl Foreman<'_> {
                         state: "abandoned",
                         error: Some(format!("{why}: the foreman exited while it ran")),
                         at: now_micros(),
+                        command: None,
                     });
                 }
                 JobKey::Round(monitor, version) => tracing::warn!(

@@ -113,6 +113,18 @@ pub fn process_exists(pid: i32) -> bool {
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
+/// Whether the process runs: it exists and is not a zombie (one that ended and that its
+/// parent, or whoever inherited it, has not reaped yet).
+pub fn process_runs(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold any.
+        Ok(stat) if pid > 0 => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        _ => false,
+    }
+}
+
 /// Whether `pid` is a live process running a snapq binary.
 pub fn is_snapq_process(pid: i32) -> bool {
     if !process_exists(pid) {

@@ -6,8 +6,8 @@
 //! Workers never touch the queue (invariant 8): they get rows already claimed.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,11 +15,13 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use serde_json::Value;
 
 use crate::clock::now_micros;
+use crate::command::{self, Ended};
 use crate::error::{Error, Result};
 use crate::live::{Event, Publisher};
 use crate::monitor::{Probe, Round, RoundError};
 use crate::queue::Claimed;
-use crate::registry::{Registry, TaskContext};
+use crate::registry::{Args, Entry, Registry, Runner, TaskContext};
+use crate::tasks_file::CommandTask;
 use crate::telemetry::{Label, Series, Telemetry};
 
 /// How a task ended.
@@ -30,8 +32,13 @@ pub enum Outcome {
     Failed(String),
     /// The task panicked.
     Panicked(String),
-    /// The row could not be run: unknown name or arguments that do not bind.
+    /// The row could not be run: unknown name or arguments that do not bind, or a
+    /// command that could not be started.
     Rejected(String),
+    /// The task ran past its timeout (a command was killed; a Rust task returned late).
+    TimedOut(String),
+    /// The foreman stopped it at its graceful deadline (a command, killed).
+    Abandoned(String),
     /// A monitor round ended (with data or an error of its own).
     Round(Box<RoundDone>),
 }
@@ -68,6 +75,20 @@ pub struct Done {
     pub key: JobKey,
     pub outcome: Outcome,
     pub duration: Duration,
+    /// How a command task's process ended, and its output (None for other jobs).
+    pub command: Option<Box<CommandEnd>>,
+}
+
+/// How a command's process ended, for its record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandEnd {
+    pub exit_code: Option<i32>,
+    /// The signal's name (`SIGKILL`), if a signal ended it.
+    pub signal: Option<String>,
+    /// The tail of its stdout and stderr.
+    pub output: Vec<u8>,
+    /// Whether output before the tail was dropped.
+    pub truncated: bool,
 }
 
 /// A finished round, as reported to the foreman.
@@ -88,6 +109,7 @@ pub(crate) struct Pool {
     /// Written by the foreman after each claim, read by idle workers to decide whether to
     /// poll for their next job; a hint, so Relaxed.
     backlog: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 /// How long an idle worker polls (yielding the CPU) for its next job while the foreman has
@@ -110,14 +132,16 @@ impl Pool {
         live: Option<Publisher>,
     ) -> Result<Pool> {
         let (jobs_tx, jobs_rx) = bounded::<Job>(workers);
-        let mut handles = Vec::with_capacity(workers);
+        let mut handles: Vec<JoinHandle<()>> = Vec::with_capacity(workers);
         let backlog = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
-            timing: telemetry.map(|t| Timing::new(t, &registry)),
-            registry,
+            current: RwLock::new(Arc::new(Current::new(registry, telemetry.as_ref()))),
+            telemetry,
             done,
             backlog: Arc::clone(&backlog),
             live,
+            stop: Arc::new(AtomicBool::new(false)),
+            commands_running: AtomicUsize::new(0),
         });
         for n in 0..workers {
             let jobs = jobs_rx.clone();
@@ -132,7 +156,35 @@ impl Pool {
             jobs: Some(jobs_tx),
             handles,
             backlog,
+            shared,
         })
+    }
+
+    /// Tasks claimed from now on run with `registry` (SIGHUP's reload of the tasks file);
+    /// tasks running keep the entry they started with.
+    pub fn reload(&self, registry: Registry) {
+        let current = Arc::new(Current::new(
+            Arc::new(registry),
+            self.shared.telemetry.as_ref(),
+        ));
+        // A poisoned lock only means a worker panicked while cloning the Arc; the value
+        // is whole either way.
+        *self
+            .shared
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = current;
+    }
+
+    /// How many command tasks run now.
+    pub fn commands_running(&self) -> usize {
+        self.shared.commands_running.load(Ordering::Relaxed)
+    }
+
+    /// Asks every running task to stop (the graceful deadline passed): commands get
+    /// SIGTERM, then SIGKILL `kill_after` later; Rust tasks see `TaskContext::cancelled`.
+    pub fn stop_tasks(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
     }
 
     /// Tells idle workers whether a next job is likely to come soon (`WORKER_SPIN`).
@@ -169,15 +221,40 @@ impl Pool {
     }
 }
 
-/// What every worker shares, read-only.
+/// What every worker shares.
 struct Shared {
-    registry: Arc<Registry>,
+    /// The tasks and their telemetry labels. The lock protects the swap on reload
+    /// (`Pool::reload`, the foreman's thread); a worker holds it only to clone the Arc
+    /// when a task starts.
+    current: RwLock<Arc<Current>>,
+    telemetry: Option<Arc<Telemetry>>,
     done: Sender<Done>,
     /// See `Pool::backlog`.
     backlog: Arc<AtomicBool>,
-    timing: Option<Timing>,
     /// The live view's event queue, if the foreman serves one (src/live/mod.rs).
     live: Option<Publisher>,
+    /// Set once, by `Pool::stop_tasks`; read by running commands every poll step and by
+    /// Rust tasks through `TaskContext::cancelled`. Relaxed: a request that guards no
+    /// other data.
+    stop: Arc<AtomicBool>,
+    /// Command tasks running now: counted up and down by the workers around each one,
+    /// read by the foreman when it stops. Relaxed: a count, no data hangs on it.
+    commands_running: AtomicUsize,
+}
+
+/// The registry the workers run tasks from, with its telemetry labels.
+struct Current {
+    registry: Arc<Registry>,
+    timing: Option<Timing>,
+}
+
+impl Current {
+    fn new(registry: Arc<Registry>, telemetry: Option<&Arc<Telemetry>>) -> Current {
+        Current {
+            timing: telemetry.map(|t| Timing::new(Arc::clone(t), &registry)),
+            registry,
+        }
+    }
 }
 
 /// Telemetry labels for each registered task and monitor kind, interned once at startup
@@ -258,6 +335,7 @@ fn work(jobs: &Receiver<Job>, shared: &Shared) {
             // Stays Panicked only if something below unwinds past catch_unwind.
             outcome: Outcome::Panicked("the worker unwound outside the task".into()),
             timing: None,
+            command: None,
             live: shared.live.as_ref(),
             ran: false,
         };
@@ -266,7 +344,8 @@ fn work(jobs: &Receiver<Job>, shared: &Shared) {
 }
 
 fn run_one<'a>(task: &Claimed, shared: &'a Shared, slot: &mut Slot<'a>) -> Outcome {
-    let registry = &shared.registry;
+    let current = Arc::clone(&shared.current.read().unwrap_or_else(|e| e.into_inner()));
+    let registry = &current.registry;
     if let Some(problem) = &task.unreadable {
         slot.name = Some(Arc::from(task.task_name.as_str()));
         return Outcome::Rejected(problem.clone());
@@ -291,7 +370,12 @@ fn run_one<'a>(task: &Claimed, shared: &'a Shared, slot: &mut Slot<'a>) -> Outco
         Ok(args) => args,
         Err(message) => return Outcome::Rejected(message),
     };
-    let ctx = TaskContext::with_live(task.id, Arc::clone(&entry.name), shared.live.clone());
+    let timeout = match &entry.runner {
+        Runner::Rust { timeout, .. } => *timeout,
+        Runner::Command(command) => command.timeout,
+    };
+    let ctx = TaskContext::with_live(task.id, Arc::clone(&entry.name), shared.live.clone())
+        .cancellable(timeout, Arc::clone(&shared.stop));
     // How long after its due time the task starts: the foreman's lateness, which is
     // what an operator watches (the wait since creation includes any --delay).
     let now = now_micros();
@@ -308,18 +392,131 @@ fn run_one<'a>(task: &Claimed, shared: &'a Shared, slot: &mut Slot<'a>) -> Outco
         });
     }
     slot.ran = true;
-    if let Some(timing) = &shared.timing {
+    if let Some(timing) = &current.timing {
         let (duration, wait) = timing.labels[entry.id];
         let waited = (now - task.created_at).max(0) as f64 / 1e6;
         timing.telemetry.record(wait, waited);
-        slot.timing = Some((&timing.telemetry, duration));
+        slot.timing = Some((Arc::clone(&timing.telemetry), duration));
     }
     slot.started = Instant::now();
-    match catch_unwind(AssertUnwindSafe(|| (entry.run)(&ctx, &args))) {
-        Ok(Ok(())) => Outcome::Succeeded,
-        Ok(Err(e)) => Outcome::Failed(e.to_string()),
-        Err(payload) => Outcome::Panicked(panic_message(payload.as_ref())),
+    match &entry.runner {
+        Runner::Rust { run, timeout } => {
+            let outcome = match catch_unwind(AssertUnwindSafe(|| run(&ctx, &args))) {
+                Ok(Ok(())) => Outcome::Succeeded,
+                Ok(Err(e)) => Outcome::Failed(e.to_string()),
+                Err(payload) => Outcome::Panicked(panic_message(payload.as_ref())),
+            };
+            match timeout {
+                _ if shared.stop.load(Ordering::Relaxed) => Outcome::Abandoned(format!(
+                    "the foreman stopped it at its graceful deadline ({})",
+                    match outcome {
+                        Outcome::Succeeded => "it returned success after it".to_owned(),
+                        Outcome::Failed(e) | Outcome::Panicked(e) => e,
+                        _ => String::new(),
+                    }
+                )),
+                Some(limit) if slot.started.elapsed() >= *limit => Outcome::TimedOut(format!(
+                    "ran past its timeout of {} s ({})",
+                    limit.as_secs_f64(),
+                    match outcome {
+                        Outcome::Succeeded => "it returned success after it".to_owned(),
+                        Outcome::Failed(e) | Outcome::Panicked(e) => e,
+                        _ => String::new(),
+                    }
+                )),
+                _ => outcome,
+            }
+        }
+        Runner::Command(command) => run_command(task, entry, command, &args, &ctx, shared, slot),
     }
+}
+
+/// Runs a command task on this worker (src/command.rs) and says how it ended; its exit
+/// code, signal and output go to the slot, for the record.
+fn run_command(
+    task: &Claimed,
+    entry: &Entry,
+    command: &CommandTask,
+    args: &Args,
+    ctx: &TaskContext,
+    shared: &Shared,
+    slot: &mut Slot<'_>,
+) -> Outcome {
+    let argv = match command.argv(args.by_name()) {
+        Ok(argv) => argv,
+        Err(e) => return Outcome::Rejected(e),
+    };
+    let env = [
+        ("SNAPQ_TASK_ID", task.id.to_string()),
+        ("SNAPQ_TASK_NAME", entry.spec.name.clone()),
+        ("SNAPQ_ATTEMPT", "1".to_owned()),
+    ];
+    let mut progress = |line: &[u8]| ctx.progress(f64::NAN, String::from_utf8_lossy(line));
+    let on_line: Option<&mut command::OnLine<'_>> = if ctx.wants_progress() {
+        Some(&mut progress)
+    } else {
+        None
+    };
+    shared.commands_running.fetch_add(1, Ordering::Relaxed);
+    let run = command::run(command, &argv, &env, &shared.stop, on_line);
+    shared.commands_running.fetch_sub(1, Ordering::Relaxed);
+    let signal = run.signal.map(signal_name);
+    let how = match (&run.exit_code, &signal) {
+        (Some(code), _) => format!("it exited with code {code}"),
+        (None, Some(signal)) => format!("{signal} ended it"),
+        (None, None) => String::new(),
+    };
+    let outcome = match &run.ended {
+        Ended::Exited(0) => Outcome::Succeeded,
+        Ended::Exited(code) => Outcome::Failed(format!("exited with code {code}")),
+        Ended::Signalled(_) => Outcome::Failed(format!(
+            "killed by {}",
+            signal.as_deref().unwrap_or("a signal")
+        )),
+        Ended::TimedOut => Outcome::TimedOut(format!(
+            "ran past its timeout of {} s: SIGTERM to its process group, SIGKILL {} s later if needed; {how}",
+            command.timeout.map_or(0.0, |t| t.as_secs_f64()),
+            command.kill_after.as_secs_f64()
+        )),
+        Ended::Stopped => Outcome::Abandoned(format!(
+            "the foreman stopped it at its graceful deadline: SIGTERM to its process group, SIGKILL {} s later if needed; {how}",
+            command.kill_after.as_secs_f64()
+        )),
+        Ended::NotStarted(e) => {
+            return Outcome::Rejected(format!("could not start the command: {e}"));
+        }
+    };
+    slot.command = Some(Box::new(CommandEnd {
+        exit_code: run.exit_code,
+        signal,
+        output: run.output,
+        truncated: run.truncated,
+    }));
+    outcome
+}
+
+/// `SIGTERM` for 15: the name a user knows.
+fn signal_name(signal: i32) -> String {
+    let name = match signal {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        _ => return format!("signal {signal}"),
+    };
+    name.to_owned()
 }
 
 fn run_round(job: RoundJob, shared: &Shared) {
@@ -337,7 +534,8 @@ fn run_round(job: RoundJob, shared: &Shared) {
             }
         });
     let duration = started.elapsed();
-    if let Some(timing) = &shared.timing
+    let current = Arc::clone(&shared.current.read().unwrap_or_else(|e| e.into_inner()));
+    if let Some(timing) = &current.timing
         && let Some(label) = timing.round_label(&job.kind)
     {
         timing.telemetry.record(label, duration.as_secs_f64());
@@ -355,6 +553,7 @@ fn run_round(job: RoundJob, shared: &Shared) {
         ),
     }
     let _ = shared.done.send(Done {
+        command: None,
         key: JobKey::Round(job.name, job.version),
         outcome: Outcome::Round(Box::new(RoundDone {
             kind: job.kind,
@@ -389,7 +588,9 @@ struct Slot<'a> {
     started: Instant,
     outcome: Outcome,
     /// Where to record the task's duration, once it has started running.
-    timing: Option<(&'a Telemetry, Label)>,
+    timing: Option<(Arc<Telemetry>, Label)>,
+    /// A command task's end, for its record.
+    command: Option<Box<CommandEnd>>,
     /// Where to publish the task's end.
     live: Option<&'a Publisher>,
     /// Whether the task started (a rejected row did not).
@@ -399,8 +600,8 @@ struct Slot<'a> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         let duration = self.started.elapsed();
-        if let Some((telemetry, label)) = self.timing {
-            telemetry.record(label, duration.as_secs_f64());
+        if let Some((telemetry, label)) = &self.timing {
+            telemetry.record(*label, duration.as_secs_f64());
         }
         let ms = round_ms(duration);
         let id = self.id;
@@ -412,6 +613,10 @@ impl Drop for Slot<'_> {
             Outcome::Panicked(error) => tracing::error!(id, %task, ms, error, "task panicked"),
             Outcome::Rejected(error) => {
                 tracing::error!(id, %task, error, "task rejected and deleted, not retried")
+            }
+            Outcome::TimedOut(error) => tracing::warn!(id, %task, ms, error, "task timed out"),
+            Outcome::Abandoned(error) => {
+                tracing::warn!(id, %task, ms, error, "task stopped at the graceful deadline")
             }
             Outcome::Round(_) => {}
         }
@@ -426,6 +631,7 @@ impl Drop for Slot<'_> {
             key: JobKey::Task(id),
             outcome: std::mem::replace(&mut self.outcome, Outcome::Succeeded),
             duration,
+            command: self.command.take(),
         });
     }
 }
@@ -446,6 +652,8 @@ impl Slot<'_> {
             Outcome::Failed(e) => ("failed", e),
             Outcome::Panicked(e) => ("panicked", e),
             Outcome::Rejected(e) => ("rejected", e),
+            Outcome::TimedOut(e) => ("timed_out", e),
+            Outcome::Abandoned(e) => ("abandoned", e),
             Outcome::Round(_) => return,
         };
         live.publish(Event::TaskFailed {

@@ -34,16 +34,18 @@ use serde::Serialize;
 
 use crate::clock::{format_micros, now_micros};
 use crate::error::{Error, Result};
+use crate::pool::CommandEnd;
 use crate::queue::Claimed;
 
 /// Every state a task can be in, as `show` and `history` name them.
-pub const STATES: [&str; 9] = [
+pub const STATES: [&str; 10] = [
     "queued",
     "running",
     "succeeded",
     "failed",
     "panicked",
     "rejected",
+    "timed_out",
     "abandoned",
     "lost",
     "cancelled",
@@ -53,11 +55,13 @@ pub const STATES: [&str; 9] = [
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finish {
     pub id: i64,
-    /// `succeeded`, `failed`, `panicked`, `rejected` or `abandoned`.
+    /// `succeeded`, `failed`, `panicked`, `rejected`, `timed_out` or `abandoned`.
     pub state: &'static str,
     pub error: Option<String>,
     /// Unix µs.
     pub at: i64,
+    /// A command task's exit code, signal and output.
+    pub command: Option<Box<CommandEnd>>,
 }
 
 /// Who claims: written into each record.
@@ -161,13 +165,24 @@ fn write_finished(conn: &Connection, finished: &[Finish]) -> Result<()> {
     let mut update = conn
         .prepare_cached(
             "UPDATE task_records SET state = ?2, error = ?3, finished_at = ?4, \
-             started_at = CASE WHEN ?2 = 'rejected' THEN NULL ELSE started_at END \
+             started_at = CASE WHEN ?2 = 'rejected' THEN NULL ELSE started_at END, \
+             exit_code = ?5, signal = ?6, output = ?7, output_truncated = ?8 \
              WHERE id = ?1 AND state = 'running'",
         )
         .map_err(Error::sqlite("preparing the record update"))?;
     for f in finished {
+        let c = f.command.as_deref();
         update
-            .execute(params![f.id, f.state, f.error, f.at])
+            .execute(params![
+                f.id,
+                f.state,
+                f.error,
+                f.at,
+                c.and_then(|c| c.exit_code),
+                c.and_then(|c| c.signal.as_deref()),
+                c.map(|c| c.output.as_slice()),
+                c.map(|c| c.truncated)
+            ])
             .map_err(Error::sqlite("recording a finished task"))?;
     }
     Ok(())
@@ -190,13 +205,14 @@ pub fn prune(conn: &Connection, cutoff: i64, max_rows: i64, batch: i64) -> Resul
 }
 
 /// How many tasks ended in each of the states that need a look (`failed`, `panicked`,
-/// `rejected`, `lost`, `abandoned`) since `since` (Unix µs), for `status`.
+/// `rejected`, `timed_out`, `lost`, `abandoned`) since `since` (Unix µs), for `status`.
 pub fn trouble_since(conn: &Connection, since: i64) -> Result<Trouble> {
     let mut trouble = Trouble::default();
     let mut stmt = conn
         .prepare_cached(
             "SELECT state, count(*) FROM task_records WHERE finished_at >= ?1 \
-             AND state IN ('failed', 'panicked', 'rejected', 'lost', 'abandoned') GROUP BY state",
+             AND state IN ('failed', 'panicked', 'rejected', 'timed_out', 'lost', 'abandoned') \
+             GROUP BY state",
         )
         .map_err(Error::sqlite("counting recent failures"))?;
     let rows = stmt
@@ -218,7 +234,7 @@ pub fn trouble_since(conn: &Connection, since: i64) -> Result<Trouble> {
 /// Tasks that ended badly in a recent stretch (`trouble_since`).
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct Trouble {
-    /// Failed, panicked or rejected.
+    /// Failed, panicked, rejected or timed out.
     pub failed: i64,
     pub lost: i64,
     pub abandoned: i64,
@@ -266,14 +282,19 @@ pub struct Record {
     pub error: Option<String>,
     pub exit_code: Option<i64>,
     pub signal: Option<String>,
+    /// A command task's output tail (stdout and stderr as they came), invalid UTF-8
+    /// replaced; `snapq logs` prints the bytes themselves.
     pub output: Option<String>,
+    /// Whether output before that tail was dropped (past the task's `output_bytes`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub output_truncated: bool,
     /// The foreman that ran (or runs) it, while it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub foreman_pid: Option<i64>,
 }
 
 const RECORD_COLUMNS: &str = "id, task_name, args, kwargs, state, attempt, enqueued_at, due_at, \
-     started_at, finished_at, error, exit_code, signal, output, foreman_pid";
+     started_at, finished_at, error, exit_code, signal, output, foreman_pid, output_truncated";
 
 fn record_of(r: &rusqlite::Row) -> rusqlite::Result<Record> {
     let json =
@@ -297,9 +318,30 @@ fn record_of(r: &rusqlite::Row) -> rusqlite::Result<Record> {
         error: r.get(10)?,
         exit_code: r.get(11)?,
         signal: r.get(12)?,
-        output: r.get(13)?,
+        output: bytes_of(r.get_ref(13)?).map(|b| String::from_utf8_lossy(b).into_owned()),
         foreman_pid: r.get(14)?,
+        output_truncated: r.get::<_, Option<bool>>(15)?.unwrap_or(false),
     })
+}
+
+/// A column's bytes, whether it holds a BLOB (what the foreman writes) or TEXT.
+fn bytes_of(value: rusqlite::types::ValueRef<'_>) -> Option<&[u8]> {
+    match value {
+        rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => Some(b),
+        _ => None,
+    }
+}
+
+/// A task's output as the command wrote it, for `snapq logs`: None if there is no record
+/// of the task, Some(empty) if it has no output (not a command task, or not ended yet).
+pub fn output(conn: &Connection, id: i64) -> Result<Option<Vec<u8>>> {
+    conn.query_row("SELECT output FROM task_records WHERE id = ?1", [id], |r| {
+        Ok(bytes_of(r.get_ref(0)?)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default())
+    })
+    .optional()
+    .map_err(Error::sqlite("reading a task's output"))
 }
 
 /// What `show` and `/api/tasks/<id>` say of an id with neither a queued row nor a record.
@@ -348,6 +390,7 @@ pub fn show(conn: &Connection, id: i64) -> Result<Option<Record>> {
                     exit_code: None,
                     signal: None,
                     output: None,
+                    output_truncated: false,
                     foreman_pid: None,
                 })
             },

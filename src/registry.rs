@@ -7,8 +7,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,7 @@ use serde_json::{Map, Value};
 use crate::clock::now_micros;
 use crate::error::{Error, Result};
 use crate::live::{Event, Publisher};
+use crate::tasks_file::CommandTask;
 
 /// The JSON type a parameter accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +26,8 @@ use crate::live::{Event, Publisher};
 pub enum Kind {
     /// Any JSON number.
     Number,
+    /// A JSON number without a fraction (`3`, not `3.5`).
+    Integer,
     /// A JSON string.
     String,
     /// `true` or `false`.
@@ -36,6 +40,7 @@ impl Kind {
     fn accepts(self, value: &Value) -> bool {
         match self {
             Kind::Number => value.is_number(),
+            Kind::Integer => value.is_i64() || value.is_u64(),
             Kind::String => value.is_string(),
             Kind::Bool => value.is_boolean(),
             Kind::Any => true,
@@ -47,6 +52,7 @@ impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Kind::Number => "number",
+            Kind::Integer => "integer",
             Kind::String => "string",
             Kind::Bool => "bool",
             Kind::Any => "any",
@@ -60,6 +66,10 @@ pub struct Param {
     pub name: String,
     pub kind: Kind,
     pub required: bool,
+    /// The value becomes a command-line argument (a command task's): a string holding a
+    /// NUL byte, which no argv can carry, is refused when binding.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub argv: bool,
 }
 
 impl Param {
@@ -68,6 +78,7 @@ impl Param {
             name: name.to_owned(),
             kind,
             required: true,
+            argv: false,
         }
     }
 
@@ -76,6 +87,7 @@ impl Param {
             name: name.to_owned(),
             kind,
             required: false,
+            argv: false,
         }
     }
 }
@@ -142,6 +154,12 @@ impl TaskSpec {
                         param.name, param.kind
                     )));
                 }
+                Some(Value::String(text)) if param.argv && text.contains('\0') => {
+                    return Err(bad(format!(
+                        "{:?} contains a NUL byte, which no command-line argument can carry",
+                        param.name
+                    )));
+                }
                 _ => {}
             }
         }
@@ -167,6 +185,11 @@ impl TaskSpec {
 pub struct Args(Map<String, Value>);
 
 impl Args {
+    /// Every bound argument, by name.
+    pub fn by_name(&self) -> &Map<String, Value> {
+        &self.0
+    }
+
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.0.get(name)
     }
@@ -190,6 +213,12 @@ pub struct TaskContext {
     /// When progress was last reported (Unix µs), for the rate limit. Only the task's own
     /// thread (or threads it lends the context to) touch it; Relaxed, a hint.
     last_progress: AtomicI64,
+    /// When the task's `timeout` runs out, if it has one.
+    deadline: Option<Instant>,
+    /// Set by the foreman when it stops past its graceful deadline (`Pool::stop_tasks`);
+    /// shared by every task of the pool. Relaxed: a request to stop, read at the task's
+    /// next check, guarding no other data.
+    stop: Option<Arc<AtomicBool>>,
 }
 
 /// The shortest gap between two progress reports of one task that are passed on; reports
@@ -209,7 +238,38 @@ impl TaskContext {
             name,
             live,
             last_progress: AtomicI64::new(i64::MIN),
+            deadline: None,
+            stop: None,
         }
+    }
+
+    /// The same context with a timeout (from now) and the pool's stop flag.
+    pub(crate) fn cancellable(
+        mut self,
+        timeout: Option<Duration>,
+        stop: Arc<AtomicBool>,
+    ) -> TaskContext {
+        self.deadline = timeout.map(|t| Instant::now() + t);
+        self.stop = Some(stop);
+        self
+    }
+
+    /// Whether the task should stop now: its `timeout` has run out, or the foreman is
+    /// stopping and its graceful deadline has passed. A task that can take long checks
+    /// this between steps and returns (any error will do): the foreman records it
+    /// `timed_out` (or `abandoned`) however it returns. Nothing stops a task that never
+    /// checks: it runs on, and is recorded the same way when it ends.
+    pub fn cancelled(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+            || self
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
+    }
+
+    /// The output lines of a command task go out as progress, with no fraction.
+    pub(crate) fn wants_progress(&self) -> bool {
+        self.live.is_some()
     }
 
     /// Reports how far the task is: `fraction` from 0 to 1 (`NaN` for "unknown") and a
@@ -241,16 +301,32 @@ pub type TaskError = Box<dyn std::error::Error + Send + Sync>;
 /// The function that runs a task.
 pub type TaskFn = dyn Fn(&TaskContext, &Args) -> Result<(), TaskError> + Send + Sync;
 
+/// How a task runs: a function in this process, or a command from the tasks file.
+#[derive(Clone)]
+pub(crate) enum Runner {
+    Rust {
+        run: Arc<TaskFn>,
+        /// `Registry::set_timeout`: past it `TaskContext::cancelled` says so, and the
+        /// task is recorded `timed_out` when it returns.
+        timeout: Option<Duration>,
+    },
+    Command(Arc<CommandTask>),
+}
+
+#[derive(Clone)]
 pub(crate) struct Entry {
     /// Dense, from 0 in registration order: lets the pool keep per-task data in a Vec.
     pub id: usize,
     pub spec: TaskSpec,
     /// The name shared with every context and log line, allocated once.
     pub name: Arc<str>,
-    pub run: Box<TaskFn>,
+    pub runner: Runner,
 }
 
-/// The tasks a foreman can run and an enqueuer may name.
+/// The tasks a foreman can run and an enqueuer may name. Cloning is cheap (the functions
+/// are shared): a foreman keeps its programme's registry and adds the tasks file's
+/// commands to a clone at each load.
+#[derive(Clone)]
 pub struct Registry {
     entries: BTreeMap<String, Entry>,
 }
@@ -288,6 +364,13 @@ impl Registry {
                     let Some(left) = total.checked_sub(slept).filter(|d| !d.is_zero()) else {
                         break;
                     };
+                    if ctx.cancelled() {
+                        return Err(format!(
+                            "stopped after {:.1} of {seconds} s: cancelled",
+                            slept.as_secs_f64()
+                        )
+                        .into());
+                    }
                     std::thread::sleep(left.min(SLEEP_STEP));
                     let slept = start.elapsed().min(total);
                     ctx.progress(
@@ -349,6 +432,16 @@ impl Registry {
     where
         F: Fn(&TaskContext, &Args) -> Result<(), TaskError> + Send + Sync + 'static,
     {
+        self.insert(
+            spec,
+            Runner::Rust {
+                run: Arc::new(run),
+                timeout: None,
+            },
+        );
+    }
+
+    fn insert(&mut self, spec: TaskSpec, runner: Runner) {
         let name: Arc<str> = Arc::from(spec.name.as_str());
         let id = self
             .entries
@@ -360,9 +453,69 @@ impl Registry {
                 id,
                 spec,
                 name,
-                run: Box::new(run),
+                runner,
             },
         );
+    }
+
+    /// Gives a registered Rust task a timeout: past it `TaskContext::cancelled` is true,
+    /// and the task is recorded `timed_out` when it returns (whatever it returns). Returns
+    /// false if no Rust task of that name is registered.
+    pub fn set_timeout(&mut self, name: &str, limit: Duration) -> bool {
+        match self.entries.get_mut(name).map(|e| &mut e.runner) {
+            Some(Runner::Rust { timeout, .. }) => {
+                *timeout = Some(limit);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds the command tasks of a tasks file. A name this registry already has (a
+    /// built-in, a task of the programme) is refused: the file cannot shadow them.
+    pub fn add_commands(&mut self, tasks: Vec<CommandTask>, file: &Path) -> Result<()> {
+        if let Some(clash) = tasks.iter().find(|t| self.entries.contains_key(&t.name)) {
+            return Err(Error::BadPath {
+                role: "tasks file",
+                path: file.to_owned(),
+                problem: format!(
+                    "[tasks.{}]: {:?} is already a task of snapq's own; give the command \
+                     task another name",
+                    clash.name, clash.name
+                ),
+            });
+        }
+        for task in tasks {
+            self.insert(task.spec(), Runner::Command(Arc::new(task)));
+        }
+        Ok(())
+    }
+
+    /// The longest `kill_after` of the command tasks: how long stopping them may take.
+    pub(crate) fn max_kill_after(&self) -> Option<Duration> {
+        self.entries
+            .values()
+            .filter_map(|e| match &e.runner {
+                Runner::Command(c) => Some(c.kill_after),
+                Runner::Rust { .. } => None,
+            })
+            .max()
+    }
+
+    /// The command tasks.
+    pub fn commands(&self) -> impl Iterator<Item = &CommandTask> {
+        self.entries.values().filter_map(|e| match &e.runner {
+            Runner::Command(c) => Some(c.as_ref()),
+            Runner::Rust { .. } => None,
+        })
+    }
+
+    /// Whether `name` is a command task (for `snapq tasks`).
+    pub fn command(&self, name: &str) -> Option<&CommandTask> {
+        match &self.entries.get(name)?.runner {
+            Runner::Command(c) => Some(c),
+            Runner::Rust { .. } => None,
+        }
     }
 
     /// The number of entry ids in use (`Entry::id` is below it).

@@ -1,7 +1,8 @@
-//! The task definitions file (issue 16, begun): `HOME/tasks.toml`, where operators define
-//! command tasks. This module reads and checks it and turns a task's bound arguments into
-//! an argv; running the commands (process groups, timeouts, output) is not built yet, and
-//! nothing calls this module yet.
+//! The task definitions file: `HOME/tasks.toml` (`--tasks`, `SNAPQ_TASKS`), where operators
+//! define command tasks. This module reads and checks it, adds its tasks to a registry
+//! (`with_commands`), and turns a task's bound arguments into an argv; src/command.rs runs
+//! them. Enqueuers read it to check arguments before writing; the foreman reads it at
+//! start and on SIGHUP.
 //!
 //! ```toml
 //! [tasks.resize]
@@ -32,6 +33,42 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::registry::{Kind, Param, Registry, TaskSpec};
+
+/// Where the tasks file is, and whether it must be there: a file named by `--tasks` or
+/// `SNAPQ_TASKS` must; the default `HOME/tasks.toml` may be absent (no command tasks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TasksFile {
+    pub path: PathBuf,
+    pub required: bool,
+}
+
+impl TasksFile {
+    /// `base` with the file's command tasks added. An absent default file adds none; a bad
+    /// file is an error naming it (exit 2).
+    pub fn with_commands(&self, base: &Registry) -> Result<Registry> {
+        let mut registry = base.clone();
+        if !self.required && !self.path.exists() {
+            return Ok(registry);
+        }
+        registry.add_commands(load(&self.path)?, &self.path)?;
+        Ok(registry)
+    }
+
+    /// Warns of each command task whose program is not there (it is `rejected` when it
+    /// runs): the foreman's check when it loads the file.
+    pub fn warn_of_missing_programs(&self, registry: &Registry) {
+        for task in registry.commands() {
+            if let Some(problem) = task.program_problem() {
+                tracing::warn!(
+                    task = %task.name,
+                    file = %self.path.display(),
+                    "{problem}: the task is rejected when it runs until that is mended"
+                );
+            }
+        }
+    }
+}
 
 /// What `kill_after` is when the file does not say: seconds between SIGTERM and SIGKILL.
 pub const DEFAULT_KILL_AFTER: Duration = Duration::from_secs(10);
@@ -45,6 +82,8 @@ pub struct CommandTask {
     pub summary: String,
     /// argv templates, in order.
     pub command: Vec<Template>,
+    /// The command as the file writes it (for `snapq tasks`).
+    pub command_text: Vec<String>,
     pub params: Vec<CommandParam>,
     /// None: no limit.
     pub timeout: Option<Duration>,
@@ -301,6 +340,7 @@ fn check(name: &str, raw: RawTask) -> std::result::Result<CommandTask, String> {
         name: name.to_owned(),
         summary: raw.summary,
         command,
+        command_text: raw.command,
         params,
         timeout: seconds("timeout", raw.timeout)?,
         kill_after: seconds("kill_after", raw.kill_after)?.unwrap_or(DEFAULT_KILL_AFTER),
@@ -322,6 +362,66 @@ fn names(params: &[CommandParam]) -> String {
 }
 
 impl CommandTask {
+    /// The task's spec for the registry: its parameters with the registry's types
+    /// (required unless they have a default), their values bound for argv.
+    pub fn spec(&self) -> TaskSpec {
+        let summary = if self.summary.is_empty() {
+            format!("runs {}", self.program())
+        } else {
+            self.summary.clone()
+        };
+        TaskSpec {
+            name: self.name.clone(),
+            summary,
+            params: self
+                .params
+                .iter()
+                .map(|p| Param {
+                    name: p.name.clone(),
+                    kind: match p.kind {
+                        ParamType::String => Kind::String,
+                        ParamType::Integer => Kind::Integer,
+                        ParamType::Number => Kind::Number,
+                        ParamType::Bool => Kind::Bool,
+                    },
+                    required: p.default.is_none(),
+                    argv: true,
+                })
+                .collect(),
+        }
+    }
+
+    /// The program, as the file names it (the first command element has no placeholder).
+    pub fn program(&self) -> String {
+        self.command[0]
+            .0
+            .iter()
+            .map(|piece| match piece {
+                Piece::Text(t) => t.as_str(),
+                Piece::Param(_) => "",
+            })
+            .collect()
+    }
+
+    /// Why the program cannot be run as things stand, if it cannot: a path that is not
+    /// an executable file, or a bare name found on no directory of PATH.
+    pub fn program_problem(&self) -> Option<String> {
+        let program = self.program();
+        let executable = |p: &Path| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        };
+        if program.contains('/') {
+            let path = match &self.cwd {
+                Some(cwd) => cwd.join(&program),
+                None => PathBuf::from(&program),
+            };
+            return (!executable(&path)).then(|| format!("{program} is not an executable file"));
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let found = std::env::split_paths(&path).any(|dir| executable(&dir.join(&program)));
+        (!found).then(|| format!("{program} is on no directory of PATH"))
+    }
+
     /// The argv for `bound` (the parameters by name, as the registry binds them): each
     /// placeholder replaced by its value's text, defaults filled in. An error says which
     /// parameter is missing or of the wrong type, or which value holds a NUL byte.

@@ -168,7 +168,7 @@ pub(crate) fn render(counters: &Counters, db: &DbFigures, running: usize, droppe
         ),
         (
             "snapq_tasks_failed_total",
-            "Tasks that failed, panicked or were rejected, by task name.",
+            "Tasks that failed, panicked, timed out or were rejected or abandoned, by task name.",
             |t: &TaskCounts| t.failed,
         ),
     ] {

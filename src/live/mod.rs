@@ -163,7 +163,7 @@ pub enum Event {
         at: i64,
         /// `None` when the task never started (rejected).
         duration: Option<Duration>,
-        /// `failed`, `panicked` or `rejected`.
+        /// `failed`, `panicked`, `rejected`, `timed_out` or `abandoned`.
         reason: &'static str,
         error: Box<str>,
     },

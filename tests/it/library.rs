@@ -47,6 +47,7 @@ fn a_program_runs_its_own_tasks() {
         history_retention: Duration::from_secs(3600),
         history_max_rows: 1_000,
         live: None,
+        tasks_file: None,
     };
 
     let mut q = Enqueuer::with_registry(
@@ -99,4 +100,47 @@ fn a_program_runs_its_own_tasks() {
     );
     assert!(log.contains("unknown task \\\"double\\\""), "{log}");
     assert_eq!(home.queued(), 0);
+}
+
+/// Issue 16: a Rust task with a timeout sees `TaskContext::cancelled` once it has run
+/// that long; the built-in `sleep` honours it, and the task is recorded `timed_out` the
+/// way a command is.
+#[test]
+fn a_rust_task_past_its_timeout_is_cancelled_and_recorded_timed_out() {
+    let home = Home::new();
+    let mut registry = Registry::with_builtins();
+    assert!(registry.set_timeout("sleep", Duration::from_millis(500)));
+    assert!(!registry.set_timeout("no-such-task", Duration::from_secs(1)));
+    let config = ForemanConfig {
+        db: home.db_path(),
+        wakeup_dir: home.file("wakeup"),
+        pid_file: None,
+        telemetry_dir: None,
+        burst: true,
+        synchronous: Synchronous::Normal,
+        ..ForemanConfig::in_home(home.path()).unwrap()
+    };
+    let id = home.enqueue(&["sleep", "--args", "[100]"]);
+    let quick = home.enqueue(&["sleep", "--args", "[0.1]"]);
+    let started = std::time::Instant::now();
+    let (stopped, totals) = foreman::run(&config, registry).unwrap();
+    assert_eq!(stopped, Stopped::Drained);
+    assert_eq!((totals.succeeded, totals.failed), (1, 1));
+    // The sleep checks every 0.1 s.
+    assert!(
+        started.elapsed() < Duration::from_millis(1_500),
+        "{:?}",
+        started.elapsed()
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&home.ok(&["show", &id.to_string(), "--json"])).unwrap();
+    assert_eq!(record["state"], "timed_out", "{record}");
+    let error = record["error"].as_str().unwrap();
+    assert!(
+        error.contains("timeout of 0.5 s") && error.contains("cancelled"),
+        "{error}"
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&home.ok(&["show", &quick.to_string(), "--json"])).unwrap();
+    assert_eq!(record["state"], "succeeded", "{record}");
 }

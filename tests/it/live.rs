@@ -90,7 +90,7 @@ fn next(ws: &mut Ws) -> Option<Value> {
 }
 
 /// Messages until one satisfies `last` (included), or panics after `timeout`.
-fn until(ws: &mut Ws, timeout: Duration, last: impl Fn(&Value) -> bool) -> Vec<Value> {
+pub(crate) fn until(ws: &mut Ws, timeout: Duration, last: impl Fn(&Value) -> bool) -> Vec<Value> {
     let deadline = Instant::now() + timeout;
     let mut got = Vec::new();
     while Instant::now() < deadline {

@@ -7,6 +7,7 @@ mod bad_input;
 mod bad_rows;
 mod browser;
 mod burst;
+mod commands;
 mod delay;
 mod deps;
 mod drain;

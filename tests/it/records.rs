@@ -13,9 +13,7 @@ fn show(home: &Home, id: i64) -> Value {
 }
 
 fn enqueue(home: &Home, args: &[&str]) -> i64 {
-    let mut all = vec!["enqueue"];
-    all.extend_from_slice(args);
-    home.ok(&all).trim().parse().unwrap()
+    home.enqueue(args)
 }
 
 #[test]

@@ -79,6 +79,13 @@ impl Home {
             .unwrap()
     }
 
+    /// `snapq enqueue ARGS`, asserting success; returns the new task's id.
+    pub fn enqueue(&self, args: &[&str]) -> i64 {
+        let mut all = vec!["enqueue"];
+        all.extend_from_slice(args);
+        self.ok(&all).trim().parse().unwrap()
+    }
+
     /// Starts `snapq run ARGS` and waits until it logs that it is ready.
     pub fn start(&self, args: &[&str]) -> Foreman {
         let mut cmd = self.cmd();
