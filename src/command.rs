@@ -1,12 +1,13 @@
 //! Running one command task as a child process, on the worker thread that runs the task.
 //!
 //! The worker thread that runs the task does all of it, with no thread per stream:
-//! - It spawns the child in a process group of its own, with stdin from /dev/null and
-//!   the parent-death signal set to SIGKILL. If the foreman dies under `kill -9`, the
-//!   kernel kills the child; its own children stay in the group.
-//! - It polls the stdout and stderr pipes together, keeping only the last `output_bytes`
-//!   of their interleaved bytes.
-//! - It waits for the child to end.
+//! - It spawns the child (src/spawn.rs) in a process group of its own, with stdin from
+//!   /dev/null and the parent-death signal set to SIGKILL. If the foreman dies under
+//!   `kill -9`, the kernel kills the child; its own children stay in the group.
+//! - stdout and stderr are one pipe, so the output keeps the order the command wrote it
+//!   in; the worker polls it together with the child's pidfd (which becomes readable when
+//!   the child ends), keeping only the last `output_bytes`.
+//! - It reaps the child when it ends.
 //!
 //! Past `timeout` the group gets SIGTERM, and `kill_after` later SIGKILL; the same when
 //! the pool's stop flag is set (the foreman stopping past its graceful deadline), checked
@@ -19,13 +20,13 @@
 //! when the foreman dies, not before.
 
 use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, Stdio};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::spawn;
 use crate::tasks_file::CommandTask;
 
 /// How a command ended.
@@ -84,47 +85,19 @@ pub fn run(
         output: Vec::new(),
         truncated: false,
     };
-    let Some((program, args)) = argv.split_first() else {
-        return not_started("the command is empty".into());
+    let env: Vec<(OsString, OsString)> = task
+        .env
+        .iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .chain(env.iter().map(|(k, v)| ((*k).into(), v.into())))
+        .collect();
+    let spawned = match spawn::spawn(argv, &env, task.cwd.as_deref()) {
+        Ok(spawned) => spawned,
+        Err(e) => return not_started(e),
     };
-    let mut command = Command::new(program);
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .envs(&task.env)
-        .envs(env.iter().map(|(k, v)| (*k, v)))
-        .process_group(0);
-    if let Some(cwd) = &task.cwd {
-        command.current_dir(cwd);
-    }
-    let parent = std::process::id();
-    // SAFETY: between fork and exec only async-signal-safe calls: prctl and getppid.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The foreman died before the signal was set: do not run at all.
-            if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::other("the foreman is gone"));
-            }
-            Ok(())
-        });
-    }
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => return not_started(format!("{program}: {e}")),
-    };
-    let group = child.id() as libc::pid_t;
-    let mut pipes: Vec<Box<dyn ReadFd>> = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        pipes.push(Box::new(out));
-    }
-    if let Some(err) = child.stderr.take() {
-        pipes.push(Box::new(err));
-    }
+    let group = spawned.pid;
+    let exit_fd = pidfd_open(group);
+    let mut pipes: Vec<Box<dyn ReadFd>> = vec![Box::new(spawned.output)];
     let mut tail = Tail::new(task.output_bytes);
     let started = Instant::now();
     let deadline = task.timeout.map(|t| started + t);
@@ -145,14 +118,18 @@ pub fn run(
                 .min(POLL_STEP)
         };
         let ended_before = status.is_some();
+        let exit = exit_fd
+            .as_ref()
+            .filter(|_| status.is_none())
+            .map(AsRawFd::as_raw_fd);
         let (open, read) = match on_line.as_deref_mut() {
-            Some(each) => poll_into(&mut pipes, &mut tail, wait, &mut |chunk: &[u8]| {
+            Some(each) => poll_into(&mut pipes, &mut tail, wait, exit, &mut |chunk: &[u8]| {
                 split_lines(&mut line, chunk, each)
             }),
-            None => poll_into(&mut pipes, &mut tail, wait, &mut |_: &[u8]| {}),
+            None => poll_into(&mut pipes, &mut tail, wait, exit, &mut |_: &[u8]| {}),
         };
         if status.is_none() {
-            status = child.try_wait().ok().flatten();
+            status = reap(group, libc::WNOHANG);
         }
         // After the end: read until the pipes are empty (or closed), then stop, even if a
         // leftover process still holds them open.
@@ -179,34 +156,53 @@ pub fn run(
     }
     // Whatever the command left in its group goes with it.
     signal_group(group, libc::SIGKILL);
-    let status = match status {
-        Some(s) => s,
-        None => match child.wait() {
-            Ok(s) => s,
-            Err(e) => return not_started(format!("waiting for {program}: {e}")),
-        },
+    let status = match status.or_else(|| reap(group, 0)) {
+        Some(status) => status,
+        None => {
+            return not_started(format!(
+                "waiting for {}: {}",
+                argv[0],
+                std::io::Error::last_os_error()
+            ));
+        }
     };
     if let Some(each) = on_line
         && !line.is_empty()
     {
         each(&line);
     }
+    let exit_code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    let signal = libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status));
     let ended = if stopped {
         Ended::Stopped
     } else if terminated_at.is_some() {
         Ended::TimedOut
-    } else if let Some(code) = status.code() {
+    } else if let Some(code) = exit_code {
         Ended::Exited(code)
     } else {
-        Ended::Signalled(status.signal().unwrap_or(0))
+        Ended::Signalled(signal.unwrap_or(0))
     };
     let (output, truncated) = tail.finish();
     Run {
         ended,
-        exit_code: status.code(),
-        signal: status.signal(),
+        exit_code,
+        signal,
         output,
         truncated,
+    }
+}
+
+/// The child's wait status once it has ended (`flags` 0 waits for that; `WNOHANG` does
+/// not), reaping it; None while it runs, or if it cannot be waited for.
+fn reap(pid: libc::pid_t, flags: libc::c_int) -> Option<libc::c_int> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid on our own child, writing into `status`.
+        match unsafe { libc::waitpid(pid, &mut status, flags) } {
+            r if r == pid => return Some(status),
+            -1 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return None,
+        }
     }
 }
 
@@ -236,39 +232,64 @@ fn split_lines(line: &mut Vec<u8>, chunk: &[u8], each: &mut dyn FnMut(&[u8])) {
     line.extend_from_slice(&rest[..rest.len().min(room)]);
 }
 
-/// Waits up to `wait` for output on any open pipe and reads what came into `tail` (and
-/// `seen`); pipes at end of file are dropped. Returns whether any pipe is still open, and
-/// whether anything was read.
+/// How often the loop looks at the child where the kernel gives no pidfd to wait on.
+const FALLBACK_STEP: Duration = Duration::from_millis(2);
+
+/// A descriptor that becomes readable when the child `pid` ends (pidfd_open(2), Linux
+/// 5.3), so the poll that reads its pipes also wakes at its exit. Without it the loop
+/// would sleep a whole poll step after a short command closed its pipes: /bin/true took
+/// ~40 ms a task that way (BENCHMARKS.md, "Command tasks").
+fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: the descriptor was just created and is owned by nothing else.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits up to `wait` for output on any open pipe, or for `exit` (the child's pidfd, while
+/// it runs) to become readable, and reads what came into `tail` (and `seen`); pipes at end
+/// of file are dropped. Returns whether any pipe is still open, and whether anything was
+/// read.
 fn poll_into(
     pipes: &mut Vec<Box<dyn ReadFd>>,
     tail: &mut Tail,
     wait: Duration,
+    exit: Option<RawFd>,
     seen: &mut dyn FnMut(&[u8]),
 ) -> (bool, bool) {
-    if pipes.is_empty() {
+    let mut fds: Vec<libc::pollfd> = pipes
+        .iter()
+        .map(|p| p.as_raw_fd())
+        .chain(exit)
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // Without a pidfd the child's end wakes nothing: look again soon.
+    let wait = if exit.is_none() {
+        wait.min(FALLBACK_STEP)
+    } else {
+        wait
+    };
+    if fds.is_empty() {
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
         return (false, false);
     }
-    let mut fds: Vec<libc::pollfd> = pipes
-        .iter()
-        .map(|p| libc::pollfd {
-            fd: p.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
     let timeout = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures for the call.
     let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
     if ready <= 0 {
-        return (true, false);
+        return (!pipes.is_empty(), false);
     }
     let mut read = false;
     let mut closed = Vec::new();
     let mut buf = [0u8; 16 * 1024];
-    for (i, fd) in fds.iter().enumerate() {
+    for (i, fd) in fds.iter().enumerate().take(pipes.len()) {
         if fd.revents == 0 {
             continue;
         }

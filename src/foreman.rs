@@ -130,6 +130,13 @@ const ROUND_SLACK: Duration = Duration::from_millis(20);
 /// tasks running (see `WORKER_SPIN` in src/pool.rs for why polling pays here).
 const SPIN: Duration = Duration::from_micros(100);
 
+/// Polling (the loop's `SPIN`, `gather_completions`, the workers' `WORKER_SPIN`) pays only
+/// while tasks are this short, typically: then a completion or the next job is likely to
+/// come while the thread polls. Longer tasks (commands: milliseconds each) would only
+/// lose the CPU their processes need to the polling: 5,000 `/bin/true` commands drained
+/// ~10% slower with it on this 2-core machine (BENCHMARKS.md, "Command tasks").
+const SHORT_TASK: Duration = Duration::from_millis(1);
+
 /// The longest `gather_completions` waits, whatever a claim costs.
 const MAX_GATHER: Duration = Duration::from_millis(2);
 
@@ -366,6 +373,7 @@ pub fn run_with_sink(
         next_beat: Instant::now() + HEARTBEAT_INTERVAL,
         next_prune: None,
         claim_cost: Duration::ZERO,
+        typical_task: Duration::ZERO,
         claim_failed: false,
         finished_tasks: Vec::with_capacity(config.workers),
         claimer: records::Claimer::this_process(),
@@ -462,6 +470,9 @@ struct Foreman<'a> {
     /// When the next batch of task records is pruned: set by each heartbeat, and again
     /// `PRUNE_PAUSE` after a batch that found more to prune; None when nothing is left.
     next_prune: Option<Instant>,
+    /// How long tasks run lately (a moving average of the last few); polling pays only
+    /// while it is below `SHORT_TASK`.
+    typical_task: Duration,
     /// What a claim transaction costs lately; bounds `gather_completions`.
     claim_cost: Duration,
     /// The last claim failed and is to be tried again at `next_due` (`--burst` must not
@@ -598,7 +609,7 @@ impl Foreman<'_> {
                 Event::Signal(SIGHUP) => self.reload(),
                 Event::Done(done) => {
                     self.finished(done);
-                    if self.maybe_due {
+                    if self.maybe_due && self.typical_task < SHORT_TASK {
                         self.gather_completions();
                     }
                 }
@@ -723,7 +734,7 @@ impl Foreman<'_> {
 
     /// The one place that blocks.
     fn next_event(&self, deadline: Instant) -> Event {
-        if self.maybe_due && !self.running.is_empty() {
+        if self.maybe_due && !self.running.is_empty() && self.typical_task < SHORT_TASK {
             let until = (Instant::now() + SPIN).min(deadline);
             while Instant::now() < until {
                 if let Ok(done) = self.done_rx.try_recv() {
@@ -818,7 +829,7 @@ impl Foreman<'_> {
             return Err(Error::Runtime("the worker pool is gone".into()));
         };
         let short = claimed.len() < asked;
-        pool.set_backlog(!short);
+        pool.set_backlog(!short && self.typical_task < SHORT_TASK);
         for task in claimed {
             self.running.insert(
                 JobKey::Task(task.id),
@@ -839,6 +850,8 @@ impl Foreman<'_> {
 
     fn finished(&mut self, done: Done) {
         self.running.remove(&done.key);
+        // An average over about the last eight tasks and rounds.
+        self.typical_task = (self.typical_task * 7 + done.duration) / 8;
         match (done.key, done.outcome) {
             (JobKey::Round(name, version), Outcome::Round(done_round)) => {
                 let RoundDone {

@@ -41,6 +41,7 @@ pub mod rabbitmq;
 pub mod records;
 pub mod registry;
 pub mod sink;
+pub mod spawn;
 pub mod stats;
 pub mod status;
 pub mod systemd;
