@@ -112,6 +112,10 @@ pub enum Command {
     /// Add, change, remove and list monitors (periodic checks run by the foreman)
     #[command(subcommand)]
     Monitor(MonitorCommand),
+    /// Add, change, pause, remove and list schedules: a task enqueued by the foreman on a
+    /// cron expression or at an interval
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
     /// Show one task wherever it is: queued (due when), running (since when, on which
     /// foreman), or how it ended; exit 1 if there is no such task
     Show {
@@ -209,6 +213,85 @@ pub enum MonitorCommand {
         /// The monitor's name
         name: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Add a schedule: NAME fires TASK on --cron EXPR or --every SECS
+    Add {
+        /// A name of letters, digits, '_', '-' and '.'
+        name: String,
+        /// The task to enqueue at each tick (see `snapq tasks`)
+        task: String,
+        #[command(flatten)]
+        spec: ScheduleSpec,
+    },
+    /// Change a schedule: what is given replaces what it had; the next tick is computed
+    /// anew from now
+    Update {
+        /// The schedule's name
+        name: String,
+        /// The task to enqueue instead
+        #[arg(long, value_name = "TASK")]
+        task: Option<String>,
+        #[command(flatten)]
+        spec: ScheduleSpec,
+    },
+    /// Remove a schedule (tasks it enqueued stay)
+    Remove {
+        /// The schedule's name
+        name: String,
+    },
+    /// Stop a schedule firing until `resume`
+    Pause {
+        /// The schedule's name
+        name: String,
+    },
+    /// Fire a paused schedule again, from its next tick after now (no catch-up)
+    Resume {
+        /// The schedule's name
+        name: String,
+    },
+    /// List schedules: when they fire, their task, next tick, last tick and its task's state
+    List {
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one schedule (JSON): its next five ticks, last tick, the task it enqueued and
+    /// that task's state
+    Show {
+        /// The schedule's name
+        name: String,
+    },
+}
+
+/// When a schedule fires and what it enqueues (for `schedule add` and `update`).
+#[derive(Debug, Args)]
+pub struct ScheduleSpec {
+    /// A 5-field cron expression (minute hour day-of-month month day-of-week), or @hourly,
+    /// @daily, @weekly, @monthly, @yearly
+    #[arg(long, value_name = "EXPR", conflicts_with = "every")]
+    pub cron: Option<String>,
+    /// The cron expression's IANA time zone [default: the system's]
+    #[arg(long, value_name = "ZONE", requires = "cron")]
+    pub tz: Option<String>,
+    /// Fire every this many seconds (fractions allowed, at least 0.1)
+    #[arg(long, value_name = "SECS", value_parser = seconds, allow_negative_numbers = true)]
+    pub every: Option<Duration>,
+    /// Positional arguments of the task, a JSON array
+    #[arg(long, value_name = "JSON_ARRAY")]
+    pub args: Option<String>,
+    /// Named arguments of the task, a JSON object
+    #[arg(long, value_name = "JSON_OBJECT")]
+    pub kwargs: Option<String>,
+    /// Ticks that passed while no foreman ran: none (skip them), one (fire once for all),
+    /// all (fire each, at most 1,000) [default: one]
+    #[arg(long, value_enum, value_name = "WHICH")]
+    pub catch_up: Option<crate::schedules::CatchUp>,
+    /// Delay each fire by a random part of this many seconds [default: 0]
+    #[arg(long, value_name = "SECS", value_parser = seconds, allow_negative_numbers = true)]
+    pub jitter: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -423,6 +506,7 @@ pub fn execute(cli: Cli) -> Result<()> {
         } => show_history(&paths, g.synchronous, states, task, since, limit, json),
         Command::Cancel { ids } => cancel(&paths, g.synchronous, &ids),
         Command::Monitor(command) => monitor_command(&paths, g.synchronous, command),
+        Command::Schedule(command) => schedule_command(&paths, g.synchronous, command),
     }
 }
 
@@ -654,6 +738,162 @@ fn show_status(paths: &Paths, synchronous: Synchronous, json: bool) -> Result<()
         print_json(&status)
     } else {
         print(&status.render())
+    }
+}
+
+fn schedule_command(
+    paths: &Paths,
+    synchronous: Synchronous,
+    command: ScheduleCommand,
+) -> Result<()> {
+    use crate::schedules::{self, NewSchedule, Shown, When};
+    let writer = || -> Result<(rusqlite::Connection, WakeDir)> {
+        let wake = WakeDir::prepare(&paths.wakeup_dir)?;
+        Ok((db::open(&paths.db, synchronous)?, wake))
+    };
+    // Checks the task and its arguments as `enqueue` does: nothing is stored otherwise.
+    let checked = |conn: &rusqlite::Connection, s: &NewSchedule| -> Result<()> {
+        let registry = paths.tasks_file.with_commands(&Registry::with_builtins())?;
+        let mut catalog = Catalog::from_registry(&registry);
+        catalog.add_recorded(conn)?;
+        catalog.check(&NewTask {
+            task: s.task.clone(),
+            args: s.args.clone(),
+            kwargs: s.kwargs.clone(),
+            when: queue::When::Now,
+        })
+    };
+    let json_arg = |flag: &str, text: &Option<String>, empty: serde_json::Value| {
+        text.as_deref()
+            .map_or(Ok(empty), |t| queue::parse_json_arg(flag, t))
+    };
+    let when_of = |spec: &ScheduleSpec| -> Result<Option<When>> {
+        match (&spec.cron, spec.every) {
+            (Some(expr), _) => Ok(Some(When::cron(expr, spec.tz.as_deref())?)),
+            (None, Some(every)) => Ok(Some(When::every(every)?)),
+            (None, None) => Ok(None),
+        }
+    };
+    match command {
+        ScheduleCommand::Add { name, task, spec } => {
+            schedules::check_name(&name)?;
+            let when = when_of(&spec)?
+                .ok_or_else(|| Error::bad_input("usage", "give --cron EXPR or --every SECS"))?;
+            let new = NewSchedule {
+                name,
+                when,
+                task,
+                args: json_arg("--args", &spec.args, serde_json::json!([]))?,
+                kwargs: json_arg("--kwargs", &spec.kwargs, serde_json::json!({}))?,
+                catch_up: spec.catch_up.unwrap_or(schedules::CatchUp::One),
+                jitter: spec.jitter.unwrap_or_default(),
+            };
+            let (conn, wake) = writer()?;
+            checked(&conn, &new)?;
+            let next = schedules::add(&conn, &new)?;
+            wake.wake_after_commit("the schedule is");
+            print(&format!(
+                "added schedule {:?}: {} enqueues {}; next tick {}\n",
+                new.name,
+                new.when.describe(),
+                new.task,
+                clock::format_micros(next)
+            ))
+        }
+        ScheduleCommand::Update { name, task, spec } => {
+            let when = when_of(&spec)?;
+            let (conn, wake) = writer()?;
+            let old = schedules::get(&conn, &name)?.ok_or_else(|| {
+                Error::NotThere(format!(
+                    "no schedule named {name:?}; `snapq schedule list` lists them"
+                ))
+            })?;
+            let parse = |text: &str| serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
+            let new = NewSchedule {
+                name,
+                when: when.unwrap_or(old.when),
+                task: task.unwrap_or(old.task),
+                args: json_arg("--args", &spec.args, parse(&old.args))?,
+                kwargs: json_arg("--kwargs", &spec.kwargs, parse(&old.kwargs))?,
+                catch_up: spec.catch_up.unwrap_or(old.catch_up),
+                jitter: spec.jitter.unwrap_or(old.jitter),
+            };
+            checked(&conn, &new)?;
+            let next = schedules::update(&conn, &new)?;
+            wake.wake_after_commit("the update is");
+            print(&format!(
+                "updated schedule {:?}; next tick {}\n",
+                new.name,
+                clock::format_micros(next)
+            ))
+        }
+        ScheduleCommand::Remove { name } => {
+            let (conn, wake) = writer()?;
+            schedules::remove(&conn, &name)?;
+            wake.wake_after_commit("the removal is");
+            print(&format!("removed schedule {name:?}\n"))
+        }
+        ScheduleCommand::Pause { name } => {
+            let (conn, wake) = writer()?;
+            schedules::set_paused(&conn, &name, true)?;
+            wake.wake_after_commit("the pause is");
+            print(&format!("paused schedule {name:?}\n"))
+        }
+        ScheduleCommand::Resume { name } => {
+            let (conn, wake) = writer()?;
+            schedules::set_paused(&conn, &name, false)?;
+            wake.wake_after_commit("the resumption is");
+            print(&format!("resumed schedule {name:?}\n"))
+        }
+        ScheduleCommand::List { json } => {
+            let conn = if paths.db.exists() {
+                Some(db::open(&paths.db, synchronous)?)
+            } else {
+                None
+            };
+            let mut shown = Vec::new();
+            if let Some(conn) = &conn {
+                for s in schedules::list(conn)? {
+                    shown.push(Shown::of(conn, &s, 0)?);
+                }
+            }
+            if json {
+                return print_json(&shown);
+            }
+            if shown.is_empty() {
+                return print("no schedules (add one with `snapq schedule add`)\n");
+            }
+            let mut out = String::new();
+            for s in &shown {
+                out.push_str(&format!(
+                    "{}  {}  {}  next {}  last {}{}\n",
+                    s.name,
+                    s.when,
+                    s.task,
+                    s.next_fire.as_deref().unwrap_or("(paused)"),
+                    s.last_fire.as_deref().unwrap_or("never"),
+                    match (&s.last_task_id, &s.last_task_state) {
+                        (Some(id), Some(state)) => format!(" (task {id}: {state})"),
+                        (Some(id), None) => format!(" (task {id})"),
+                        _ => String::new(),
+                    }
+                ));
+            }
+            print(&out)
+        }
+        ScheduleCommand::Show { name } => {
+            let missing = || {
+                Error::NotThere(format!(
+                    "no schedule named {name:?}; `snapq schedule list` lists them"
+                ))
+            };
+            if !paths.db.exists() {
+                return Err(missing());
+            }
+            let conn = db::open(&paths.db, synchronous)?;
+            let s = schedules::get(&conn, &name)?.ok_or_else(missing)?;
+            print_json(&Shown::of(&conn, &s, 5)?)
+        }
     }
 }
 

@@ -39,6 +39,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0008_command_output",
         include_str!("../migrations/0008_command_output.sql"),
     ),
+    (
+        "0009_schedules",
+        include_str!("../migrations/0009_schedules.sql"),
+    ),
 ];
 
 /// The schema version this build writes and understands.

@@ -62,6 +62,9 @@
 //!    are telemetry's buffer mutexes, never held across I/O (src/telemetry.rs).
 //!    Under systemd the loop itself sends WATCHDOG=1 (src/systemd.rs), so a loop that
 //!    stops turning stops the pings and systemd restarts it.
+//!    Schedules fire here too (`fire_schedules`): each due tick's task is inserted in the
+//!    transaction that moves its schedule's `next_fire` on (src/schedules.rs), so of two
+//!    foremen only one fires a tick, and a crash before the commit fires it after restart.
 //! 9. **Every task leaves a record.** `records::claim` deletes the queue rows and inserts
 //!    their records (`running`) in one transaction; the loop keeps each finished task's
 //!    end in `finished_tasks` and writes them in its next claim transaction, or with
@@ -384,6 +387,10 @@ pub fn run_with_sink(
         totals: Totals::default(),
         // Monitors run in a long-lived foreman only; `--burst` is for tasks.
         monitors_maybe_due: !config.burst,
+        // Schedules fire in a long-lived foreman only, as monitors run.
+        schedules_maybe_due: !config.burst,
+        next_fire: None,
+        wake: crate::wakeup::WakeDir::prepare(&config.wakeup_dir)?,
         next_round: None,
         probes: HashMap::new(),
         sink,
@@ -500,6 +507,13 @@ struct Foreman<'a> {
     monitors_maybe_due: bool,
     /// The earliest next round of any enabled monitor (Unix µs).
     next_round: Option<i64>,
+    /// Schedules may have a tick due: set like `monitors_maybe_due`, and when `next_fire`
+    /// passes; cleared when the due ticks are fired (src/schedules.rs).
+    schedules_maybe_due: bool,
+    /// The earliest next tick of any schedule not paused (Unix µs).
+    next_fire: Option<i64>,
+    /// Where the foreman pokes the other foremen on this database after firing schedules.
+    wake: crate::wakeup::WakeDir,
     /// Validated configs by monitor name, with their version, so a round does not parse
     /// and check its config again.
     probes: HashMap<String, (i64, Arc<dyn Probe>)>,
@@ -571,6 +585,9 @@ impl Foreman<'_> {
 
     fn run_loop(&mut self) -> Result<Stopped> {
         loop {
+            if self.schedules_maybe_due {
+                self.fire_schedules();
+            }
             if self.monitors_maybe_due && self.running.len() < self.config.workers {
                 self.start_due_rounds()?;
             }
@@ -602,6 +619,7 @@ impl Foreman<'_> {
                 Event::Wake => {
                     self.maybe_due = true;
                     self.monitors_maybe_due = !self.config.burst;
+                    self.schedules_maybe_due = !self.config.burst;
                     if self.watch.saw_it_go() {
                         self.check_watch();
                     }
@@ -627,6 +645,9 @@ impl Foreman<'_> {
                     if !self.config.burst && (safety || self.next_round.is_some_and(|t| t <= now)) {
                         self.monitors_maybe_due = true;
                     }
+                    if !self.config.burst && (safety || self.next_fire.is_some_and(|t| t <= now)) {
+                        self.schedules_maybe_due = true;
+                    }
                 }
             }
             // Completions that arrived meanwhile free their slots before the next claim,
@@ -646,6 +667,7 @@ impl Foreman<'_> {
             Ok(true) => {
                 self.maybe_due = true;
                 self.monitors_maybe_due = !self.config.burst;
+                self.schedules_maybe_due = !self.config.burst;
             }
             Err(e) => tracing::error!(
                 "the wake-up directory is gone and cannot be watched again ({e}); \
@@ -665,10 +687,68 @@ impl Foreman<'_> {
         self.check_watch();
         self.maybe_due = true;
         self.monitors_maybe_due = !self.config.burst;
+        self.schedules_maybe_due = !self.config.burst;
         tracing::info!(
             "SIGHUP: reloaded (monitor configs checked again, wake-up watch checked, queue \
              read again); the foreman goes on"
         );
+    }
+
+    /// Fires the schedules that are due (src/schedules.rs: each tick's task enqueued in the
+    /// transaction that moves its schedule on), then reads when the next tick is.
+    fn fire_schedules(&mut self) {
+        self.schedules_maybe_due = false;
+        let now = now_micros();
+        // A read first: most wake-ups are enqueues, and take no write lock for schedules.
+        match crate::schedules::earliest(&self.conn) {
+            Ok(next) if next.is_none_or(|t| t > now) => {
+                self.next_fire = next;
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("could not read the next schedule, reading again in 1 s: {e}");
+                self.next_fire = Some(now + 1_000_000);
+                return;
+            }
+        }
+        match crate::schedules::fire_due(&self.conn, now) {
+            Ok(fired) => {
+                self.db_free();
+                for (schedule, tick, id) in &fired.tasks {
+                    tracing::info!(
+                        %schedule,
+                        id,
+                        tick = %format_micros(*tick),
+                        "schedule fired"
+                    );
+                }
+                for (schedule, skipped) in &fired.skipped {
+                    tracing::warn!(
+                        %schedule,
+                        skipped,
+                        "schedule ticks skipped (passed while no foreman ran; see its --catch-up)"
+                    );
+                }
+                if !fired.tasks.is_empty() {
+                    self.maybe_due = true;
+                    // Other foremen on this database learn of the tasks at once too.
+                    self.wake.wake_after_commit("the scheduled tasks are");
+                }
+            }
+            Err(e) => {
+                let retry = self.db_failed("firing schedules", &e);
+                self.next_fire = Some(now + micros_of(retry));
+                return;
+            }
+        }
+        match crate::schedules::earliest(&self.conn) {
+            Ok(next) => self.next_fire = next,
+            Err(e) => {
+                tracing::warn!("could not read the next schedule, reading again in 1 s: {e}");
+                self.next_fire = Some(now + 1_000_000);
+            }
+        }
     }
 
     /// Reads the tasks file again: tasks claimed from now on run with its definitions,
@@ -725,7 +805,10 @@ impl Foreman<'_> {
         let next_round = self
             .next_round
             .map(|t| t.saturating_add(micros_of(ROUND_SLACK)));
-        for due in [self.next_due, next_round].into_iter().flatten() {
+        for due in [self.next_due, next_round, self.next_fire]
+            .into_iter()
+            .flatten()
+        {
             let wait = Duration::from_micros(due.saturating_sub(now_micros()).max(0) as u64);
             deadline = deadline.min(now + wait);
         }

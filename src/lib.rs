@@ -40,6 +40,7 @@ pub mod queue;
 pub mod rabbitmq;
 pub mod records;
 pub mod registry;
+pub mod schedules;
 pub mod sink;
 pub mod spawn;
 pub mod stats;

@@ -112,7 +112,7 @@ impl Catalog {
         self.specs.values()
     }
 
-    fn check(&self, task: &NewTask) -> Result<()> {
+    pub fn check(&self, task: &NewTask) -> Result<()> {
         let spec = self
             .specs
             .get(&task.task)

@@ -24,6 +24,8 @@ pub struct Status {
     pub foremen: Vec<ForemanStatus>,
     pub tasks: TaskStatus,
     pub monitors: crate::monitor::store::Counts,
+    /// Schedules: how many, paused, the next tick, the last fire and its task's state.
+    pub schedules: crate::schedules::Counts,
     /// Where monitor results go: the results file, or RabbitMQ with its connection state
     /// and outbox.
     pub sink: Option<crate::outbox::SinkStatus>,
@@ -128,6 +130,7 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
         },
         foremen,
         monitors: crate::monitor::store::counts(conn)?,
+        schedules: crate::schedules::counts(conn)?,
         sink: Some(crate::outbox::status(conn)?),
         panic_configs: crate::panic_configs::status(conn)?,
     })
@@ -149,6 +152,7 @@ pub fn empty(db_path: &Path) -> Status {
             next_delayed_in_seconds: None,
         },
         monitors: Default::default(),
+        schedules: Default::default(),
         sink: None,
         panic_configs: None,
     }
@@ -231,6 +235,28 @@ impl Status {
             "monitors: {} ({} enabled, {} failing; see `snapq monitor list`)\n",
             m.total, m.enabled, m.failing
         ));
+        let s = &self.schedules;
+        if s.total > 0 {
+            out.push_str(&format!(
+                "schedules: {} ({} paused){}{}; see `snapq schedule list`\n",
+                s.total,
+                s.paused,
+                s.next
+                    .as_ref()
+                    .map(|(name, at)| format!("; next {name} at {at}"))
+                    .unwrap_or_default(),
+                s.last
+                    .as_ref()
+                    .map(|l| format!(
+                        "; last {} at {} (task {}: {})",
+                        l.schedule,
+                        l.at,
+                        l.task_id.map_or("?".into(), |id| id.to_string()),
+                        l.state.as_deref().unwrap_or("pruned")
+                    ))
+                    .unwrap_or_default()
+            ));
+        }
         if let Some(sink) = &self.sink {
             match &sink.state {
                 Some(state) => out.push_str(&format!(

@@ -5,7 +5,8 @@
 //! (src/live/ws.rs).
 //!
 //! Routes: `/` (the page), `/api/status` (`snapq status --json`), `/api/monitors`
-//! (`snapq monitor list --json` without the configs), `/api/tasks/<id>` (`snapq show ID
+//! (`snapq monitor list --json` without the configs), `/api/schedules` (`snapq schedule
+//! list --json`), `/api/tasks/<id>` (`snapq show ID
 //! --json`: a task's record), `/api/series` (the page's charts: the last 15 minutes of
 //! heartbeat samples), `/metrics`, `/events`.
 
@@ -297,6 +298,10 @@ fn route(
             Ok(body) => respond(&mut stream, 200, JSON, &[], body.as_bytes()),
             Err(e) => respond(&mut stream, 503, TEXT, &[], format!("{e}\n").as_bytes()),
         },
+        "/api/schedules" => match schedules_json(server) {
+            Ok(body) => respond(&mut stream, 200, JSON, &[], body.as_bytes()),
+            Err(e) => respond(&mut stream, 503, TEXT, &[], format!("{e}\n").as_bytes()),
+        },
         "/api/monitors" => match monitors_json(server) {
             Ok(body) => respond(&mut stream, 200, JSON, &[], body.as_bytes()),
             Err(e) => respond(&mut stream, 503, TEXT, &[], format!("{e}\n").as_bytes()),
@@ -350,7 +355,7 @@ fn route(
             404,
             TEXT,
             &[],
-            b"not found; this server has /, /api/status, /api/monitors, /api/tasks/<id>, \
+            b"not found; this server has /, /api/status, /api/monitors, /api/schedules, /api/tasks/<id>, \
               /api/series, /metrics and /events\n",
         ),
     }
@@ -540,6 +545,16 @@ fn monitors_json(server: &Server) -> Result<String> {
         }
     }
     to_json(&monitors)
+}
+
+/// `/api/schedules`: `snapq schedule list --json`.
+fn schedules_json(server: &Server) -> Result<String> {
+    let conn = open_db(server)?;
+    let mut shown = Vec::new();
+    for s in crate::schedules::list(&conn)? {
+        shown.push(crate::schedules::Shown::of(&conn, &s, 0)?);
+    }
+    to_json(&shown)
 }
 
 /// `/api/tasks/<id>`: a task's record, as `snapq show ID --json` prints it.
