@@ -78,7 +78,7 @@
 //!     `db::LOOP_BUSY_TIMEOUT` (100 ms) for a write lock another process holds (a bulk
 //!     enqueue of millions of lines, a backup, `sqlite3` left in a transaction). A write that
 //!     gives up changes nothing and is tried again `BUSY_RETRY` later: a claim at `next_due`,
-//!     a schedule move at `next_round`, finished rounds' results on the next turn (kept in
+//!     a schedule move at the next round's time, finished rounds' results on the next turn (kept in
 //!     memory meanwhile), the heartbeat at the next beat. So a turn lasts at most a few of
 //!     those waits, WATCHDOG=1 keeps going, and STATUS= says "database busy for N s".
 //!     `snapq status` takes a late heartbeat from a live snapq process for a busy foreman,
@@ -98,6 +98,7 @@ use signal_hook::iterator::{Handle, Signals};
 use crate::clock::now_micros;
 use crate::clock::{format_micros, micros_of};
 use crate::db::{self, Synchronous};
+use crate::due::Due;
 use crate::error::{Error, Result};
 use crate::live::{Event as LiveEvent, Live, LiveConfig, Publisher};
 use crate::monitor::{self, Probe, RoundResult};
@@ -386,12 +387,11 @@ pub fn run_with_sink(
         stop_deadline: None,
         totals: Totals::default(),
         // Monitors run in a long-lived foreman only; `--burst` is for tasks.
-        monitors_maybe_due: !config.burst,
-        // Schedules fire in a long-lived foreman only, as monitors run.
-        schedules_maybe_due: !config.burst,
-        next_fire: None,
+        // Monitors run and schedules fire in a long-lived foreman only; `--burst` is for
+        // tasks.
+        rounds: Due::new(!config.burst, ROUND_SLACK),
+        ticks: Due::new(!config.burst, Duration::ZERO),
         wake: crate::wakeup::WakeDir::prepare(&config.wakeup_dir)?,
-        next_round: None,
         probes: HashMap::new(),
         sink,
         notifier: Notifier::from_env(),
@@ -502,16 +502,10 @@ struct Foreman<'a> {
     /// holds it), if it does now: said in STATUS= and in the log (invariant 11).
     busy_since: Option<Instant>,
     totals: Totals,
-    /// Whether a monitor round may be due: set by wake-ups (add, update, remove), by the
-    /// next round's time, and by the safety re-read; cleared when the due rounds are read.
-    monitors_maybe_due: bool,
-    /// The earliest next round of any enabled monitor (Unix µs).
-    next_round: Option<i64>,
-    /// Schedules may have a tick due: set like `monitors_maybe_due`, and when `next_fire`
-    /// passes; cleared when the due ticks are fired (src/schedules.rs).
-    schedules_maybe_due: bool,
-    /// The earliest next tick of any schedule not paused (Unix µs).
-    next_fire: Option<i64>,
+    /// Monitors' rounds (src/monitor/store.rs) and schedules' ticks (src/schedules.rs):
+    /// whether some may be due, and the earliest next time read (src/due.rs).
+    rounds: Due,
+    ticks: Due,
     /// Where the foreman pokes the other foremen on this database after firing schedules.
     wake: crate::wakeup::WakeDir,
     /// Validated configs by monitor name, with their version, so a round does not parse
@@ -585,10 +579,10 @@ impl Foreman<'_> {
 
     fn run_loop(&mut self) -> Result<Stopped> {
         loop {
-            if self.schedules_maybe_due {
+            if self.ticks.maybe_due() {
                 self.fire_schedules();
             }
-            if self.monitors_maybe_due && self.running.len() < self.config.workers {
+            if self.rounds.maybe_due() && self.running.len() < self.config.workers {
                 self.start_due_rounds()?;
             }
             if self.maybe_due && self.fatal.is_none() && self.running.len() < self.config.workers {
@@ -618,8 +612,8 @@ impl Foreman<'_> {
             match self.next_event(self.deadline()) {
                 Event::Wake => {
                     self.maybe_due = true;
-                    self.monitors_maybe_due = !self.config.burst;
-                    self.schedules_maybe_due = !self.config.burst;
+                    self.rounds.poke();
+                    self.ticks.poke();
                     if self.watch.saw_it_go() {
                         self.check_watch();
                     }
@@ -642,12 +636,8 @@ impl Foreman<'_> {
                     if safety || self.next_due.is_some_and(|t| t <= now) {
                         self.maybe_due = true;
                     }
-                    if !self.config.burst && (safety || self.next_round.is_some_and(|t| t <= now)) {
-                        self.monitors_maybe_due = true;
-                    }
-                    if !self.config.burst && (safety || self.next_fire.is_some_and(|t| t <= now)) {
-                        self.schedules_maybe_due = true;
-                    }
+                    self.rounds.check(now, safety);
+                    self.ticks.check(now, safety);
                 }
             }
             // Completions that arrived meanwhile free their slots before the next claim,
@@ -666,8 +656,8 @@ impl Foreman<'_> {
             Ok(false) => {}
             Ok(true) => {
                 self.maybe_due = true;
-                self.monitors_maybe_due = !self.config.burst;
-                self.schedules_maybe_due = !self.config.burst;
+                self.rounds.poke();
+                self.ticks.poke();
             }
             Err(e) => tracing::error!(
                 "the wake-up directory is gone and cannot be watched again ({e}); \
@@ -686,8 +676,8 @@ impl Foreman<'_> {
         self.probes.clear();
         self.check_watch();
         self.maybe_due = true;
-        self.monitors_maybe_due = !self.config.burst;
-        self.schedules_maybe_due = !self.config.burst;
+        self.rounds.poke();
+        self.ticks.poke();
         tracing::info!(
             "SIGHUP: reloaded (monitor configs checked again, wake-up watch checked, queue \
              read again); the foreman goes on"
@@ -697,18 +687,18 @@ impl Foreman<'_> {
     /// Fires the schedules that are due (src/schedules.rs: each tick's task enqueued in the
     /// transaction that moves its schedule on), then reads when the next tick is.
     fn fire_schedules(&mut self) {
-        self.schedules_maybe_due = false;
+        self.ticks.take();
         let now = now_micros();
         // A read first: most wake-ups are enqueues, and take no write lock for schedules.
         match crate::schedules::earliest(&self.conn) {
             Ok(next) if next.is_none_or(|t| t > now) => {
-                self.next_fire = next;
+                self.ticks.set_next(next);
                 return;
             }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!("could not read the next schedule, reading again in 1 s: {e}");
-                self.next_fire = Some(now + 1_000_000);
+                self.ticks.set_next(Some(now + 1_000_000));
                 return;
             }
         }
@@ -738,15 +728,15 @@ impl Foreman<'_> {
             }
             Err(e) => {
                 let retry = self.db_failed("firing schedules", &e);
-                self.next_fire = Some(now + micros_of(retry));
+                self.ticks.set_next(Some(now + micros_of(retry)));
                 return;
             }
         }
         match crate::schedules::earliest(&self.conn) {
-            Ok(next) => self.next_fire = next,
+            Ok(next) => self.ticks.set_next(next),
             Err(e) => {
                 tracing::warn!("could not read the next schedule, reading again in 1 s: {e}");
-                self.next_fire = Some(now + 1_000_000);
+                self.ticks.set_next(Some(now + 1_000_000));
             }
         }
     }
@@ -802,10 +792,7 @@ impl Foreman<'_> {
         if let Some(prune) = self.next_prune {
             deadline = deadline.min(prune);
         }
-        let next_round = self
-            .next_round
-            .map(|t| t.saturating_add(micros_of(ROUND_SLACK)));
-        for due in [self.next_due, next_round, self.next_fire]
+        for due in [self.next_due, self.rounds.wake_at(), self.ticks.wake_at()]
             .into_iter()
             .flatten()
         {
@@ -1009,7 +996,7 @@ impl Foreman<'_> {
     /// queued up); a round of an older version does not block a newer one, whose update
     /// must take effect within a second (its older result is discarded in `record_round`).
     fn start_due_rounds(&mut self) -> Result<()> {
-        self.monitors_maybe_due = false;
+        self.rounds.take();
         let now = now_micros();
         let free = self.config.workers - self.running.len();
         let running_rounds = self
@@ -1021,7 +1008,7 @@ impl Foreman<'_> {
             Ok(due) => due,
             Err(e) => {
                 tracing::error!("reading due monitors failed, retrying in 1 s: {e}");
-                self.next_round = Some(now + 1_000_000);
+                self.rounds.set_next(Some(now + 1_000_000));
                 return Ok(());
             }
         };
@@ -1034,7 +1021,7 @@ impl Foreman<'_> {
             Err(e) => {
                 // Nothing was moved, so nothing starts: the same rounds are due next time.
                 let retry = self.db_failed("scheduling monitor rounds", &e);
-                self.next_round = Some(now + micros_of(retry));
+                self.rounds.set_next(Some(now + micros_of(retry)));
                 return Ok(());
             }
         };
@@ -1062,10 +1049,11 @@ impl Foreman<'_> {
             };
             pool.submit(Job::Round(job))?;
         }
-        self.next_round = monitor::store::next_due(&self.books).unwrap_or_else(|e| {
-            tracing::error!("reading the next monitor round failed: {e}");
-            Some(now + 1_000_000)
-        });
+        self.rounds
+            .set_next(monitor::store::next_due(&self.books).unwrap_or_else(|e| {
+                tracing::error!("reading the next monitor round failed: {e}");
+                Some(now + 1_000_000)
+            }));
         Ok(())
     }
 
@@ -1087,7 +1075,7 @@ impl Foreman<'_> {
         for row in due {
             if to_start.len() == free {
                 // More may be due: look again when a slot frees.
-                self.monitors_maybe_due = true;
+                self.rounds.poke();
                 break;
             }
             if !monitor::store::reschedule(&tx, &row, now)? {

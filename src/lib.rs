@@ -26,6 +26,7 @@ pub mod clock;
 pub mod command;
 pub mod config;
 pub mod db;
+mod due;
 pub mod error;
 pub mod foreman;
 pub mod live;
