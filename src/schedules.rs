@@ -846,6 +846,40 @@ mod tests {
     }
 
     #[test]
+    fn a_fire_enqueues_in_the_transaction_that_moves_the_schedule_and_jitter_delays_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::db::open(
+            &dir.path().join("q.sqlite3"),
+            crate::db::Synchronous::Normal,
+        )
+        .unwrap();
+        let new = NewSchedule {
+            name: "j".into(),
+            when: When::every(Duration::from_secs(1)).unwrap(),
+            task: "noop".into(),
+            args: serde_json::json!([]),
+            kwargs: serde_json::json!({}),
+            catch_up: CatchUp::One,
+            jitter: Duration::from_secs(10),
+        };
+        let first = add(&conn, &new).unwrap();
+        assert!(fire_due(&conn, first - 1).unwrap().tasks.is_empty());
+        let fired = fire_due(&conn, first).unwrap();
+        assert_eq!(fired.tasks.len(), 1);
+        let (_, tick, id) = fired.tasks[0].clone();
+        assert_eq!(tick, first);
+        let run_at: i64 = conn
+            .query_row("SELECT run_at FROM tasks WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap();
+        assert!((first..=first + 10_000_000).contains(&run_at), "{run_at}");
+        let stored = get(&conn, "j").unwrap().unwrap();
+        assert_eq!(stored.next_fire_us, first + 1_000_000);
+        assert_eq!(stored.last_task_id, Some(id));
+        // The same instant again: the tick is not fired twice.
+        assert!(fire_due(&conn, first).unwrap().tasks.is_empty());
+    }
+
+    #[test]
     fn bad_expressions_and_zones_are_refused() {
         for expr in ["* * * *", "61 * * * *", "* * * * * *", "@sometimes", ""] {
             assert!(When::cron(expr, Some("UTC")).is_err(), "{expr}");
