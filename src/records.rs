@@ -188,17 +188,23 @@ fn write_finished(conn: &Connection, finished: &[Finish]) -> Result<()> {
     Ok(())
 }
 
-/// Deletes up to `batch` records that ended before `cutoff` (Unix µs) or whose id is more
-/// than `max_rows` below the newest record's, oldest first, in one short transaction.
+/// Deletes, of the `batch` oldest records, those that ended before `cutoff` (Unix µs) or
+/// whose id is more than `max_rows` below the newest record's, in one short transaction.
 /// Returns how many it deleted; the caller repeats while it deletes a whole batch.
 /// Running records are never pruned. Ids are the tasks' ids, dense but for tasks still
 /// queued, so "more than `max_rows` below the newest" keeps about the newest `max_rows`.
+///
+/// Only the oldest `batch` rows are looked at: records end roughly in id order, so what
+/// may go is at the front, and a look past it would scan the whole table in the write
+/// transaction whenever nothing qualifies — each heartbeat, holding the write lock for
+/// milliseconds per 10,000 records while the loop's claims waited. A record that ended
+/// long before older ones (a short task beside a long one) goes once those have gone.
 pub fn prune(conn: &Connection, cutoff: i64, max_rows: i64, batch: i64) -> Result<usize> {
     conn.prepare_cached(
-        "DELETE FROM task_records WHERE id IN (SELECT id FROM task_records \
+        "DELETE FROM task_records WHERE id IN (SELECT id FROM \
+         (SELECT id, state, finished_at FROM task_records ORDER BY id LIMIT ?3) \
          WHERE state != 'running' AND (finished_at < ?1 \
-            OR id <= (SELECT max(id) FROM task_records) - ?2) \
-         ORDER BY id LIMIT ?3)",
+            OR id <= (SELECT max(id) FROM task_records) - ?2))",
     )
     .and_then(|mut s| s.execute(params![cutoff, max_rows, batch]))
     .map_err(Error::sqlite("pruning task records"))
