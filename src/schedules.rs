@@ -405,37 +405,45 @@ pub struct Stored {
 }
 
 const COLUMNS: &str = "name, cron, tz, every_us, task_name, args, kwargs, catch_up, jitter_us, \
-                       paused, next_fire, last_fire, last_task_id";
+                       paused, next_fire, last_fire, last_task_id, rowid";
 
-/// A row as stored. A row another program wrote badly (an expression or zone that does
-/// not parse) comes back as an error naming the schedule.
-fn stored(r: &rusqlite::Row) -> rusqlite::Result<std::result::Result<Stored, String>> {
-    let name: String = r.get(0)?;
-    let cron: Option<String> = r.get(1)?;
-    let tz: Option<String> = r.get(2)?;
-    let every: Option<i64> = r.get(3)?;
-    let when = match (cron, every) {
-        (Some(expr), _) => When::cron(&expr, tz.as_deref()).map_err(|e| e.to_string()),
-        (None, Some(us)) if us > 0 => Ok(When::Every(Duration::from_micros(us as u64))),
-        _ => Err("neither a cron expression nor an interval".to_owned()),
+/// A row another program wrote badly: its rowid and what is wrong with it.
+type Unreadable = (i64, String);
+
+/// A row as stored. A row another program wrote badly (a value of the wrong type, an
+/// expression or zone that does not parse) comes back as `Unreadable`, naming the
+/// schedule where it can.
+fn stored(r: &rusqlite::Row) -> rusqlite::Result<std::result::Result<Stored, Unreadable>> {
+    let rowid: i64 = r.get(13)?;
+    let name = match r.get_ref(0)? {
+        rusqlite::types::ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+        other => format!("{other:?}"),
     };
-    let when = match when {
-        Ok(when) => when,
-        Err(e) => return Ok(Err(format!("schedule {name:?} cannot be read: {e}"))),
+    let read = || -> std::result::Result<Stored, String> {
+        let text = |e: rusqlite::Error| e.to_string();
+        let cron: Option<String> = r.get(1).map_err(text)?;
+        let tz: Option<String> = r.get(2).map_err(text)?;
+        let every: Option<i64> = r.get(3).map_err(text)?;
+        let when = match (cron, every) {
+            (Some(expr), _) => When::cron(&expr, tz.as_deref()).map_err(|e| e.to_string())?,
+            (None, Some(us)) if us > 0 => When::Every(Duration::from_micros(us as u64)),
+            _ => return Err("neither a cron expression nor an interval".to_owned()),
+        };
+        Ok(Stored {
+            name: name.clone(),
+            when,
+            task: r.get(4).map_err(text)?,
+            args: r.get(5).map_err(text)?,
+            kwargs: r.get(6).map_err(text)?,
+            catch_up: CatchUp::parse(&r.get::<_, String>(7).map_err(text)?),
+            jitter: Duration::from_micros(r.get::<_, i64>(8).map_err(text)?.max(0) as u64),
+            paused: r.get(9).map_err(text)?,
+            next_fire_us: r.get(10).map_err(text)?,
+            last_fire_us: r.get(11).map_err(text)?,
+            last_task_id: r.get(12).map_err(text)?,
+        })
     };
-    Ok(Ok(Stored {
-        name,
-        when,
-        task: r.get(4)?,
-        args: r.get(5)?,
-        kwargs: r.get(6)?,
-        catch_up: CatchUp::parse(&r.get::<_, String>(7)?),
-        jitter: Duration::from_micros(r.get::<_, i64>(8)?.max(0) as u64),
-        paused: r.get(9)?,
-        next_fire_us: r.get(10)?,
-        last_fire_us: r.get(11)?,
-        last_task_id: r.get(12)?,
-    }))
+    Ok(read().map_err(|e| (rowid, format!("schedule {name:?} cannot be read: {e}"))))
 }
 
 pub fn get(conn: &Connection, name: &str) -> Result<Option<Stored>> {
@@ -447,7 +455,8 @@ pub fn get(conn: &Connection, name: &str) -> Result<Option<Stored>> {
         )
         .optional()
         .map_err(Error::sqlite("reading the schedule"))?;
-    row.map(|r| r.map_err(Error::Runtime)).transpose()
+    row.map(|r| r.map_err(|(_, e)| Error::Runtime(e)))
+        .transpose()
 }
 
 pub fn list(conn: &Connection) -> Result<Vec<Stored>> {
@@ -461,7 +470,7 @@ pub fn list(conn: &Connection) -> Result<Vec<Stored>> {
     for row in rows {
         match row.map_err(Error::sqlite("listing schedules"))? {
             Ok(s) => out.push(s),
-            Err(e) => tracing::warn!("{e}"),
+            Err((_, e)) => tracing::warn!("{e}"),
         }
     }
     Ok(out)
@@ -505,9 +514,14 @@ pub fn fire_due(conn: &Connection, now: i64) -> Result<Fired> {
         for schedule in due {
             let s = match schedule {
                 Ok(s) => s,
-                Err(e) => {
-                    tracing::error!("{e}; pausing it");
-                    // The name is in the message; pause by the rows that fail to read.
+                Err((rowid, e)) => {
+                    // Paused, or it would be due again at once, every turn of the loop.
+                    tracing::error!(
+                        "{e}; paused. Mend it with `snapq schedule update` (or remove it), \
+                         then `snapq schedule resume`"
+                    );
+                    conn.execute("UPDATE schedules SET paused = 1 WHERE rowid = ?1", [rowid])
+                        .map_err(Error::sqlite("pausing an unreadable schedule"))?;
                     continue;
                 }
             };
@@ -877,6 +891,40 @@ mod tests {
         assert_eq!(stored.last_task_id, Some(id));
         // The same instant again: the tick is not fired twice.
         assert!(fire_due(&conn, first).unwrap().tasks.is_empty());
+    }
+
+    #[test]
+    fn a_row_another_program_wrote_badly_is_paused_and_the_others_fire() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::db::open(
+            &dir.path().join("q.sqlite3"),
+            crate::db::Synchronous::Normal,
+        )
+        .unwrap();
+        for (name, cron, args) in [
+            ("bad-cron", "'not cron'", "'[]'"),
+            ("bad-args", "'* * * * *'", "X'FF00'"),
+            ("good", "'* * * * *'", "'[]'"),
+        ] {
+            conn.execute_batch(&format!(
+                "INSERT INTO schedules (name, cron, tz, task_name, args, next_fire, created_at, \
+                 updated_at) VALUES ('{name}', {cron}, 'UTC', 'noop', {args}, 0, 0, 0)"
+            ))
+            .unwrap();
+        }
+        let fired = fire_due(&conn, 1_000_000).unwrap();
+        assert_eq!(fired.tasks.len(), 1);
+        assert_eq!(fired.tasks[0].0, "good");
+        let paused: Vec<String> = conn
+            .prepare("SELECT name FROM schedules WHERE paused = 1 ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(paused, ["bad-args", "bad-cron"]);
+        // Nothing is due again at once: the loop does not spin on them.
+        assert!(earliest(&conn).unwrap().unwrap() > 1_000_000);
     }
 
     #[test]
