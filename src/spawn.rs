@@ -54,6 +54,32 @@ struct Plan {
     failed: Cell<(libc::c_int, libc::c_int)>,
 }
 
+/// What systemd gives the service itself, and a command must not take for its own: the
+/// notify socket and watchdog (a command would speak for the foreman), the journal stream
+/// (a command's stderr is snapq's pipe, not the journal) and passed sockets.
+const SERVICE_ONLY: [&str; 7] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "JOURNAL_STREAM",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
+
+/// The command's environment: the foreman's (`inherited`) but for `SERVICE_ONLY`, with
+/// `env` added over it.
+fn child_environment(
+    inherited: impl Iterator<Item = (OsString, OsString)>,
+    env: &[(OsString, OsString)],
+) -> std::collections::BTreeMap<OsString, OsString> {
+    let mut environment: std::collections::BTreeMap<OsString, OsString> = inherited
+        .filter(|(k, _)| !SERVICE_ONLY.iter().any(|s| k == OsStr::new(s)))
+        .collect();
+    environment.extend(env.iter().cloned());
+    environment
+}
+
 /// The child's steps, as `Plan::failed` names them.
 const STEPS: [&str; 7] = [
     "moving into a process group of its own",
@@ -80,9 +106,7 @@ pub fn spawn(
         .iter()
         .map(|a| cstring("an argument", a.as_bytes()))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut environment: std::collections::BTreeMap<OsString, OsString> =
-        std::env::vars_os().collect();
-    environment.extend(env.iter().cloned());
+    let environment = child_environment(std::env::vars_os(), env);
     let vars = environment
         .iter()
         .map(|(k, v)| {
@@ -315,10 +339,12 @@ mod tests {
     #[test]
     fn the_child_blocks_and_ignores_no_signal() {
         let mut child = spawn(
+            // grep reads its own status (a shell blocks signals while it waits for one).
             &[
-                "sh".into(),
-                "-c".into(),
-                "grep -E '^Sig(Blk|Ign)' /proc/$$/status".into(),
+                "grep".into(),
+                "-E".into(),
+                "^Sig(Blk|Ign)".into(),
+                "/proc/self/status".into(),
             ],
             &[],
             None,
@@ -335,6 +361,22 @@ mod tests {
             .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
             .unwrap();
         assert_eq!(ignored & 0x1000, 0, "{out}");
+    }
+
+    #[test]
+    fn the_services_own_variables_are_not_passed_on() {
+        let inherited = [
+            ("NOTIFY_SOCKET", "/run/systemd/notify"),
+            ("JOURNAL_STREAM", "8:123"),
+            ("PATH", "/usr/bin"),
+            ("X", "old"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let env = child_environment(inherited, &[("X".into(), "new".into())]);
+        let names: Vec<&str> = env.keys().filter_map(|k| k.to_str()).collect();
+        assert_eq!(names, ["PATH", "X"]);
+        assert_eq!(env[OsStr::new("X")], "new");
     }
 
     #[test]
