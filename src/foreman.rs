@@ -87,13 +87,11 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, bounded, select, unbounded};
+use crossbeam_channel::{Receiver, bounded, select};
 use rusqlite::{Connection, params};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::{Handle, Signals};
+use signal_hook::consts::SIGHUP;
 
 use crate::clock::now_micros;
 use crate::clock::{format_micros, micros_of};
@@ -107,6 +105,7 @@ use crate::pool::{Done, Job, JobKey, Outcome, Pool, RoundDone, RoundJob, round_m
 use crate::queue;
 use crate::records;
 use crate::registry::Registry;
+use crate::signals::SignalThread;
 use crate::sink::{FileSink, Sink};
 use crate::systemd::Notifier;
 use crate::tasks_file::TasksFile;
@@ -1431,47 +1430,4 @@ fn live_foremen(conn: &Connection, me: u32) -> Result<Vec<u32>> {
         }
     }
     Ok(alive)
-}
-
-/// The signal path only records and pokes (STYLE 3): signal-hook's handler writes to a
-/// self-pipe, this thread reads it and forwards the number to the loop's channel.
-struct SignalThread {
-    rx: Receiver<i32>,
-    handle: Handle,
-    /// Joined on drop, after `handle.close()` ends its iteration.
-    thread: Option<JoinHandle<()>>,
-}
-
-impl SignalThread {
-    fn start() -> Result<SignalThread> {
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
-            .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;
-        let handle = signals.handle();
-        // Unbounded, but it carries one message per signal received.
-        let (tx, rx) = unbounded();
-        let thread = std::thread::Builder::new()
-            .name("snapq-signals".into())
-            .spawn(move || {
-                for signal in signals.forever() {
-                    if tx.send(signal).is_err() {
-                        break;
-                    }
-                }
-            })
-            .map_err(|e| Error::Runtime(format!("cannot start the signal thread: {e}")))?;
-        Ok(SignalThread {
-            rx,
-            handle,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for SignalThread {
-    fn drop(&mut self) {
-        self.handle.close();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }

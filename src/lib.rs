@@ -42,6 +42,7 @@ pub mod rabbitmq;
 pub mod records;
 pub mod registry;
 pub mod schedules;
+mod signals;
 pub mod sink;
 pub mod spawn;
 pub mod stats;
