@@ -90,7 +90,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, bounded, select};
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 use signal_hook::consts::SIGHUP;
 
 use crate::clock::now_micros;
@@ -98,6 +98,7 @@ use crate::clock::{format_micros, micros_of};
 use crate::db::{self, Synchronous};
 use crate::due::Due;
 use crate::error::{Error, Result};
+use crate::heartbeat;
 use crate::live::{Event as LiveEvent, Live, LiveConfig, Publisher};
 use crate::monitor::{self, Probe, RoundResult};
 use crate::pidfile::PidFile;
@@ -311,14 +312,9 @@ pub fn run_with_sink(
     queue::record_task_types(&conn, &registry)?;
     let started_at = now_micros();
     let pid = std::process::id();
-    conn.execute(
-        "INSERT INTO foremen (pid, started_at, beat_at, workers, running) VALUES (?1, ?2, ?2, ?3, 0) \
-         ON CONFLICT (pid) DO UPDATE SET started_at = ?2, beat_at = ?2, workers = ?3, running = 0",
-        params![pid, started_at, config.workers as i64],
-    )
-    .map_err(Error::sqlite("recording the foreman"))?;
+    heartbeat::register(&conn, pid, started_at, config.workers)?;
     // Records left `running` by foremen that are gone: those tasks were lost with them.
-    for (id, task) in records::mark_lost(&conn, &live_foremen(&conn, pid)?)? {
+    for (id, task) in records::mark_lost(&conn, &heartbeat::live_foremen(&conn, pid)?)? {
         tracing::warn!(
             id,
             %task,
@@ -403,10 +399,7 @@ pub fn run_with_sink(
     foreman.publish_queue_figures();
     let result = foreman.run_loop();
     foreman.settle_tasks();
-    if let Err(e) = foreman
-        .conn
-        .execute("DELETE FROM foremen WHERE pid = ?1", [pid])
-    {
+    if let Err(e) = heartbeat::unregister(&foreman.conn, i64::from(pid)) {
         tracing::warn!("could not remove this foreman's heartbeat row: {e}");
     }
     let totals = foreman.totals;
@@ -1193,23 +1186,16 @@ impl Foreman<'_> {
         self.next_beat = Instant::now() + HEARTBEAT_INTERVAL;
         let status = self.status_line();
         self.notifier.status(&status);
-        let result = self
-            .books
-            .prepare_cached(
-                "UPDATE foremen SET beat_at = ?1, running = ?2, stop_deadline = ?4 WHERE pid = ?3",
-            )
-            .and_then(|mut stmt| {
-                stmt.execute(params![
-                    now_micros(),
-                    self.running.len() as i64,
-                    std::process::id(),
-                    self.stop_deadline
-                ])
-            });
+        let result = heartbeat::beat(
+            &self.books,
+            std::process::id(),
+            self.running.len(),
+            self.stop_deadline,
+        );
         match result {
-            Ok(_) => self.db_free(),
+            Ok(()) => self.db_free(),
             Err(e) => {
-                self.db_failed("writing the heartbeat", &Error::sqlite("heartbeat")(e));
+                self.db_failed("writing the heartbeat", &e);
             }
         }
         self.publish_queue_figures();
@@ -1224,25 +1210,11 @@ impl Foreman<'_> {
     fn find_dead_foremen(&mut self) {
         let me = std::process::id();
         let result = (|| -> Result<()> {
-            let rows: Vec<i64> = self
-                .books
-                .prepare_cached("SELECT pid FROM foremen WHERE pid != ?1 AND beat_at < ?2")
-                .and_then(|mut s| {
-                    s.query_map(
-                        params![me, now_micros() - crate::status::STALE_AFTER_MICROS],
-                        |r| r.get(0),
-                    )?
-                    .collect()
-                })
-                .map_err(Error::sqlite("reading foremen"))?;
-            let dead: Vec<i64> = rows
-                .into_iter()
-                .filter(|pid| !i32::try_from(*pid).is_ok_and(crate::pidfile::is_snapq_process))
-                .collect();
+            let dead = heartbeat::dead_foremen(&self.books, me)?;
             if dead.is_empty() {
                 return Ok(());
             }
-            let mut alive = live_foremen(&self.books, me)?;
+            let mut alive = heartbeat::live_foremen(&self.books, me)?;
             alive.push(me);
             for (id, task) in records::mark_lost(&self.books, &alive)? {
                 tracing::warn!(
@@ -1253,9 +1225,7 @@ impl Foreman<'_> {
                 );
             }
             for pid in dead {
-                self.books
-                    .execute("DELETE FROM foremen WHERE pid = ?1", [pid])
-                    .map_err(Error::sqlite("removing a dead foreman's heartbeat row"))?;
+                heartbeat::unregister(&self.books, pid)?;
                 tracing::warn!(
                     pid,
                     "a foreman on this database died; its running tasks are lost"
@@ -1403,31 +1373,4 @@ impl Foreman<'_> {
             tasks: self.running.len(),
         }
     }
-}
-
-/// The pids of the other foremen running on this database now: those whose heartbeat is
-/// fresh and whose process is a live snapq. Not this one: it has claimed nothing yet, so
-/// a record `running` under its pid is from an earlier foreman that had the same pid.
-fn live_foremen(conn: &Connection, me: u32) -> Result<Vec<u32>> {
-    let now = now_micros();
-    let mut stmt = conn
-        .prepare("SELECT pid, beat_at FROM foremen")
-        .map_err(Error::sqlite("reading foremen"))?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
-        .map_err(Error::sqlite("reading foremen"))?;
-    let mut alive = Vec::new();
-    for row in rows {
-        let (pid, beat_at) = row.map_err(Error::sqlite("reading foremen"))?;
-        let Ok(pid) = u32::try_from(pid) else {
-            continue;
-        };
-        if pid != me
-            && now - beat_at < crate::status::STALE_AFTER_MICROS
-            && crate::pidfile::is_snapq_process(pid as i32)
-        {
-            alive.push(pid);
-        }
-    }
-    Ok(alive)
 }

@@ -29,6 +29,7 @@ pub mod db;
 mod due;
 pub mod error;
 pub mod foreman;
+mod heartbeat;
 pub mod live;
 pub mod logging;
 pub mod monitor;
