@@ -239,7 +239,7 @@ impl ForemanConfig {
 
 /// What the loop reacts to. `next_event` returns one of these; bursts of completions are
 /// drained in the same turn.
-enum Event {
+enum LoopEvent {
     /// A wake-up token: rows may have been committed.
     Wake,
     /// SIGTERM or SIGINT (stop), or SIGHUP (reload).
@@ -602,7 +602,7 @@ impl Foreman<'_> {
             }
             self.notifier.watchdog();
             match self.next_event(self.deadline()) {
-                Event::Wake => {
+                LoopEvent::Wake => {
                     self.maybe_due = true;
                     self.rounds.poke();
                     self.ticks.poke();
@@ -610,15 +610,15 @@ impl Foreman<'_> {
                         self.check_watch();
                     }
                 }
-                Event::Signal(SIGHUP) => self.reload(),
-                Event::Done(done) => {
+                LoopEvent::Signal(SIGHUP) => self.reload(),
+                LoopEvent::Done(done) => {
                     self.finished(done);
                     if self.maybe_due && self.typical_task < SHORT_TASK {
                         self.gather_completions();
                     }
                 }
-                Event::Signal(signal) => return self.shut_down(signal),
-                Event::Timeout => {
+                LoopEvent::Signal(signal) => return self.shut_down(signal),
+                LoopEvent::Timeout => {
                     let now = now_micros();
                     let safety = self.last_read.elapsed() >= self.config.safety_interval;
                     if safety {
@@ -795,22 +795,22 @@ impl Foreman<'_> {
     }
 
     /// The one place that blocks.
-    fn next_event(&self, deadline: Instant) -> Event {
+    fn next_event(&self, deadline: Instant) -> LoopEvent {
         if self.maybe_due && !self.running.is_empty() && self.typical_task < SHORT_TASK {
             let until = (Instant::now() + SPIN).min(deadline);
             while Instant::now() < until {
                 if let Ok(done) = self.done_rx.try_recv() {
-                    return Event::Done(done);
+                    return LoopEvent::Done(done);
                 }
                 std::thread::yield_now();
             }
         }
         let timeout = deadline.saturating_duration_since(Instant::now());
         select! {
-            recv(self.signal_rx) -> sig => sig.map_or(Event::Timeout, Event::Signal),
-            recv(self.done_rx) -> done => done.map_or(Event::Timeout, Event::Done),
-            recv(self.wake_rx) -> token => token.map_or(Event::Timeout, |()| Event::Wake),
-            default(timeout) => Event::Timeout,
+            recv(self.signal_rx) -> sig => sig.map_or(LoopEvent::Timeout, LoopEvent::Signal),
+            recv(self.done_rx) -> done => done.map_or(LoopEvent::Timeout, LoopEvent::Done),
+            recv(self.wake_rx) -> token => token.map_or(LoopEvent::Timeout, |()| LoopEvent::Wake),
+            default(timeout) => LoopEvent::Timeout,
         }
     }
 

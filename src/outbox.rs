@@ -120,12 +120,12 @@ impl Sink for OutboxSink {
 }
 
 /// The running publisher; stopping it ends its thread (rows stay in the outbox).
-pub struct Publisher {
+pub struct OutboxPublisher {
     stop: Sender<()>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Drop for Publisher {
+impl Drop for OutboxPublisher {
     fn drop(&mut self) {
         let _ = self.stop.try_send(());
         if let Some(thread) = self.thread.take() {
@@ -144,7 +144,7 @@ pub fn start(
     db_path: PathBuf,
     heartbeat_interval: Duration,
     outbox_cap: u64,
-) -> Result<(OutboxSink, Publisher)> {
+) -> Result<(OutboxSink, OutboxPublisher)> {
     let conn = db::open(&db_path, Synchronous::Normal)?;
     // One sink at a time: a row of another broker is an earlier run's.
     conn.execute("DELETE FROM sink_status WHERE sink <> ?1", [kind.name()])
@@ -174,7 +174,7 @@ pub fn start(
             cap: i64::try_from(outbox_cap).unwrap_or(i64::MAX),
             capped: false,
         },
-        Publisher {
+        OutboxPublisher {
             stop: stop_tx,
             thread: Some(thread),
         },

@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 
 use super::http_fetch::{Client, FetchError, check_url, split_limits};
 use super::prometheus::{self, Sample};
-use super::{Kind, Probe, Round, RoundError, parse_config};
+use super::{MonitorKind, Probe, Round, RoundError, parse_config};
 use crate::panic::{self, ChainlinkReading, PanicError};
 
 pub struct ChainlinkNode;
@@ -72,7 +72,7 @@ struct ChainlinkProbe {
     round_timeout: Duration,
 }
 
-impl Kind for ChainlinkNode {
+impl MonitorKind for ChainlinkNode {
     fn name(&self) -> &'static str {
         "chainlink_node"
     }

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::http_fetch::{Client, FetchError, check_url, split_limits};
-use super::{Kind, Probe, Round, RoundError, parse_config};
+use super::{MonitorKind, Probe, Round, RoundError, parse_config};
 
 pub struct Http;
 
@@ -26,7 +26,7 @@ struct HttpProbe {
     client: Client,
 }
 
-impl Kind for Http {
+impl MonitorKind for Http {
     fn name(&self) -> &'static str {
         "http"
     }

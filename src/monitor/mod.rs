@@ -1,9 +1,9 @@
 //! Monitors: named configurations of a monitor *kind*, run every interval by the foreman
 //! on its worker pool (SPEC "Monitors").
 //!
-//! A kind is a strategy (`Kind`): it validates a JSON config into a ready `Probe`, and a
+//! A kind is a strategy (`MonitorKind`): it validates a JSON config into a ready `Probe`, and a
 //! probe performs one round, returning data or a coded error. Adding a kind is one file
-//! with a `Kind` and one line in `KINDS`.
+//! with a `MonitorKind` and one line in `KINDS`.
 //!
 //! Schedules and last results live only in the `monitors` table (src/monitor/store.rs), so
 //! after any restart every enabled monitor runs again on time.
@@ -24,10 +24,10 @@ use serde_json::Value;
 use crate::panic::ChainlinkReading;
 
 /// Every kind, by name. One line per kind.
-pub static KINDS: &[&dyn Kind] = &[&chainlink::ChainlinkNode, &http::Http, &system::System];
+pub static KINDS: &[&dyn MonitorKind] = &[&chainlink::ChainlinkNode, &http::Http, &system::System];
 
 /// A monitor kind: a strategy that validates configs and makes probes.
-pub trait Kind: Send + Sync {
+pub trait MonitorKind: Send + Sync {
     /// The name used on the command line and in results (`chainlink_node`).
     fn name(&self) -> &'static str;
     /// Checks a config and builds the probe that runs rounds with it. The error names the
@@ -70,7 +70,7 @@ impl RoundError {
 }
 
 /// Looks up a kind by name.
-pub fn kind(name: &str) -> Option<&'static dyn Kind> {
+pub fn kind(name: &str) -> Option<&'static dyn MonitorKind> {
     KINDS.iter().copied().find(|k| k.name() == name)
 }
 

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::http_fetch::{Client, FetchError, check_url, split_limits};
-use super::{Kind, Probe, Round, RoundError, parse_config, prometheus};
+use super::{MonitorKind, Probe, Round, RoundError, parse_config, prometheus};
 
 pub struct System;
 
@@ -26,7 +26,7 @@ struct SystemProbe {
     exporter: Option<(String, Client)>,
 }
 
-impl Kind for System {
+impl MonitorKind for System {
     fn name(&self) -> &'static str {
         "system"
     }
