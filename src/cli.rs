@@ -1037,7 +1037,7 @@ fn show_task(paths: &Paths, synchronous: Synchronous, id: i64, json: bool) -> Re
     }
     match (r.exit_code, &r.signal) {
         (Some(code), _) => out.push_str(&format!("  exit code {code}\n")),
-        (None, Some(signal)) => out.push_str(&format!("  ended by {signal}\n")),
+        (None, Some(signal)) => out.push_str(&format!("  ended by SIG{signal}\n")),
         (None, None) => {}
     }
     if let Some(output) = r.output.as_deref().filter(|o| !o.is_empty()) {
