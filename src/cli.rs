@@ -870,8 +870,8 @@ fn schedule_command(
                     s.name,
                     s.when,
                     s.task,
-                    s.next_fire.as_deref().unwrap_or("(paused)"),
-                    s.last_fire.as_deref().unwrap_or("never"),
+                    s.next_fire_at.as_deref().unwrap_or("(paused)"),
+                    s.last_fire_at.as_deref().unwrap_or("never"),
                     match (&s.last_task_id, &s.last_task_state) {
                         (Some(id), Some(state)) => format!(" (task {id}: {state})"),
                         (Some(id), None) => format!(" (task {id})"),

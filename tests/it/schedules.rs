@@ -214,6 +214,11 @@ fn bad_schedules_exit_2_and_store_nothing() {
     }
     let listed: Value = serde_json::from_str(&home.ok(&["schedule", "list", "--json"])).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    // SPEC's fields of `schedule list --json`.
+    assert_eq!(listed[0]["name"], "ok", "{listed}");
+    assert_eq!(listed[0]["task"], "noop", "{listed}");
+    assert_eq!(listed[0]["paused"], false, "{listed}");
+    assert!(listed[0]["next_fire_at"].is_string(), "{listed}");
     assert_eq!(
         home.snapq(&["schedule", "remove", "nosuch"]).status.code(),
         Some(1)
