@@ -37,13 +37,26 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn accepts(self, value: &Value) -> bool {
+    pub fn accepts(self, value: &Value) -> bool {
         match self {
             Kind::Number => value.is_number(),
             Kind::Integer => value.is_i64() || value.is_u64(),
             Kind::String => value.is_string(),
             Kind::Bool => value.is_boolean(),
             Kind::Any => true,
+        }
+    }
+}
+
+impl Kind {
+    /// The type with its article, for messages ("an integer").
+    pub fn described(self) -> &'static str {
+        match self {
+            Kind::Number => "a number",
+            Kind::Integer => "an integer",
+            Kind::String => "a string",
+            Kind::Bool => "a bool",
+            Kind::Any => "any JSON value",
         }
     }
 }
@@ -150,8 +163,9 @@ impl TaskSpec {
                 }
                 Some(value) if !param.kind.accepts(value) => {
                     return Err(bad(format!(
-                        "{:?} must be a {}, not {value}",
-                        param.name, param.kind
+                        "{:?} must be {}, not {value}",
+                        param.name,
+                        param.kind.described()
                     )));
                 }
                 Some(Value::String(text)) if param.argv && text.contains('\0') => {

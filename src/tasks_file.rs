@@ -97,40 +97,8 @@ pub struct CommandTask {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommandParam {
     pub name: String,
-    pub kind: ParamType,
+    pub kind: Kind,
     pub default: Option<Value>,
-}
-
-/// The types a command parameter may have. Every one has one text form in argv.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ParamType {
-    String,
-    Integer,
-    Number,
-    Bool,
-}
-
-impl ParamType {
-    /// Whether a JSON value has this type.
-    pub fn accepts(self, value: &Value) -> bool {
-        match self {
-            ParamType::String => value.is_string(),
-            ParamType::Integer => value.is_i64() || value.is_u64(),
-            ParamType::Number => value.is_number(),
-            ParamType::Bool => value.is_boolean(),
-        }
-    }
-
-    /// The type with its article, for messages ("an integer").
-    fn described(self) -> &'static str {
-        match self {
-            ParamType::String => "a string",
-            ParamType::Integer => "an integer",
-            ParamType::Number => "a number",
-            ParamType::Bool => "a bool",
-        }
-    }
 }
 
 /// One argv element: literal text and placeholders, in order.
@@ -223,10 +191,10 @@ struct RawTask {
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum RawParam {
-    Type(ParamType),
+    Type(Kind),
     Full {
         #[serde(rename = "type")]
-        kind: ParamType,
+        kind: Kind,
         default: Option<toml::Value>,
     },
 }
@@ -378,12 +346,7 @@ impl CommandTask {
                 .iter()
                 .map(|p| Param {
                     name: p.name.clone(),
-                    kind: match p.kind {
-                        ParamType::String => Kind::String,
-                        ParamType::Integer => Kind::Integer,
-                        ParamType::Number => Kind::Number,
-                        ParamType::Bool => Kind::Bool,
-                    },
+                    kind: p.kind,
                     required: p.default.is_none(),
                     argv: true,
                 })
@@ -519,6 +482,18 @@ env = { APP_ENV = "production" }
             .argv(json!({"path": "a\u{0}b", "tag": "t"}).as_object().unwrap())
             .unwrap_err();
         assert!(err.contains("NUL"), "{err}");
+
+        // `any` takes any JSON value: a string as it is, anything else as JSON text.
+        let tasks =
+            parse("[tasks.j]\ncommand = [\"/bin/echo\", \"{v}\"]\nparams = { v = \"any\" }\n")
+                .unwrap();
+        let argv = |v: Value| {
+            tasks[0]
+                .argv(json!({ "v": v }).as_object().unwrap())
+                .unwrap()
+        };
+        assert_eq!(argv(json!("a b"))[1], "a b");
+        assert_eq!(argv(json!({"k": [1, 2]}))[1], r#"{"k":[1,2]}"#);
     }
 
     #[test]

@@ -113,7 +113,7 @@ fn arguments_arrive_as_single_literal_arguments_with_env_and_cwd() {
         ),
         (
             r#"{"out": "o", "a": "x", "b": "y", "c": 1.5}"#,
-            "must be a integer",
+            "must be an integer",
         ),
         (r#"{"out": "o", "a": "x\u0000y", "b": "y"}"#, "NUL"),
     ] {
