@@ -279,21 +279,27 @@ fn above_stdio(fd: OwnedFd) -> Result<OwnedFd, String> {
 
 /// The path to exec: `program` itself if it has a slash (relative to `cwd` then, as the
 /// child will be there), else the first executable file of that name in `path`.
-fn resolve(program: &str, path: Option<&OsStr>, cwd: Option<&Path>) -> Result<PathBuf, String> {
+pub(crate) fn resolve(
+    program: &str,
+    path: Option<&OsStr>,
+    cwd: Option<&Path>,
+) -> Result<PathBuf, String> {
     if program.contains('/') {
         return Ok(PathBuf::from(program));
     }
-    let executable = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
     let path = path.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
     std::env::split_paths(path)
         .map(|dir| match (dir.is_relative(), cwd) {
             (true, Some(cwd)) => cwd.join(dir).join(program),
             _ => dir.join(program),
         })
-        .find(|candidate| executable(candidate))
+        .find(|candidate| is_executable(candidate))
         .ok_or_else(|| format!("{program}: not found on PATH ({})", path.to_string_lossy()))
+}
+
+/// Whether `path` is a file someone may execute.
+pub(crate) fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 #[cfg(test)]

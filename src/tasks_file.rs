@@ -370,19 +370,21 @@ impl CommandTask {
     /// an executable file, or a bare name found on no directory of PATH.
     pub fn program_problem(&self) -> Option<String> {
         let program = self.program();
-        let executable = |p: &Path| {
-            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        };
         if program.contains('/') {
             let path = match &self.cwd {
                 Some(cwd) => cwd.join(&program),
                 None => PathBuf::from(&program),
             };
-            return (!executable(&path)).then(|| format!("{program} is not an executable file"));
+            return (!crate::spawn::is_executable(&path))
+                .then(|| format!("{program} is not an executable file"));
         }
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let found = std::env::split_paths(&path).any(|dir| executable(&dir.join(&program)));
-        (!found).then(|| format!("{program} is on no directory of PATH"))
+        // Looked up as it will be when it runs: in the task's PATH if it sets one.
+        let path = self
+            .env
+            .get("PATH")
+            .map(std::ffi::OsString::from)
+            .or_else(|| std::env::var_os("PATH"));
+        crate::spawn::resolve(&program, path.as_deref(), self.cwd.as_deref()).err()
     }
 
     /// The argv for `bound` (the parameters by name, as the registry binds them): each
