@@ -59,6 +59,16 @@ impl Paths {
     }
 }
 
+/// Whether `name` is a plain name, as monitors, schedules and command tasks have: 1 to
+/// 200 of letters, digits, '_', '-' and '.' (it goes into routing keys, topics, logs).
+pub(crate) fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
 /// `$XDG_STATE_HOME/snapq`, else `~/.local/state/snapq`. The XDG spec says a relative
 /// value is invalid and must be ignored.
 fn default_home(xdg_state: Option<PathBuf>, home: Option<PathBuf>) -> Result<PathBuf> {

@@ -252,12 +252,7 @@ pub struct NewSchedule {
 
 /// A name of letters, digits, '_', '-' and '.', as monitors have.
 pub fn check_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > 200
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-    {
+    if !crate::config::is_plain_name(name) {
         return Err(Error::bad_input(
             "NAME",
             format!("{name:?}: a schedule's name is letters, digits, '_', '-' and '.'"),

@@ -238,12 +238,8 @@ pub fn parse(text: &str) -> std::result::Result<Vec<CommandTask>, String> {
 }
 
 fn check(name: &str, raw: RawTask) -> std::result::Result<CommandTask, String> {
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-    {
-        return Err("a task name is letters, digits, '_', '-' and '.'".into());
+    if !crate::config::is_plain_name(name) {
+        return Err("a task name is 1 to 200 letters, digits, '_', '-' and '.'".into());
     }
     if raw.command.is_empty() {
         return Err("command: give at least the program, e.g. [\"/usr/local/bin/resize\"]".into());

@@ -108,12 +108,7 @@ pub fn add(
 }
 
 fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 200
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok {
+    if crate::config::is_plain_name(name) {
         Ok(())
     } else {
         Err(Error::bad_input(
