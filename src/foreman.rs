@@ -59,7 +59,8 @@
 //!    the heartbeat happen here, on the thread that called `run`. The other threads only
 //!    post to channels: wake tokens, signal numbers, completions. `next_event` is the one
 //!    place that blocks. The loop's state is its own; the only locks other threads share
-//!    are telemetry's buffer mutexes, never held across I/O (src/telemetry.rs).
+//!    are telemetry's buffer mutexes and the pool's registry lock (written on SIGHUP,
+//!    read as a task starts), none held across I/O (src/telemetry.rs, src/pool.rs).
 //!    Under systemd the loop itself sends WATCHDOG=1 (src/systemd.rs), so a loop that
 //!    stops turning stops the pings and systemd restarts it.
 //!    Schedules fire here too (`fire_schedules`): each due tick's task is inserted in the
@@ -469,7 +470,7 @@ struct Foreman<'a> {
     /// When the next batch of task records is pruned: set by each heartbeat, and again
     /// `PRUNE_PAUSE` after a batch that found more to prune; None when nothing is left.
     next_prune: Option<Instant>,
-    /// How long tasks run lately (a moving average of the last few); polling pays only
+    /// How long tasks (not rounds) run lately (a moving average of the last few); polling pays only
     /// while it is below `SHORT_TASK`.
     typical_task: Duration,
     /// What a claim transaction costs lately; bounds `gather_completions`.
@@ -571,14 +572,16 @@ impl Foreman<'_> {
 
     fn run_loop(&mut self) -> Result<Stopped> {
         loop {
-            if self.ticks.maybe_due() {
-                self.fire_schedules();
-            }
             if self.rounds.maybe_due() && self.running.len() < self.config.workers {
                 self.start_due_rounds()?;
             }
             if self.maybe_due && self.fatal.is_none() && self.running.len() < self.config.workers {
                 self.claim_and_dispatch()?;
+            }
+            // After the claim: most wake-ups are enqueues, and their tasks need not wait
+            // for the read of the next schedule.
+            if self.ticks.maybe_due() {
+                self.fire_schedules();
             }
             // With more due, the claim that the next free slot brings carries the finished
             // tasks' states (a task only finishes by freeing a slot); otherwise they are
@@ -912,8 +915,11 @@ impl Foreman<'_> {
 
     fn finished(&mut self, done: Done) {
         self.running.remove(&done.key);
-        // An average over about the last eight tasks and rounds.
-        self.typical_task = (self.typical_task * 7 + done.duration) / 8;
+        // An average over about the last eight tasks (monitor rounds, HTTP calls of
+        // milliseconds, would stop the polling that a drain of short tasks needs).
+        if matches!(done.key, JobKey::Task(_)) {
+            self.typical_task = (self.typical_task * 7 + done.duration) / 8;
+        }
         match (done.key, done.outcome) {
             (JobKey::Round(name, version), Outcome::Round(done_round)) => {
                 let RoundDone {
