@@ -1185,20 +1185,23 @@ fn tasks(paths: &Paths, synchronous: Synchronous, json: bool) -> Result<()> {
     }
     let width = catalog.specs().map(|s| s.name.len()).max().unwrap_or(0);
     let mut out = String::new();
+    // One line a task (SPEC); a command task's line ends with its command.
     for spec in catalog.specs() {
+        let command = registry
+            .command(&spec.name)
+            .map(|c| {
+                format!(
+                    "  (runs {})",
+                    serde_json::Value::from(c.command_text.clone())
+                )
+            })
+            .unwrap_or_default();
         out.push_str(&format!(
-            "{:width$}  {}  {}\n",
+            "{:width$}  {}  {}{command}\n",
             spec.name,
             spec.signature(),
             spec.summary
         ));
-        if let Some(command) = registry.command(&spec.name) {
-            out.push_str(&format!(
-                "{:width$}  runs {}\n",
-                "",
-                serde_json::Value::from(command.command_text.clone())
-            ));
-        }
     }
     print(&out)
 }

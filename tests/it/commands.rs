@@ -87,11 +87,14 @@ fn arguments_arrive_as_single_literal_arguments_with_env_and_cwd() {
     let id = home.enqueue(&["args", "--kwargs", &kwargs]);
 
     // `snapq tasks` lists it with its parameters and command.
+    // One line a task (SPEC), the command task's with its command.
     let listed = home.ok(&["tasks"]);
+    let line = listed.lines().find(|l| l.starts_with("args ")).unwrap();
     assert!(
-        listed.contains("args") && listed.contains("\"c\"?: integer"),
+        line.contains("\"c\"?: integer") && line.contains(&format!("(runs [\"{args}\"")),
         "{listed}"
     );
+    assert_eq!(listed.lines().count(), 6, "{listed}");
     let listed: Value = serde_json::from_str(&home.ok(&["tasks", "--json"])).unwrap();
     let entry = listed
         .as_array()
