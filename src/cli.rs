@@ -1010,7 +1010,10 @@ fn show_task(paths: &Paths, synchronous: Synchronous, id: i64, json: bool) -> Re
         return print_json(&record);
     }
     let r = &record;
-    let mut out = format!("task {} ({}): {}\n", r.id, r.task, r.state);
+    let mut out = format!(
+        "task {} ({}): {}, attempt {}\n",
+        r.id, r.task, r.state, r.attempt
+    );
     out.push_str(&format!("  args {}  kwargs {}\n", r.args, r.kwargs));
     let at = |t: &Option<String>| t.clone().unwrap_or_else(|| "–".into());
     out.push_str(&format!(

@@ -192,7 +192,9 @@ fn exit_codes_signals_and_output_are_recorded() {
     assert_eq!(home.ok(&["logs", &ok.to_string()]), "hello\n");
     let text = home.ok(&["show", &exit3.to_string()]);
     assert!(
-        text.contains("exit code 3") && text.contains("    to stderr"),
+        text.starts_with(&format!("task {exit3} (exit3): failed, attempt 1\n"))
+            && text.contains("exit code 3")
+            && text.contains("    to stderr"),
         "{text}"
     );
     // A task with no record: exit 1, as `show`.
