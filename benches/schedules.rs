@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use snapq::db::{self, Synchronous};
-use snapq::schedules::{self, CatchUp, NewSchedule, When};
+use snapq::schedules::{self, Cadence, CatchUp, NewSchedule};
 
 const BIN: &str = env!("CARGO_BIN_EXE_snapq");
 const SCHEDULES: usize = 1_000;
@@ -35,9 +35,9 @@ fn main() {
     for i in 0..SCHEDULES {
         // Hourly at a minute that is not the next few; and intervals of an hour or more.
         let when = if i % 2 == 0 {
-            When::cron(&format!("{} 3 * * *", i % 60), Some("UTC")).unwrap()
+            Cadence::cron(&format!("{} 3 * * *", i % 60), Some("UTC")).unwrap()
         } else {
-            When::every(Duration::from_secs(3_600 + i as u64)).unwrap()
+            Cadence::every(Duration::from_secs(3_600 + i as u64)).unwrap()
         };
         schedules::add(
             &conn,

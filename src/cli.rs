@@ -746,7 +746,7 @@ fn schedule_command(
     synchronous: Synchronous,
     command: ScheduleCommand,
 ) -> Result<()> {
-    use crate::schedules::{self, NewSchedule, Shown, When};
+    use crate::schedules::{self, Cadence, NewSchedule, Shown};
     let writer = || -> Result<(rusqlite::Connection, WakeDir)> {
         let wake = WakeDir::prepare(&paths.wakeup_dir)?;
         Ok((db::open(&paths.db, synchronous)?, wake))
@@ -760,17 +760,17 @@ fn schedule_command(
             task: s.task.clone(),
             args: s.args.clone(),
             kwargs: s.kwargs.clone(),
-            when: queue::When::Now,
+            when: When::Now,
         })
     };
     let json_arg = |flag: &str, text: &Option<String>, empty: serde_json::Value| {
         text.as_deref()
             .map_or(Ok(empty), |t| queue::parse_json_arg(flag, t))
     };
-    let when_of = |spec: &ScheduleSpec| -> Result<Option<When>> {
+    let when_of = |spec: &ScheduleSpec| -> Result<Option<Cadence>> {
         match (&spec.cron, spec.every) {
-            (Some(expr), _) => Ok(Some(When::cron(expr, spec.tz.as_deref())?)),
-            (None, Some(every)) => Ok(Some(When::every(every)?)),
+            (Some(expr), _) => Ok(Some(Cadence::cron(expr, spec.tz.as_deref())?)),
+            (None, Some(every)) => Ok(Some(Cadence::every(every)?)),
             (None, None) => Ok(None),
         }
     };

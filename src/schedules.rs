@@ -40,9 +40,9 @@ const ON_TIME: Duration = Duration::from_secs(60);
 /// The shortest interval (`--every`).
 pub const MIN_EVERY: Duration = Duration::from_millis(100);
 
-/// When a schedule's ticks are.
+/// When a schedule's ticks are: a cron expression or an interval.
 #[derive(Debug, Clone)]
-pub enum When {
+pub enum Cadence {
     /// A cron expression in a time zone.
     Cron {
         expr: String,
@@ -54,10 +54,10 @@ pub enum When {
     Every(Duration),
 }
 
-impl When {
+impl Cadence {
     /// A 5-field cron expression (or `@hourly`, `@daily`, `@weekly`, `@monthly`,
     /// `@yearly`) in `zone` (an IANA name; the system's zone when not given).
-    pub fn cron(expr: &str, zone: Option<&str>) -> Result<When> {
+    pub fn cron(expr: &str, zone: Option<&str>) -> Result<Cadence> {
         let cron = CronParser::builder()
             .seconds(Seconds::Disallowed)
             .build()
@@ -90,7 +90,7 @@ impl When {
                 (TimeZone::get(&name).unwrap_or(TimeZone::UTC), name)
             }
         };
-        Ok(When::Cron {
+        Ok(Cadence::Cron {
             expr: expr.to_owned(),
             zone_name,
             cron: Box::new(cron),
@@ -98,7 +98,7 @@ impl When {
         })
     }
 
-    pub fn every(every: Duration) -> Result<When> {
+    pub fn every(every: Duration) -> Result<Cadence> {
         if every < MIN_EVERY {
             return Err(Error::bad_input(
                 "--every",
@@ -109,15 +109,15 @@ impl When {
                 ),
             ));
         }
-        Ok(When::Every(every))
+        Ok(Cadence::Every(every))
     }
 
     /// The first tick strictly after `t` (Unix µs); None if the expression never matches
     /// again.
     pub fn next_after(&self, t: i64) -> Option<i64> {
         match self {
-            When::Every(every) => Some(t.saturating_add(micros_of(*every))),
-            When::Cron { cron, zone, .. } => {
+            Cadence::Every(every) => Some(t.saturating_add(micros_of(*every))),
+            Cadence::Cron { cron, zone, .. } => {
                 let at = Timestamp::from_microsecond(t).ok()?.to_zoned(zone.clone());
                 let next = cron.find_next_occurrence(&at, false).ok()?;
                 Some(next.timestamp().as_microsecond())
@@ -128,18 +128,18 @@ impl When {
     /// How late the latest tick may be and still count as on time (`CatchUp::None`).
     fn on_time(&self) -> Duration {
         match self {
-            When::Every(every) => (*every).min(ON_TIME),
-            When::Cron { .. } => ON_TIME,
+            Cadence::Every(every) => (*every).min(ON_TIME),
+            Cadence::Cron { .. } => ON_TIME,
         }
     }
 
     /// `cron "*/5 * * * *" (Europe/Berlin)` or `every 30 s`.
     pub fn describe(&self) -> String {
         match self {
-            When::Cron {
+            Cadence::Cron {
                 expr, zone_name, ..
             } => format!("cron {expr:?} ({zone_name})"),
-            When::Every(every) => format!("every {} s", every.as_secs_f64()),
+            Cadence::Every(every) => format!("every {} s", every.as_secs_f64()),
         }
     }
 }
@@ -177,7 +177,7 @@ impl CatchUp {
 /// What to fire for a schedule whose next tick is `next_fire` at time `now`: the ticks
 /// to fire (nominal times, oldest first), the new `next_fire` (after `now`), and how many
 /// ticks were skipped.
-pub fn ticks(when: &When, catch_up: CatchUp, next_fire: i64, now: i64) -> Ticks {
+pub fn ticks(when: &Cadence, catch_up: CatchUp, next_fire: i64, now: i64) -> Ticks {
     let mut passed = Vec::new();
     let mut skipped = 0u64;
     let mut tick = Some(next_fire);
@@ -193,7 +193,7 @@ pub fn ticks(when: &When, catch_up: CatchUp, next_fire: i64, now: i64) -> Ticks 
         }
         tick = when.next_after(t);
         // An interval far behind: jump to the last tick before now rather than walk.
-        if let (When::Every(every), Some(next)) = (when, tick)
+        if let (Cadence::Every(every), Some(next)) = (when, tick)
             && catch_up != CatchUp::All
             && next <= now
         {
@@ -242,7 +242,7 @@ pub struct Ticks {
 #[derive(Debug, Clone)]
 pub struct NewSchedule {
     pub name: String,
-    pub when: When,
+    pub when: Cadence,
     pub task: String,
     pub args: Value,
     pub kwargs: Value,
@@ -261,12 +261,12 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn when_columns(when: &When) -> (Option<&str>, Option<&str>, Option<i64>) {
+fn when_columns(when: &Cadence) -> (Option<&str>, Option<&str>, Option<i64>) {
     match when {
-        When::Cron {
+        Cadence::Cron {
             expr, zone_name, ..
         } => (Some(expr.as_str()), Some(zone_name.as_str()), None),
-        When::Every(every) => (None, None, Some(micros_of(*every))),
+        Cadence::Every(every) => (None, None, Some(micros_of(*every))),
     }
 }
 
@@ -387,7 +387,7 @@ pub fn set_paused(conn: &Connection, name: &str, paused: bool) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct Stored {
     pub name: String,
-    pub when: When,
+    pub when: Cadence,
     pub task: String,
     pub args: String,
     pub kwargs: String,
@@ -420,8 +420,8 @@ fn stored(r: &rusqlite::Row) -> rusqlite::Result<std::result::Result<Stored, Unr
         let tz: Option<String> = r.get(2).map_err(text)?;
         let every: Option<i64> = r.get(3).map_err(text)?;
         let when = match (cron, every) {
-            (Some(expr), _) => When::cron(&expr, tz.as_deref()).map_err(|e| e.to_string())?,
-            (None, Some(us)) if us > 0 => When::Every(Duration::from_micros(us as u64)),
+            (Some(expr), _) => Cadence::cron(&expr, tz.as_deref()).map_err(|e| e.to_string())?,
+            (None, Some(us)) if us > 0 => Cadence::Every(Duration::from_micros(us as u64)),
             _ => return Err("neither a cron expression nor an interval".to_owned()),
         };
         Ok(Stored {
@@ -722,7 +722,7 @@ mod tests {
             .to_string()
     }
 
-    fn walk(when: &When, from: i64, n: usize) -> Vec<i64> {
+    fn walk(when: &Cadence, from: i64, n: usize) -> Vec<i64> {
         let mut out = Vec::new();
         let mut t = from;
         for _ in 0..n {
@@ -734,7 +734,7 @@ mod tests {
 
     #[test]
     fn cron_ticks_across_a_month() {
-        let when = When::cron("30 9 * * 1-5", Some("UTC")).unwrap();
+        let when = Cadence::cron("30 9 * * 1-5", Some("UTC")).unwrap();
         // Thursday 2026-01-01 00:00 UTC; weekdays at 09:30 in January: 22 of them.
         let ticks = walk(&when, at("UTC", 2026, 1, 1, 0, 0), 23);
         let january: Vec<_> = ticks
@@ -747,7 +747,7 @@ mod tests {
         // Then Monday the 5th: the weekend is skipped.
         assert_eq!(local("UTC", ticks[2]), "2026-01-05 09:30 UTC");
         assert_eq!(local("UTC", ticks[22]), "2026-02-02 09:30 UTC");
-        let hourly = When::cron("@hourly", Some("UTC")).unwrap();
+        let hourly = Cadence::cron("@hourly", Some("UTC")).unwrap();
         assert_eq!(
             walk(&hourly, at("UTC", 2026, 1, 31, 22, 10), 3)
                 .into_iter()
@@ -785,7 +785,7 @@ mod tests {
         ] {
             // 02:30 does not exist on the spring-forward day: it fires once, at the first
             // valid minute after the gap.
-            let daily = When::cron("30 2 * * *", Some(zone)).unwrap();
+            let daily = Cadence::cron("30 2 * * *", Some(zone)).unwrap();
             let (y, m, d) = spring;
             let shown: Vec<String> = walk(&daily, at(zone, y, m, d - 1, 12, 0), 2)
                 .into_iter()
@@ -794,7 +794,7 @@ mod tests {
             assert_eq!(shown, spring_ticks, "{zone}");
             // A time in the repeated hour fires once, at its first occurrence.
             let (y, m, d) = autumn;
-            let daily = When::cron(repeated, Some(zone)).unwrap();
+            let daily = Cadence::cron(repeated, Some(zone)).unwrap();
             let shown: Vec<String> = walk(&daily, at(zone, y, m, d, 0, 0), 2)
                 .into_iter()
                 .map(|t| local(zone, t))
@@ -805,7 +805,7 @@ mod tests {
 
     #[test]
     fn catch_up_after_three_hours_down() {
-        let when = When::every(Duration::from_secs(600)).unwrap();
+        let when = Cadence::every(Duration::from_secs(600)).unwrap();
         let next = at("UTC", 2026, 1, 1, 0, 10);
         let now = at("UTC", 2026, 1, 1, 3, 5);
         // Ticks at 00:10, 00:20, …, 03:00: 18 of them passed.
@@ -827,7 +827,7 @@ mod tests {
         assert_eq!(none.fire, [at("UTC", 2026, 1, 1, 3, 0)]);
         assert_eq!(none.skipped, 17);
         // An hourly cron schedule back at 03:59: 01:00, 02:00 and 03:00 are all missed.
-        let hourly = When::cron("0 * * * *", Some("UTC")).unwrap();
+        let hourly = Cadence::cron("0 * * * *", Some("UTC")).unwrap();
         let late = ticks(
             &hourly,
             CatchUp::None,
@@ -848,7 +848,7 @@ mod tests {
             }
         );
         // `all` is bounded.
-        let second = When::every(Duration::from_secs(1)).unwrap();
+        let second = Cadence::every(Duration::from_secs(1)).unwrap();
         let capped = ticks(&second, CatchUp::All, next, next + 3_600_000_000);
         assert_eq!(capped.fire.len(), MAX_CATCH_UP);
         assert_eq!(capped.skipped, 3_601 - MAX_CATCH_UP as u64);
@@ -864,7 +864,7 @@ mod tests {
         .unwrap();
         let new = NewSchedule {
             name: "j".into(),
-            when: When::every(Duration::from_secs(1)).unwrap(),
+            when: Cadence::every(Duration::from_secs(1)).unwrap(),
             task: "noop".into(),
             args: serde_json::json!([]),
             kwargs: serde_json::json!({}),
@@ -925,12 +925,12 @@ mod tests {
     #[test]
     fn bad_expressions_and_zones_are_refused() {
         for expr in ["* * * *", "61 * * * *", "* * * * * *", "@sometimes", ""] {
-            assert!(When::cron(expr, Some("UTC")).is_err(), "{expr}");
+            assert!(Cadence::cron(expr, Some("UTC")).is_err(), "{expr}");
         }
-        let err = When::cron("* * * * *", Some("Mars/Olympus"))
+        let err = Cadence::cron("* * * * *", Some("Mars/Olympus"))
             .unwrap_err()
             .to_string();
         assert!(err.contains("Mars/Olympus"), "{err}");
-        assert!(When::every(Duration::ZERO).is_err());
+        assert!(Cadence::every(Duration::ZERO).is_err());
     }
 }

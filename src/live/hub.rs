@@ -812,11 +812,8 @@ impl Hub {
         let elapsed = self.last_sample.elapsed().as_secs_f64().max(1e-3);
         self.last_sample = Instant::now();
         let rate = |n: u64| (n as f64 / elapsed * 100.0).round() / 100.0;
-        let wait_p95_ms = (!self.tick_waits.is_empty()).then(|| {
-            self.tick_waits.sort_unstable_by(f64::total_cmp);
-            let rank = ((self.tick_waits.len() as f64) * 0.95).ceil() as usize;
-            self.tick_waits[rank.clamp(1, self.tick_waits.len()) - 1]
-        });
+        // Nearest rank, as `snapq stats` computes it.
+        let wait_p95_ms = crate::stats::Summary::of(&mut self.tick_waits).map(|s| s.p95);
         let sample = Sample {
             at_ms: now / 1000,
             finished_per_second: rate(std::mem::take(&mut self.tick_finished)),
