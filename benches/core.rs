@@ -491,6 +491,7 @@ fn wakeup_latency(
             name: "stamp".into(),
             summary: "reports its start time to the benchmark".into(),
             params: vec![],
+            retry: None,
         },
         move |ctx, _| {
             started_tx

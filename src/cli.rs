@@ -133,8 +133,9 @@ pub enum Command {
     },
     /// Task records, newest first: id, task, state, finished, duration, error
     History {
-        /// Only tasks in this state (repeat for several): running, succeeded, failed,
-        /// panicked, rejected, timed_out, abandoned, lost, cancelled
+        /// Only tasks in this state (repeat for several): queued (waiting for a retry),
+        /// running, succeeded, failed, panicked, rejected, timed_out, abandoned, lost,
+        /// cancelled, dead
         #[arg(long = "state", value_name = "STATE")]
         states: Vec<String>,
         /// Only tasks of this name
@@ -155,6 +156,13 @@ pub enum Command {
         /// The ids `enqueue` printed
         #[arg(required = true, value_name = "ID")]
         ids: Vec<i64>,
+    },
+    /// Enqueue again a task that ended failed, dead, lost, abandoned or timed_out: the same
+    /// id, its next attempt, due now; exit 1 for a task in another state or no such task
+    Retry {
+        /// The id `enqueue` printed
+        #[arg(value_name = "ID")]
+        id: i64,
     },
     /// Summarise the telemetry: count, mean, p50, p95, p99, max per label, and the latest
     /// resource figures
@@ -505,6 +513,7 @@ pub fn execute(cli: Cli) -> Result<()> {
             json,
         } => show_history(&paths, g.synchronous, states, task, since, limit, json),
         Command::Cancel { ids } => cancel(&paths, g.synchronous, &ids),
+        Command::Retry { id } => retry(&paths, g.synchronous, id),
         Command::Monitor(command) => monitor_command(&paths, g.synchronous, command),
         Command::Schedule(command) => schedule_command(&paths, g.synchronous, command),
     }
@@ -1084,12 +1093,14 @@ fn show_history(
     json: bool,
 ) -> Result<()> {
     for state in &states {
-        if !crate::records::STATES[1..].contains(&state.as_str()) {
+        // `queued`: a record waits for its next attempt (a retry); tasks queued for their
+        // first run have no record yet.
+        if !crate::records::STATES.contains(&state.as_str()) {
             return Err(Error::bad_input(
                 "--state",
                 format!(
                     "{state:?} is not a state a record has; give one of {}",
-                    crate::records::STATES[1..].join(", ")
+                    crate::records::STATES.join(", ")
                 ),
             ));
         }
@@ -1152,6 +1163,26 @@ fn cancel(paths: &Paths, synchronous: Synchronous, ids: &[i64]) -> Result<()> {
         Ok(())
     } else {
         Err(Error::NotThere(refused.join("; ")))
+    }
+}
+
+fn retry(paths: &Paths, synchronous: Synchronous, id: i64) -> Result<()> {
+    use crate::records::{RETRYABLE, Retried};
+    if !paths.db.exists() {
+        return Err(no_task(id));
+    }
+    let wake = WakeDir::prepare(&paths.wakeup_dir)?;
+    let conn = db::open(&paths.db, synchronous)?;
+    match crate::records::retry(&conn, id)? {
+        Retried::Queued { attempt } => {
+            wake.wake_after_commit("the task is");
+            print(&format!("task {id} queued again (attempt {attempt})\n"))
+        }
+        Retried::Refused(state) => Err(Error::NotThere(format!(
+            "task {id} is {state}: only a task that ended {} can be retried",
+            RETRYABLE.join(", ")
+        ))),
+        Retried::Unknown => Err(no_task(id)),
     }
 }
 

@@ -43,6 +43,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0009_schedules",
         include_str!("../migrations/0009_schedules.sql"),
     ),
+    (
+        "0010_retries",
+        include_str!("../migrations/0010_retries.sql"),
+    ),
 ];
 
 /// The schema version this build writes and understands.
@@ -254,6 +258,29 @@ pub(crate) fn set_and_verify(conn: &Connection, pragma: &str, value: i64) -> Res
         )));
     }
     Ok(())
+}
+
+/// Runs `body` in a `BEGIN IMMEDIATE` transaction (the write lock taken first, so a busy
+/// database fails at the start, not halfway): committed if it returns Ok, rolled back,
+/// changing nothing, if it or the commit fails. `what` names the work in errors ("the
+/// claim"). The statements come from the connection's cache: the loop runs this
+/// thousands of times a second.
+pub(crate) fn immediate<T>(
+    conn: &Connection,
+    what: &str,
+    body: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let run = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(drop);
+    // The contexts are formatted only on an error: this is the drain's hot path.
+    run("BEGIN IMMEDIATE").map_err(|e| Error::sqlite(format!("starting {what}"))(e))?;
+    let result = body().and_then(|value| {
+        run("COMMIT").map_err(|e| Error::sqlite(format!("committing {what}"))(e))?;
+        Ok(value)
+    });
+    if result.is_err() && !conn.is_autocommit() {
+        let _ = run("ROLLBACK");
+    }
+    result
 }
 
 fn migrate(conn: &Connection, path: &Path, found: i64) -> Result<()> {

@@ -75,6 +75,19 @@
 //!    (kill -9, a crash) is marked `lost` when the next foreman starts, or within a few
 //!    seconds by another foreman on the same database (`find_dead_foremen`, at each
 //!    heartbeat), each logged by id (`records::mark_lost`); a live foreman keeps its own.
+//! 10. **At least once, where asked.** A task type with a retry policy (`retry_policies`)
+//!     is claimed by the same statement and transaction as any other, but its record
+//!     carries `max_attempts`: the record, naming this foreman, is the lease. The loop
+//!     keeps the policy of each running lease in `leases`; its end goes to
+//!     `records::settle_lease` in the next claim or settle transaction, which writes the
+//!     queue row back (same id, next attempt, due after the backoff) or records it `dead`.
+//!     Nothing between the claim and that commit can drop the task: a `kill -9` leaves the
+//!     record `running`, and `records::mark_lost` (at start, and at each heartbeat for dead
+//!     foremen, as in invariant 9) writes the row back. The only runs twice are those whose
+//!     foreman died or stopped at the deadline before their end was committed. A live
+//!     foreman's leases are never written back: `mark_lost` skips the pids of foremen
+//!     alive on the database (fresh heartbeat, a live snapq foreman process). Types
+//!     without a policy have no `max_attempts`, and invariant 1 holds for them unchanged.
 //! 11. **The loop keeps turning.** After start-up the loop's two connections wait at most
 //!     `db::LOOP_BUSY_TIMEOUT` (100 ms) for a write lock another process holds (a bulk
 //!     enqueue of millions of lines, a backup, `sqlite3` left in a transaction). A write that
@@ -106,7 +119,7 @@ use crate::pidfile::PidFile;
 use crate::pool::{Done, Job, JobKey, Outcome, Pool, RoundDone, RoundJob, round_ms};
 use crate::queue;
 use crate::records;
-use crate::registry::Registry;
+use crate::registry::{Registry, RetryPolicy};
 use crate::signals::SignalThread;
 use crate::sink::{FileSink, Sink};
 use crate::systemd::Notifier;
@@ -314,15 +327,12 @@ pub fn run_with_sink(
     let started_at = now_micros();
     let pid = std::process::id();
     heartbeat::register(&conn, pid, started_at, config.workers)?;
-    // Records left `running` by foremen that are gone: those tasks were lost with them.
-    for (id, task) in records::mark_lost(&conn, &heartbeat::live_foremen(&conn, pid)?)? {
-        tracing::warn!(
-            id,
-            %task,
-            "task lost: it was running when its foreman ended (kill -9, a crash, a power \
-             loss); recorded as lost, not run again"
-        );
-    }
+    // Records left `running` by foremen that are gone: those tasks were lost with them,
+    // or, if leased, go back in the queue.
+    log_orphans(records::mark_lost(
+        &conn,
+        &heartbeat::live_foremen(&conn, pid)?,
+    )?);
     // From here on the loop's writes give up on a held lock quickly and are retried on the
     // loop's own schedule (invariant 11); the writes above may wait for it as long as any
     // enqueuer does.
@@ -338,6 +348,7 @@ pub fn run_with_sink(
     // Capacity = workers: each slot has at most one report outstanding (src/pool.rs).
     let (done_tx, done_rx) = bounded::<Done>(config.workers);
     let max_kill_after = registry.max_kill_after();
+    let retry_policies = registry.retry_policies();
     let pool = Pool::start(
         config.workers,
         Arc::new(registry),
@@ -367,6 +378,8 @@ pub fn run_with_sink(
         signal_rx: signals.rx.clone(),
         done_rx,
         running: HashMap::with_capacity(config.workers),
+        retry_policies,
+        leases: HashMap::new(),
         maybe_due: true,
         next_due: None,
         last_read: Instant::now(),
@@ -459,6 +472,11 @@ struct Foreman<'a> {
     /// Jobs handed to workers and not yet reported: key → (name, start). Its length is
     /// the number of busy slots.
     running: HashMap<JobKey, (String, Instant)>,
+    /// The task types run at least once, by name (the registry's, again at each SIGHUP).
+    retry_policies: HashMap<String, RetryPolicy>,
+    /// The running tasks claimed as leases (invariant 10), with the policy they were
+    /// claimed under: their ends go to `records` with it.
+    leases: HashMap<i64, RetryPolicy>,
     /// False only after a claim came back short (no more due rows) and nothing since
     /// suggested new ones: then completions need no claim query.
     maybe_due: bool,
@@ -763,6 +781,7 @@ impl Foreman<'_> {
             "SIGHUP: tasks file read again"
         );
         self.max_kill_after = self.max_kill_after.max(registry.max_kill_after());
+        self.retry_policies = registry.retry_policies();
         if let Some(pool) = &self.pool {
             pool.reload(registry);
         }
@@ -841,12 +860,14 @@ impl Foreman<'_> {
         let started = Instant::now();
         self.last_read = started;
         let mut sweep = self.sweep_undated;
+        let policies = &self.retry_policies;
         // One transaction: the finished tasks' states, the claim, the claimed tasks'
-        // records (invariants 1 and 9).
+        // records (invariants 1, 9 and 10).
         let claimed = records::claim(
             &self.conn,
             &mut self.finished_tasks,
             &self.claimer,
+            |name| policies.get(name).map(RetryPolicy::max_attempts),
             |conn| {
                 let mut claimed = queue::claim(conn, now_micros(), asked)?;
                 if sweep && claimed.len() < asked {
@@ -896,6 +917,9 @@ impl Foreman<'_> {
         let short = claimed.len() < asked;
         pool.set_backlog(!short && self.typical_task < SHORT_TASK);
         for task in claimed {
+            if let Some(policy) = self.retry_policies.get(&task.task_name) {
+                self.leases.insert(task.id, *policy);
+            }
             self.running.insert(
                 JobKey::Task(task.id),
                 (task.task_name.clone(), Instant::now()),
@@ -969,6 +993,7 @@ impl Foreman<'_> {
                     error,
                     at: now_micros(),
                     command: done.command,
+                    retry: self.leases.remove(&id),
                 });
             }
             (JobKey::Round(..), _) => {}
@@ -982,7 +1007,13 @@ impl Foreman<'_> {
             return;
         }
         match records::settle(&self.conn, &mut self.finished_tasks) {
-            Ok(()) => self.db_free(),
+            Ok(requeued) => {
+                self.db_free();
+                // A retry put back: the loop must wake for it.
+                if let Some(due) = requeued {
+                    self.next_due = Some(self.next_due.map_or(due, |t| t.min(due)));
+                }
+            }
             Err(e) => {
                 self.db_failed("recording finished tasks", &e);
             }
@@ -1222,19 +1253,17 @@ impl Foreman<'_> {
             }
             let mut alive = heartbeat::live_foremen(&self.books, me)?;
             alive.push(me);
-            for (id, task) in records::mark_lost(&self.books, &alive)? {
-                tracing::warn!(
-                    id,
-                    %task,
-                    "task lost: it was running when its foreman ended (kill -9, a crash, a \
-                     power loss); recorded as lost, not run again"
-                );
+            let orphans = records::mark_lost(&self.books, &alive)?;
+            if orphans.iter().any(|o| o.state == "queued") {
+                self.maybe_due = true;
             }
+            log_orphans(orphans);
             for pid in dead {
                 heartbeat::unregister(&self.books, pid)?;
                 tracing::warn!(
                     pid,
-                    "a foreman on this database died; its running tasks are lost"
+                    "a foreman on this database died; its running tasks are lost, or back \
+                     in the queue if they have retries"
                 );
             }
             Ok(())
@@ -1364,6 +1393,7 @@ impl Foreman<'_> {
                         error: Some(format!("{why}: the foreman exited while it ran")),
                         at: now_micros(),
                         command: None,
+                        retry: self.leases.remove(id),
                     });
                 }
                 JobKey::Round(monitor, version) => tracing::warn!(
@@ -1377,6 +1407,31 @@ impl Foreman<'_> {
         self.settle_tasks();
         Stopped::Abandoned {
             tasks: self.running.len(),
+        }
+    }
+}
+
+/// Logs what became of the tasks of a foreman that died (`records::mark_lost`).
+fn log_orphans(orphans: Vec<records::Orphan>) {
+    for records::Orphan { id, task, state } in orphans {
+        match state.as_str() {
+            "queued" => tracing::warn!(
+                id,
+                %task,
+                "task rescued: it was running when its foreman ended (kill -9, a crash, a \
+                 power loss); it has retries, so it is back in the queue for its next attempt"
+            ),
+            "dead" => tracing::warn!(
+                id,
+                %task,
+                "task dead: it was running its last attempt when its foreman ended"
+            ),
+            _ => tracing::warn!(
+                id,
+                %task,
+                "task lost: it was running when its foreman ended (kill -9, a crash, a \
+                 power loss); recorded as lost, not run again"
+            ),
         }
     }
 }

@@ -61,7 +61,7 @@ pub(crate) fn live_foremen(conn: &Connection, me: u32) -> Result<Vec<u32>> {
         };
         if pid != me
             && now - beat_at < crate::status::STALE_AFTER_MICROS
-            && crate::pidfile::is_snapq_process(pid as i32)
+            && crate::pidfile::is_snapq_foreman(pid as i32)
         {
             alive.push(pid);
         }
@@ -84,6 +84,6 @@ pub(crate) fn dead_foremen(conn: &Connection, me: u32) -> Result<Vec<i64>> {
         .map_err(Error::sqlite("reading foremen"))?;
     Ok(stale
         .into_iter()
-        .filter(|pid| !i32::try_from(*pid).is_ok_and(crate::pidfile::is_snapq_process))
+        .filter(|pid| !i32::try_from(*pid).is_ok_and(crate::pidfile::is_snapq_foreman))
         .collect())
 }

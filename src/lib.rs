@@ -12,6 +12,7 @@
 //!         name: "greet".into(),
 //!         summary: "prints a greeting".into(),
 //!         params: vec![Param::required("who", Kind::String)],
+//!         retry: None,
 //!     },
 //!     |_ctx, args| {
 //!         println!("hello, {}", args.str("who").unwrap_or("world"));

@@ -61,7 +61,7 @@ impl PidFile {
         }
         let me = std::process::id() as i32;
         match recorded {
-            Some(pid) if pid != me && is_snapq_process(pid) => {
+            Some(pid) if pid != me && is_snapq_foreman(pid) => {
                 return Err(Error::ForemanRunning {
                     pid,
                     path: path.to_owned(),
@@ -126,6 +126,20 @@ pub fn process_runs(pid: i32) -> bool {
 }
 
 /// Whether `pid` is a live process running a snapq binary.
+/// Whether `pid` is a snapq foreman: a snapq process (`is_snapq_process`) whose command
+/// line has `run`. A stale pid file or heartbeat names a pid the kernel may since have
+/// given to another process, and on a busy machine (thousands of short processes a
+/// second: command tasks, scripts calling `snapq show`) that is soon another snapq
+/// command; only a foreman counts as the one the file or row meant.
+pub fn is_snapq_foreman(pid: i32) -> bool {
+    is_snapq_process(pid)
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .split(|&b| b == 0)
+            .skip(1)
+            .any(|arg| arg == b"run")
+}
+
 pub fn is_snapq_process(pid: i32) -> bool {
     if !process_exists(pid) {
         return false;

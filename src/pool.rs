@@ -374,8 +374,9 @@ fn run_one<'a>(task: &Claimed, shared: &'a Shared, slot: &mut Slot<'a>) -> Outco
         Runner::Rust { timeout, .. } => *timeout,
         Runner::Command(command) => command.timeout,
     };
-    let ctx = TaskContext::with_live(task.id, Arc::clone(&entry.name), shared.live.clone())
+    let mut ctx = TaskContext::with_live(task.id, Arc::clone(&entry.name), shared.live.clone())
         .cancellable(timeout, Arc::clone(&shared.stop));
+    ctx.attempt = task.attempt;
     // How long after its due time the task starts: the foreman's lateness, which is
     // what an operator watches (the wait since creation includes any --delay).
     let now = now_micros();
@@ -449,7 +450,7 @@ fn run_command(
     let env = [
         ("SNAPQ_TASK_ID", task.id.to_string()),
         ("SNAPQ_TASK_NAME", entry.spec.name.clone()),
-        ("SNAPQ_ATTEMPT", "1".to_owned()),
+        ("SNAPQ_ATTEMPT", task.attempt.to_string()),
     ];
     let mut progress = |line: &[u8]| ctx.progress(f64::NAN, String::from_utf8_lossy(line));
     let on_line: Option<&mut command::OnLine<'_>> = if ctx.wants_progress() {

@@ -357,6 +357,8 @@ pub struct Claimed {
     pub created_at: i64,
     /// When it became due: `run_at`, or `created_at` if that is NULL.
     pub due: i64,
+    /// Which run this is, from 1 (a retried task comes back with its next attempt).
+    pub attempt: i64,
     /// Why the row cannot run as its writer wrote it (text that is not UTF-8, a time that
     /// is not a number), if so. The worker rejects such a task (invariant 7); the other rows
     /// claimed with it run as usual.
@@ -429,7 +431,14 @@ fn read_claimed(r: &rusqlite::Row) -> rusqlite::Result<Claimed> {
     let kwargs = read_text(r.get_ref(3)?, "kwargs", &mut problems);
     let created_at = read_time(r.get_ref(4)?, "created_at", &mut problems).unwrap_or(0);
     let due = read_time(r.get_ref(5)?, "run_at", &mut problems).unwrap_or(created_at);
+    // A writer's odd attempt (text, NULL) is taken as the first: the count only shapes
+    // retries, and refusing the row for it would lose the task.
+    let attempt = match r.get_ref(6)? {
+        ValueRef::Integer(a) if a >= 1 => a,
+        _ => 1,
+    };
     Ok(Claimed {
+        attempt,
         id,
         task_name,
         args,
@@ -494,18 +503,18 @@ fn read_time(value: ValueRef, column: &str, problems: &mut Vec<String>) -> Optio
 const CLAIM_ONE: &str = "DELETE FROM tasks WHERE id = (SELECT id FROM tasks \
      WHERE coalesce(run_at, created_at) <= ?1 \
      ORDER BY coalesce(run_at, created_at), id LIMIT ?2) \
-     RETURNING id, task_name, args, kwargs, created_at, run_at";
+     RETURNING id, task_name, args, kwargs, created_at, run_at, attempt";
 
 const CLAIM_MANY: &str = "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks \
      WHERE coalesce(run_at, created_at) <= ?1 \
      ORDER BY coalesce(run_at, created_at), id LIMIT ?2) \
-     RETURNING id, task_name, args, kwargs, created_at, run_at";
+     RETURNING id, task_name, args, kwargs, created_at, run_at, attempt";
 
 /// Rows whose due time is text or a BLOB (see `has_undated`).
 const CLAIM_UNDATED: &str = "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks \
      WHERE coalesce(run_at, created_at) >= '' \
      ORDER BY coalesce(run_at, created_at), id LIMIT ?1) \
-     RETURNING id, task_name, args, kwargs, created_at, run_at";
+     RETURNING id, task_name, args, kwargs, created_at, run_at, attempt";
 
 /// The due time of the next task, if any (Unix microseconds). Rows whose due time is not a
 /// number sort last and give `None`: the foreman's sweep (`claim_undated`) takes them.
@@ -574,6 +583,15 @@ pub fn counts(conn: &Connection, now: i64) -> Result<Counts> {
     .map_err(Error::sqlite("counting tasks"))
 }
 
+/// How many queued tasks wait for a retry (attempt 2 or later), through the partial index
+/// `tasks_retrying`.
+pub fn count_retrying(conn: &Connection) -> Result<i64> {
+    conn.query_row("SELECT count(*) FROM tasks WHERE attempt > 1", [], |r| {
+        r.get(0)
+    })
+    .map_err(Error::sqlite("counting tasks waiting for a retry"))
+}
+
 /// The task types recorded by foremen (`task_types`).
 pub fn recorded_task_types(conn: &Connection) -> Result<Vec<TaskSpec>> {
     let mut stmt = conn
@@ -594,10 +612,12 @@ pub fn recorded_task_types(conn: &Connection) -> Result<Vec<TaskSpec>> {
         // A row we cannot read (written by hand, or by a future version) is skipped rather
         // than making every enqueue fail.
         if let Ok(params) = serde_json::from_str(&params) {
+            // The retry policy is the foreman's business, not the enqueuer's.
             specs.push(TaskSpec {
                 name,
                 summary,
                 params,
+                retry: None,
             });
         }
     }

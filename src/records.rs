@@ -33,12 +33,14 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::clock::{format_micros, now_micros};
+use crate::db;
 use crate::error::{Error, Result};
 use crate::pool::CommandEnd;
 use crate::queue::Claimed;
+use crate::registry::RetryPolicy;
 
 /// Every state a task can be in, as `show` and `history` name them.
-pub const STATES: [&str; 10] = [
+pub const STATES: [&str; 11] = [
     "queued",
     "running",
     "succeeded",
@@ -49,6 +51,7 @@ pub const STATES: [&str; 10] = [
     "abandoned",
     "lost",
     "cancelled",
+    "dead",
 ];
 
 /// A task's end, waiting to be written.
@@ -62,6 +65,9 @@ pub struct Finish {
     pub at: i64,
     /// A command task's exit code, signal and output.
     pub command: Option<Box<CommandEnd>>,
+    /// The policy of a task claimed as a lease (at least once): a failure puts it back in
+    /// the queue rather than ending it, until its attempts run out.
+    pub retry: Option<RetryPolicy>,
 }
 
 /// Who claims: written into each record.
@@ -86,22 +92,25 @@ impl Claimer {
 /// In one transaction: writes the final states in `finished` (emptying it), runs `claim`
 /// (which deletes queue rows and returns them) and writes a `running` record for each
 /// claimed task. On an error nothing is written and `finished` is kept for next time.
+///
+/// `leased` gives a task type's number of attempts if it is run at least once: its record
+/// then holds them (`max_attempts`), which makes the record a lease (invariant 10).
 pub fn claim(
     conn: &Connection,
     finished: &mut Vec<Finish>,
     claimer: &Claimer,
+    leased: impl Fn(&str) -> Option<i64>,
     claim: impl FnOnce(&Connection) -> Result<Vec<Claimed>>,
 ) -> Result<Vec<Claimed>> {
-    run(conn, "BEGIN IMMEDIATE").map_err(Error::sqlite("starting the claim"))?;
-    let result = (|| {
+    let claimed = db::immediate(conn, "the claim", || {
         write_finished(conn, finished)?;
         let claimed = claim(conn)?;
         let now = now_micros();
         let mut insert = conn
             .prepare_cached(
                 "INSERT OR REPLACE INTO task_records (id, task_name, args, kwargs, enqueued_at, \
-                 due_at, started_at, state, foreman_pid, host) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8, ?9)",
+                 due_at, started_at, state, foreman_pid, host, attempt, max_attempts) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8, ?9, ?10, ?11)",
             )
             .map_err(Error::sqlite("preparing the record insert"))?;
         for task in &claimed {
@@ -115,53 +124,36 @@ pub fn claim(
                     task.due,
                     now,
                     claimer.pid,
-                    claimer.host
+                    claimer.host,
+                    task.attempt,
+                    leased(&task.task_name)
                 ])
                 .map_err(Error::sqlite("recording a claimed task"))?;
         }
         Ok(claimed)
-    })();
-    match result {
-        Ok(claimed) => {
-            run(conn, "COMMIT").map_err(Error::sqlite("committing the claim"))?;
-            finished.clear();
-            Ok(claimed)
-        }
-        Err(e) => {
-            let _ = run(conn, "ROLLBACK");
-            Err(e)
-        }
-    }
-}
-
-/// Runs a transaction-control statement from the connection's statement cache: the claim
-/// runs thousands of times a second, and parsing BEGIN and COMMIT each time shows.
-fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(sql)?.execute([]).map(drop)
+    })?;
+    finished.clear();
+    Ok(claimed)
 }
 
 /// Writes the final states in `finished` in a transaction of their own, emptying it.
-pub fn settle(conn: &Connection, finished: &mut Vec<Finish>) -> Result<()> {
+/// Returns when the earliest task it put back for a retry is due (the caller's next due
+/// time may need to move up to it).
+pub fn settle(conn: &Connection, finished: &mut Vec<Finish>) -> Result<Option<i64>> {
     if finished.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    conn.execute_batch("BEGIN IMMEDIATE")
-        .map_err(Error::sqlite("starting to record finished tasks"))?;
-    match write_finished(conn, finished) {
-        Ok(()) => {
-            conn.execute_batch("COMMIT")
-                .map_err(Error::sqlite("committing finished tasks"))?;
-            finished.clear();
-            Ok(())
-        }
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(e)
-        }
-    }
+    let requeued = db::immediate(conn, "recording finished tasks", || {
+        write_finished(conn, finished)
+    })?;
+    finished.clear();
+    Ok(requeued)
 }
 
-fn write_finished(conn: &Connection, finished: &[Finish]) -> Result<()> {
+/// Writes each end; a leased task's failure puts it back instead (`settle_lease`). Returns
+/// the earliest due time of the tasks put back.
+fn write_finished(conn: &Connection, finished: &[Finish]) -> Result<Option<i64>> {
+    let mut requeued: Option<i64> = None;
     let mut update = conn
         .prepare_cached(
             "UPDATE task_records SET state = ?2, error = ?3, finished_at = ?4, \
@@ -171,6 +163,14 @@ fn write_finished(conn: &Connection, finished: &[Finish]) -> Result<()> {
         )
         .map_err(Error::sqlite("preparing the record update"))?;
     for f in finished {
+        if let Some(policy) = &f.retry
+            && matches!(f.state, "failed" | "panicked" | "timed_out" | "abandoned")
+        {
+            if let Some(due) = settle_lease(conn, f, policy)? {
+                requeued = Some(requeued.map_or(due, |r| r.min(due)));
+            }
+            continue;
+        }
         let c = f.command.as_deref();
         update
             .execute(params![
@@ -185,13 +185,108 @@ fn write_finished(conn: &Connection, finished: &[Finish]) -> Result<()> {
             ])
             .map_err(Error::sqlite("recording a finished task"))?;
     }
+    Ok(requeued)
+}
+
+/// A leased task that failed, timed out, panicked or was stopped at the graceful deadline:
+/// back into the queue under its id with its next attempt, due after its backoff (at once
+/// when the foreman stopped it: that was not the task's failure, and it goes back whatever
+/// its attempts), or `dead` when its last attempt failed. Returns the due time it was put
+/// back for. A lease that is not `running` any more (another foreman found this one dead
+/// and rescued it) is left as it is.
+fn settle_lease(conn: &Connection, f: &Finish, policy: &RetryPolicy) -> Result<Option<i64>> {
+    let lease: Option<(i64, i64)> = conn
+        .prepare_cached(
+            "SELECT attempt, coalesce(max_attempts, 1) FROM task_records \
+             WHERE id = ?1 AND state = 'running'",
+        )
+        .and_then(|mut s| {
+            s.query_row([f.id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(Error::sqlite("reading a lease"))?;
+    let Some((attempt, max_attempts)) = lease else {
+        return Ok(None);
+    };
+    let error = f.error.as_deref().unwrap_or("failed");
+    let c = f.command.as_deref();
+    let released = f.state == "abandoned";
+    if !released && attempt >= max_attempts {
+        conn.prepare_cached(
+            "UPDATE task_records SET state = 'dead', error = ?2, finished_at = ?3, \
+             exit_code = ?4, signal = ?5, output = ?6, output_truncated = ?7 WHERE id = ?1",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                f.id,
+                format!("{error} (attempt {attempt} of {max_attempts}: no retries left)"),
+                f.at,
+                c.and_then(|c| c.exit_code),
+                c.and_then(|c| c.signal.as_deref()),
+                c.map(|c| c.output.as_slice()),
+                c.map(|c| c.truncated)
+            ])
+        })
+        .map_err(Error::sqlite("recording a dead task"))?;
+        return Ok(None);
+    }
+    let wait = if released {
+        std::time::Duration::ZERO
+    } else {
+        policy.delay(attempt, fastrand::f64())
+    };
+    let due = f.at.saturating_add(crate::clock::micros_of(wait));
+    let why = if released {
+        format!("attempt {attempt} was stopped: {error}")
+    } else {
+        format!("attempt {attempt} of {max_attempts} {}: {error}", f.state)
+    };
+    requeue(conn, f.id, due, &why, c)?;
+    Ok(Some(due))
+}
+
+/// Writes leased task `id`'s queue row back from its record, with the next attempt, due at
+/// `due`, and marks the record `queued`, keeping the last attempt's error and output.
+fn requeue(
+    conn: &Connection,
+    id: i64,
+    due: i64,
+    why: &str,
+    command: Option<&CommandEnd>,
+) -> Result<()> {
+    // OR IGNORE: an id never repeats in the queue, and a row somehow there already must
+    // not fail the transaction that carries every other task's end.
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO tasks (id, task_name, args, kwargs, created_at, run_at, attempt) \
+         SELECT id, task_name, args, kwargs, enqueued_at, ?2, attempt + 1 \
+         FROM task_records WHERE id = ?1",
+    )
+    .and_then(|mut s| s.execute(params![id, due]))
+    .map_err(Error::sqlite("putting a task back in the queue"))?;
+    conn.prepare_cached(
+        "UPDATE task_records SET state = 'queued', attempt = attempt + 1, due_at = ?2, \
+         started_at = NULL, finished_at = NULL, error = ?3, exit_code = ?4, signal = ?5, \
+         output = ?6, output_truncated = ?7 WHERE id = ?1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            id,
+            due,
+            why,
+            command.and_then(|c| c.exit_code),
+            command.and_then(|c| c.signal.as_deref()),
+            command.map(|c| c.output.as_slice()),
+            command.map(|c| c.truncated)
+        ])
+    })
+    .map_err(Error::sqlite("recording a retry"))?;
     Ok(())
 }
 
 /// Deletes, of the `batch` oldest records, those that ended before `cutoff` (Unix µs) or
 /// whose id is more than `max_rows` below the newest record's, in one short transaction.
 /// Returns how many it deleted; the caller repeats while it deletes a whole batch.
-/// Running records are never pruned. Ids are the tasks' ids, dense but for tasks still
+/// Running records, and those of tasks waiting for a retry, are never pruned. Ids are the tasks' ids, dense but for tasks still
 /// queued, so "more than `max_rows` below the newest" keeps about the newest `max_rows`.
 ///
 /// Only the oldest `batch` rows are looked at: records end roughly in id order, so what
@@ -203,7 +298,7 @@ pub fn prune(conn: &Connection, cutoff: i64, max_rows: i64, batch: i64) -> Resul
     conn.prepare_cached(
         "DELETE FROM task_records WHERE id IN (SELECT id FROM \
          (SELECT id, state, finished_at FROM task_records ORDER BY id LIMIT ?3) \
-         WHERE state != 'running' AND (finished_at < ?1 \
+         WHERE state NOT IN ('running', 'queued') AND (finished_at < ?1 \
             OR id <= (SELECT max(id) FROM task_records) - ?2))",
     )
     .and_then(|mut s| s.execute(params![cutoff, max_rows, batch]))
@@ -211,13 +306,14 @@ pub fn prune(conn: &Connection, cutoff: i64, max_rows: i64, batch: i64) -> Resul
 }
 
 /// How many tasks ended in each of the states that need a look (`failed`, `panicked`,
-/// `rejected`, `timed_out`, `lost`, `abandoned`) since `since` (Unix µs), for `status`.
+/// `rejected`, `timed_out`, `lost`, `abandoned`, `dead`) since `since` (Unix µs), for `status`.
 pub fn trouble_since(conn: &Connection, since: i64) -> Result<Trouble> {
     let mut trouble = Trouble::default();
     let mut stmt = conn
         .prepare_cached(
             "SELECT state, count(*) FROM task_records WHERE finished_at >= ?1 \
-             AND state IN ('failed', 'panicked', 'rejected', 'timed_out', 'lost', 'abandoned') \
+             AND state IN ('failed', 'panicked', 'rejected', 'timed_out', 'lost', 'abandoned', \
+             'dead') \
              GROUP BY state",
         )
         .map_err(Error::sqlite("counting recent failures"))?;
@@ -231,6 +327,7 @@ pub fn trouble_since(conn: &Connection, since: i64) -> Result<Trouble> {
         match state.as_str() {
             "lost" => trouble.lost = n,
             "abandoned" => trouble.abandoned = n,
+            "dead" => trouble.dead = n,
             _ => trouble.failed += n,
         }
     }
@@ -244,31 +341,74 @@ pub struct Trouble {
     pub failed: i64,
     pub lost: i64,
     pub abandoned: i64,
+    /// At-least-once tasks whose last attempt failed.
+    pub dead: i64,
 }
 
-/// Marks `lost` every record still `running` whose foreman is not among `alive` (the pids
-/// of foremen running on this database now, this one included). Returns the ids and task
-/// names, for the log.
-pub fn mark_lost(conn: &Connection, alive: &[u32]) -> Result<Vec<(i64, String)>> {
+/// What became of a task that was running when its foreman died.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub id: i64,
+    pub task: String,
+    /// `lost` (at most once: not run again), `queued` (a lease, rescued: back in the queue
+    /// with its next attempt) or `dead` (a lease whose last attempt it was).
+    pub state: String,
+}
+
+/// Settles every record still `running` whose foreman is not among `alive` (the pids of
+/// foremen running on this database now, this one included), in one transaction: an
+/// at-most-once task is marked `lost`; a leased one (invariant 10) goes back in the queue,
+/// due now, with its next attempt, or is `dead` if that was its last. Returns each, for
+/// the log.
+pub fn mark_lost(conn: &Connection, alive: &[u32]) -> Result<Vec<Orphan>> {
     let alive = alive
         .iter()
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let sql = format!(
-        "UPDATE task_records SET state = 'lost', finished_at = ?1, \
-         error = 'its foreman (pid ' || coalesce(foreman_pid, '?') || ') ended while it ran' \
-         WHERE state = 'running' AND coalesce(foreman_pid, -1) NOT IN ({alive}) \
-         RETURNING id, task_name"
-    );
-    let mut stmt = conn
-        .prepare(&sql)
-        .map_err(Error::sqlite("finding lost tasks"))?;
-    let rows = stmt
-        .query_map([now_micros()], |r| Ok((r.get(0)?, r.get(1)?)))
-        .map_err(Error::sqlite("finding lost tasks"))?;
-    rows.collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(Error::sqlite("finding lost tasks"))
+    let orphaned = format!("state = 'running' AND coalesce(foreman_pid, -1) NOT IN ({alive})");
+    let now = now_micros();
+    db::immediate(conn, "settling lost tasks", || {
+        conn.execute(
+            &format!(
+                "INSERT OR IGNORE INTO tasks (id, task_name, args, kwargs, created_at, \
+                 run_at, attempt) SELECT id, task_name, args, kwargs, enqueued_at, ?1, \
+                 attempt + 1 FROM task_records WHERE {orphaned} \
+                 AND attempt < coalesce(max_attempts, 1)"
+            ),
+            [now],
+        )
+        .map_err(Error::sqlite("putting rescued tasks back in the queue"))?;
+        let mut stmt = conn
+            .prepare(&format!(
+                "UPDATE task_records SET \
+                 state = CASE WHEN max_attempts IS NULL THEN 'lost' \
+                     WHEN attempt < max_attempts THEN 'queued' ELSE 'dead' END, \
+                 finished_at = CASE WHEN attempt < coalesce(max_attempts, 1) \
+                     THEN NULL ELSE ?1 END, \
+                 started_at = CASE WHEN attempt < coalesce(max_attempts, 1) \
+                     THEN NULL ELSE started_at END, \
+                 due_at = CASE WHEN attempt < coalesce(max_attempts, 1) \
+                     THEN ?1 ELSE due_at END, \
+                 error = 'its foreman (pid ' || coalesce(foreman_pid, '?') || \
+                     ') ended while attempt ' || attempt || ' ran', \
+                 attempt = CASE WHEN attempt < coalesce(max_attempts, 1) \
+                     THEN attempt + 1 ELSE attempt END \
+                 WHERE {orphaned} RETURNING id, task_name, state"
+            ))
+            .map_err(Error::sqlite("finding lost tasks"))?;
+        let rows = stmt
+            .query_map([now], |r| {
+                Ok(Orphan {
+                    id: r.get(0)?,
+                    task: r.get(1)?,
+                    state: r.get(2)?,
+                })
+            })
+            .map_err(Error::sqlite("finding lost tasks"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(Error::sqlite("finding lost tasks"))
+    })
 }
 
 /// One task as `show` and `history` print it (SPEC's fields).
@@ -359,8 +499,10 @@ pub fn not_found_message(id: i64) -> String {
 pub fn show(conn: &Connection, id: i64) -> Result<Option<Record>> {
     let queued = conn
         .query_row(
-            "SELECT id, task_name, args, kwargs, created_at, coalesce(run_at, created_at) \
-             FROM tasks WHERE id = ?1",
+            // A task waiting for its next attempt has a record too: the last one's error.
+            "SELECT t.id, t.task_name, t.args, t.kwargs, t.created_at, \
+             coalesce(t.run_at, t.created_at), t.attempt, r.error \
+             FROM tasks t LEFT JOIN task_records r ON r.id = t.id WHERE t.id = ?1",
             [id],
             |r| {
                 let text = |i: usize| -> rusqlite::Result<String> {
@@ -386,13 +528,16 @@ pub fn show(conn: &Connection, id: i64) -> Result<Option<Record>> {
                     args: json(text(2)?),
                     kwargs: json(text(3)?),
                     state: "queued".into(),
-                    attempt: 1,
+                    attempt: match r.get_ref(6)? {
+                        rusqlite::types::ValueRef::Integer(a) if a >= 1 => a,
+                        _ => 1,
+                    },
                     enqueued_at: time(4)?,
                     due_at: time(5)?,
                     started_at: None,
                     finished_at: None,
                     duration_seconds: None,
-                    error: None,
+                    error: r.get(7)?,
                     exit_code: None,
                     signal: None,
                     output: None,
@@ -467,9 +612,7 @@ pub enum Cancelled {
 
 /// Removes queued task `id` from the queue and records it `cancelled`, in one transaction.
 pub fn cancel(conn: &Connection, id: i64) -> Result<Cancelled> {
-    conn.execute_batch("BEGIN IMMEDIATE")
-        .map_err(Error::sqlite("starting the cancel"))?;
-    let result = (|| {
+    db::immediate(conn, "the cancel", || {
         let removed = conn
             .query_row(
                 "DELETE FROM tasks WHERE id = ?1 RETURNING task_name, args, kwargs, created_at, \
@@ -507,16 +650,67 @@ pub fn cancel(conn: &Connection, id: i64) -> Result<Cancelled> {
             Some(s) => Cancelled::Ended(s),
             None => Cancelled::Unknown,
         })
-    })();
-    match result {
-        Ok(outcome) => {
-            conn.execute_batch("COMMIT")
-                .map_err(Error::sqlite("committing the cancel"))?;
-            Ok(outcome)
+    })
+}
+
+/// The states `snapq retry` takes a task from.
+pub const RETRYABLE: [&str; 5] = ["failed", "dead", "lost", "abandoned", "timed_out"];
+
+/// What `retry` did with one id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Retried {
+    /// Back in the queue, due now, as this attempt.
+    Queued { attempt: i64 },
+    /// Its record is in a state `retry` does not take it from (running, queued,
+    /// succeeded, …).
+    Refused(String),
+    /// No such task.
+    Unknown,
+}
+
+/// Puts task `id` back in the queue, due now, under its own id with its next attempt, if
+/// its record says it ended `failed`, `dead`, `lost`, `abandoned` or `timed_out`; the
+/// record says `queued` until a foreman claims it. One transaction. The caller wakes the
+/// foreman.
+pub fn retry(conn: &Connection, id: i64) -> Result<Retried> {
+    db::immediate(conn, "the retry", || {
+        let record: Option<(String, i64)> = conn
+            .query_row(
+                "SELECT state, attempt FROM task_records WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(Error::sqlite("reading the task's record"))?;
+        let Some((state, attempt)) = record else {
+            let queued = conn
+                .query_row("SELECT 1 FROM tasks WHERE id = ?1", [id], |_| Ok(()))
+                .optional()
+                .map_err(Error::sqlite("reading the queue"))?;
+            return Ok(match queued {
+                Some(()) => Retried::Refused("queued".into()),
+                None => Retried::Unknown,
+            });
+        };
+        if !RETRYABLE.contains(&state.as_str()) {
+            return Ok(Retried::Refused(state));
         }
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(e)
-        }
-    }
+        let now = now_micros();
+        conn.execute(
+            "INSERT INTO tasks (id, task_name, args, kwargs, created_at, run_at, attempt) \
+             SELECT id, task_name, args, kwargs, ?2, NULL, attempt + 1 \
+             FROM task_records WHERE id = ?1",
+            params![id, now],
+        )
+        .map_err(Error::sqlite("putting the task back in the queue"))?;
+        conn.execute(
+            "UPDATE task_records SET state = 'queued', attempt = attempt + 1, due_at = ?2, \
+             started_at = NULL, finished_at = NULL WHERE id = ?1",
+            params![id, now],
+        )
+        .map_err(Error::sqlite("recording the retry"))?;
+        Ok(Retried::Queued {
+            attempt: attempt + 1,
+        })
+    })
 }

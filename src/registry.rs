@@ -105,12 +105,63 @@ impl Param {
     }
 }
 
-/// What a task is: its name, one line for `snapq tasks`, and its parameters.
+/// What a task is: its name, one line for `snapq tasks`, its parameters, and whether it
+/// is retried.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskSpec {
     pub name: String,
     pub summary: String,
     pub params: Vec<Param>,
+    /// `Some`: the task is run at least once (SPEC invariant 10): its claim leases it, and a
+    /// failure or a foreman's death puts it back with backoff until its attempts run out.
+    /// `None` (the built-ins): at most once, as invariant 1 says.
+    #[serde(skip)]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// How a task type is retried (`retries`, `backoff`, `backoff_max` in tasks.toml).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Runs after the first; at least 1 (0 retries is no policy: at most once).
+    pub retries: u32,
+    /// The wait before the first retry; each further retry waits twice the one before.
+    pub backoff: Duration,
+    /// The longest wait between two attempts.
+    pub backoff_max: Duration,
+    /// Each wait is drawn from 80% to 120% of its nominal length, so that tasks that failed
+    /// together (a database that went down) do not all come back at the same moment.
+    pub jitter: bool,
+}
+
+impl RetryPolicy {
+    /// The defaults of tasks.toml: `backoff` 2 s, `backoff_max` 3600 s, jitter on.
+    pub fn new(retries: u32) -> RetryPolicy {
+        RetryPolicy {
+            retries,
+            backoff: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(3600),
+            jitter: true,
+        }
+    }
+
+    /// How many runs in all: the first and the retries.
+    pub fn max_attempts(&self) -> i64 {
+        i64::from(self.retries) + 1
+    }
+
+    /// The wait after attempt `failed` (from 1) failed: `backoff` doubled per earlier
+    /// retry, at most `backoff_max`, then jittered with `unit` (0 to 1, random).
+    pub fn delay(&self, failed: i64, unit: f64) -> Duration {
+        let doublings = failed.clamp(1, 64) - 1;
+        let nominal = (self.backoff.as_secs_f64() * 2f64.powi(doublings as i32))
+            .min(self.backoff_max.as_secs_f64());
+        let factor = if self.jitter {
+            0.8 + 0.4 * unit.clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        Duration::try_from_secs_f64(nominal * factor).unwrap_or(self.backoff_max)
+    }
 }
 
 impl TaskSpec {
@@ -222,6 +273,9 @@ impl Args {
 pub struct TaskContext {
     pub id: i64,
     pub name: Arc<str>,
+    /// Which run of the task this is, from 1 (a task with retries comes back with the
+    /// next).
+    pub attempt: i64,
     /// Where progress goes: the live view, when the foreman serves one.
     live: Option<Publisher>,
     /// When progress was last reported (Unix µs), for the rate limit. Only the task's own
@@ -250,6 +304,7 @@ impl TaskContext {
         TaskContext {
             id,
             name,
+            attempt: 1,
             live,
             last_progress: AtomicI64::new(i64::MIN),
             deadline: None,
@@ -485,6 +540,15 @@ impl Registry {
         }
     }
 
+    /// The task types run at least once, with their policies (the foreman leases them at
+    /// claim, and settles their failures by putting them back).
+    pub fn retry_policies(&self) -> std::collections::HashMap<String, RetryPolicy> {
+        self.entries
+            .values()
+            .filter_map(|e| Some((e.spec.name.clone(), e.spec.retry?)))
+            .collect()
+    }
+
     /// Adds the command tasks of a tasks file. A name this registry already has (a
     /// built-in, a task of the programme) is refused: the file cannot shadow them.
     pub fn add_commands(&mut self, tasks: Vec<CommandTask>, file: &Path) -> Result<()> {
@@ -573,6 +637,7 @@ fn spec(name: &str, summary: &str, params: Vec<Param>) -> TaskSpec {
         name: name.to_owned(),
         summary: summary.to_owned(),
         params,
+        retry: None,
     }
 }
 
@@ -606,5 +671,35 @@ mod tests {
         let sleep = r.spec("sleep").unwrap();
         assert!(sleep.bind(&json!(["1"]), &json!({})).is_err());
         assert!(sleep.bind(&json!([0.5]), &json!({})).is_ok());
+    }
+
+    #[test]
+    fn retry_waits_double_up_to_the_cap_within_the_jitter() {
+        let policy = RetryPolicy {
+            retries: 10,
+            backoff: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(10),
+            jitter: false,
+        };
+        let secs = |policy: &RetryPolicy, attempt, unit| policy.delay(attempt, unit).as_secs_f64();
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+        let waits: Vec<f64> = (1..=5).map(|a| secs(&policy, a, 0.5)).collect();
+        assert!(
+            waits
+                .iter()
+                .zip([2.0, 4.0, 8.0, 10.0, 10.0])
+                .all(|(&w, e)| close(w, e)),
+            "{waits:?}"
+        );
+        let jittered = RetryPolicy {
+            jitter: true,
+            ..policy
+        };
+        assert!(close(secs(&jittered, 1, 0.0), 1.6));
+        assert!(close(secs(&jittered, 1, 1.0), 2.4));
+        assert!(close(secs(&jittered, 2, 0.5), 4.0));
+        assert_eq!(jittered.max_attempts(), 11);
+        // Far past the cap, still the cap (no overflow).
+        assert!(close(secs(&policy, 1_000, 0.5), 10.0));
     }
 }

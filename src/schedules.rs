@@ -490,9 +490,7 @@ pub struct Fired {
 /// In one transaction: for every schedule due at `now`, enqueues its tick's task (a run
 /// time delayed by a random part of its jitter) and moves its `next_fire` past `now`.
 pub fn fire_due(conn: &Connection, now: i64) -> Result<Fired> {
-    conn.execute_batch("BEGIN IMMEDIATE")
-        .map_err(Error::sqlite("starting to fire schedules"))?;
-    let result = (|| {
+    crate::db::immediate(conn, "firing schedules", || {
         let due: Vec<_> = {
             let mut stmt = conn
                 .prepare_cached(&format!(
@@ -563,18 +561,7 @@ pub fn fire_due(conn: &Connection, now: i64) -> Result<Fired> {
             .map_err(Error::sqlite("moving a schedule on"))?;
         }
         Ok(fired)
-    })();
-    match result {
-        Ok(fired) => {
-            conn.execute_batch("COMMIT")
-                .map_err(Error::sqlite("committing fired schedules"))?;
-            Ok(fired)
-        }
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(e)
-        }
-    }
+    })
 }
 
 /// Schedules for `status`: how many, how many paused, the next tick and the last fire

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::clock::{format_micros, now_micros};
 use crate::error::{Error, Result};
-use crate::pidfile::{is_snapq_process, process_exists};
+use crate::pidfile::{is_snapq_foreman, process_exists};
 use crate::queue;
 
 /// A heartbeat older than this means the foreman is gone (it beats every second).
@@ -57,6 +57,8 @@ pub struct TaskStatus {
     pub last_hour: crate::records::Trouble,
     pub due: i64,
     pub delayed: i64,
+    /// Of the due and delayed tasks, those waiting for their next attempt (retries).
+    pub retrying: i64,
     pub running: i64,
     pub oldest_due_age_seconds: Option<f64>,
     pub next_delayed_in_seconds: Option<f64>,
@@ -95,7 +97,7 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
             if fresh {
                 process_exists(pid)
             } else {
-                pid as u32 != std::process::id() && is_snapq_process(pid)
+                pid as u32 != std::process::id() && is_snapq_foreman(pid)
             }
         });
         if alive {
@@ -124,6 +126,7 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
             last_hour: crate::records::trouble_since(conn, now - 3_600_000_000)?,
             due: counts.due,
             delayed: counts.delayed,
+            retrying: queue::count_retrying(conn)?,
             running: foremen.iter().map(|f| f.running).sum(),
             oldest_due_age_seconds: counts.oldest_due.map(|t| seconds(now - t)),
             next_delayed_in_seconds: counts.next_delayed.map(|t| seconds(t - now)),
@@ -147,6 +150,7 @@ pub fn empty(db_path: &Path) -> Status {
             last_hour: Default::default(),
             due: 0,
             delayed: 0,
+            retrying: 0,
             running: 0,
             oldest_due_age_seconds: None,
             next_delayed_in_seconds: None,
@@ -213,13 +217,20 @@ impl Status {
             out.push_str(&format!(" (next due in {})", human(next)));
         }
         out.push('\n');
+        if t.retrying > 0 {
+            out.push_str(&format!(
+                "tasks waiting to retry: {} (of the due and delayed)\n",
+                t.retrying
+            ));
+        }
         out.push_str(&format!("tasks running: {}\n", t.running));
         let trouble = t.last_hour;
         out.push_str(&format!(
-            "last hour: {} failed, {} lost, {} abandoned{}\n",
+            "last hour: {} failed, {} lost, {} abandoned, {} dead{}\n",
             trouble.failed,
             trouble.lost,
             trouble.abandoned,
+            trouble.dead,
             if trouble == Default::default() {
                 ""
             } else {

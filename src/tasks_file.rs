@@ -14,6 +14,10 @@
 //! cwd = "/srv/app"
 //! env = { APP_ENV = "production" }
 //! output_bytes = 65536
+//! retries = 5        # at least once: up to 5 runs after the first
+//! backoff = 2.0      # seconds before the first retry, doubling
+//! backoff_max = 3600 # the longest wait
+//! jitter = true      # each wait 80–120% of its nominal length
 //! ```
 //!
 //! Each `command` element is one argv element. `{name}` is replaced by the parameter's
@@ -33,7 +37,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::registry::{Kind, Param, Registry, TaskSpec};
+use crate::registry::{Kind, Param, Registry, RetryPolicy, TaskSpec};
 
 /// Where the tasks file is, and whether it must be there: a file named by `--tasks` or
 /// `SNAPQ_TASKS` must; the default `HOME/tasks.toml` may be absent (no command tasks).
@@ -91,6 +95,8 @@ pub struct CommandTask {
     pub cwd: Option<PathBuf>,
     pub env: BTreeMap<String, String>,
     pub output_bytes: usize,
+    /// `retries` (with `backoff`, `backoff_max`, `jitter`): None without retries.
+    pub retry: Option<RetryPolicy>,
 }
 
 /// A declared parameter: its type, and its default when it is optional.
@@ -186,6 +192,10 @@ struct RawTask {
     #[serde(default)]
     env: BTreeMap<String, String>,
     output_bytes: Option<usize>,
+    retries: Option<u32>,
+    backoff: Option<f64>,
+    backoff_max: Option<f64>,
+    jitter: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -300,6 +310,32 @@ fn check(name: &str, raw: RawTask) -> std::result::Result<CommandTask, String> {
                 Some(s) => Err(format!("{field}: {s} is not a number of seconds above 0")),
             }
         };
+    let retry = match raw.retries {
+        Some(retries) if retries > 0 => {
+            let mut policy = RetryPolicy::new(retries);
+            if let Some(backoff) = seconds("backoff", raw.backoff)? {
+                policy.backoff = backoff;
+            }
+            if let Some(max) = seconds("backoff_max", raw.backoff_max)? {
+                policy.backoff_max = max;
+            }
+            if policy.backoff > policy.backoff_max {
+                return Err(format!(
+                    "backoff ({} s) is longer than backoff_max ({} s)",
+                    policy.backoff.as_secs_f64(),
+                    policy.backoff_max.as_secs_f64()
+                ));
+            }
+            policy.jitter = raw.jitter.unwrap_or(true);
+            Some(policy)
+        }
+        None if raw.backoff.is_some() || raw.backoff_max.is_some() || raw.jitter.is_some() => {
+            return Err(
+                "backoff, backoff_max and jitter shape retries: give retries = N too".into(),
+            );
+        }
+        _ => None,
+    };
     Ok(CommandTask {
         name: name.to_owned(),
         summary: raw.summary,
@@ -311,6 +347,7 @@ fn check(name: &str, raw: RawTask) -> std::result::Result<CommandTask, String> {
         cwd: raw.cwd,
         env: raw.env,
         output_bytes: raw.output_bytes.unwrap_or(DEFAULT_OUTPUT_BYTES),
+        retry,
     })
 }
 
@@ -347,6 +384,7 @@ impl CommandTask {
                     argv: true,
                 })
                 .collect(),
+            retry: self.retry,
         }
     }
 
@@ -449,6 +487,27 @@ env = { APP_ENV = "production" }
         assert_eq!(resize.timeout, Some(Duration::from_secs(600)));
         assert_eq!(resize.kill_after, DEFAULT_KILL_AFTER);
         assert_eq!(resize.output_bytes, DEFAULT_OUTPUT_BYTES);
+        assert_eq!(resize.retry, None, "no retries unless asked: at most once");
+        let retried = parse(
+            "[tasks.r]\ncommand = [\"/bin/true\"]\nretries = 3\nbackoff = 0.5\njitter = false\n",
+        )
+        .unwrap();
+        let policy = retried[0].retry.unwrap();
+        assert_eq!(
+            (
+                policy.retries,
+                policy.backoff,
+                policy.backoff_max,
+                policy.jitter
+            ),
+            (
+                3,
+                Duration::from_millis(500),
+                Duration::from_secs(3600),
+                false
+            )
+        );
+        assert_eq!(retried[0].spec().retry, Some(policy));
         let hostile = "a b; rm -rf / $(x) 'q' \"d\" -n";
         let argv = resize
             .argv(json!({"path": hostile, "tag": "-x"}).as_object().unwrap())
@@ -523,6 +582,22 @@ env = { APP_ENV = "production" }
             (
                 "[tasks.x]\ncommand = [\"/bin/echo\"]\nparams = { n = { type = \"integer\", default = \"a\" } }\n",
                 "params.n.default",
+            ),
+            (
+                "[tasks.x]\ncommand = [\"/bin/true\"]\nbackoff = 1\n",
+                "give retries = N too",
+            ),
+            (
+                "[tasks.x]\ncommand = [\"/bin/true\"]\nretries = 2\nbackoff = 10\nbackoff_max = 5\n",
+                "longer than backoff_max",
+            ),
+            (
+                "[tasks.x]\ncommand = [\"/bin/true\"]\nretries = -1\n",
+                "retries",
+            ),
+            (
+                "[tasks.x]\ncommand = [\"/bin/true\"]\nretries = 2\nbackoff = 0\n",
+                "backoff",
             ),
         ] {
             let err = parse(text).unwrap_err();

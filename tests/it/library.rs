@@ -23,6 +23,7 @@ fn a_program_runs_its_own_tasks() {
                 name: "double".into(),
                 summary: "records twice its argument".into(),
                 params: vec![Param::required("n", Kind::Number)],
+                retry: None,
             },
             move |ctx, args| {
                 let n = args.f64("n").ok_or("n is missing")?;

@@ -23,6 +23,7 @@ mod pidfile;
 mod protocol;
 mod race;
 mod records;
+mod retries;
 mod schedules;
 mod shared_group;
 mod shutdown;

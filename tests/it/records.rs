@@ -89,7 +89,7 @@ fn every_state_shows_in_show_and_history() {
     let status: Value = serde_json::from_str(&home.ok(&["status", "--json"])).unwrap();
     assert_eq!(
         status["tasks"]["last_hour"],
-        serde_json::json!({"failed": 3, "lost": 0, "abandoned": 1}),
+        serde_json::json!({"failed": 3, "lost": 0, "abandoned": 1, "dead": 0}),
         "{status}"
     );
     assert!(
