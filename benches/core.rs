@@ -14,6 +14,9 @@
 //!   as many rows in one transaction; one `snapq enqueue` process, beside spawning `true`;
 //!   inotify's create-to-wake latency through the notify crate (issue 6).
 //!
+//! - at most once beside at least once (issue 17): the same noop function drained by a
+//!   foreman in this process, without and with a retry policy.
+//!
 //! Each figure is printed beside its target, with the gap when a target is missed.
 #![allow(clippy::unwrap_used)]
 
@@ -26,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use snapq::db::{self, Synchronous};
 use snapq::foreman::{self, ForemanConfig};
-use snapq::registry::{Registry, TaskSpec};
+use snapq::registry::{Registry, RetryPolicy, TaskSpec};
 use snapq::{Enqueuer, NewTask};
 
 const BIN: &str = env!("CARGO_BIN_EXE_snapq");
@@ -88,6 +91,7 @@ fn main() {
         peak_rss_kib as f64 / 1024.0,
         verdict(peak_rss_kib as f64 / 1024.0, 8.0, false, "MiB")
     );
+    delivery_modes(&scratch);
     println!();
 
     for (place, wake_root) in [
@@ -134,7 +138,15 @@ fn main() {
 /// e.g. the commit before task records), interleaved run by run so that the machine's
 /// drift hits both alike; medians of five. Each binary enqueues its own tasks (through its
 /// CLI: their schemas may differ) and drains them with `run --burst`.
+///
+/// The target is `SNAPQ_BENCH_BASELINE_TARGET` percent (default 90): issue 17 asks the
+/// drain after the queue interface for within 10% of the commit before it; issue 15 asked
+/// the drain with records for 80% of the commit before records.
 fn compare_with_baseline(scratch: &Path, baseline: &Path) {
+    let target: f64 = std::env::var("SNAPQ_BENCH_BASELINE_TARGET")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(90.0);
     let lines = "{\"task\":\"noop\"}\n".repeat(TASKS);
     let drain_cli = |bin: &Path, sync: &str| -> f64 {
         let home = fresh_home(scratch, "compare");
@@ -177,7 +189,7 @@ fn compare_with_baseline(scratch: &Path, baseline: &Path) {
             "drain {sync} beside {}: {this:.0} tasks/s, baseline {base:.0} tasks/s: {:.0}% of it (medians of 5, interleaved)  {}",
             baseline.display(),
             100.0 * this / base,
-            verdict(100.0 * this / base, 80.0, true, "% of the baseline")
+            verdict(100.0 * this / base, target, true, "% of the baseline")
         );
     }
 }
@@ -447,6 +459,77 @@ fn drain_once(scratch: &Path, sync: Synchronous, log: &str, extra: &[&str]) -> D
         peak_rss_kib: peaks.0.load(Ordering::Relaxed),
         max_threads: peaks.1.load(Ordering::Relaxed),
     }
+}
+
+/// At most once beside at least once: TASKS tasks of the same do-nothing function, `noop`
+/// (no retry policy: the claim deletes the row) and `noop_retried` (3 retries: the claim
+/// leases it, its end settles the lease), each drained by a foreman in this process
+/// (`--burst`, WORKERS workers, no telemetry, no log subscriber), interleaved run by run;
+/// medians of five.
+fn delivery_modes(scratch: &Path) {
+    let mut registry = Registry::with_builtins();
+    registry.register(
+        TaskSpec {
+            name: "noop_retried".into(),
+            summary: "does nothing, at least once".into(),
+            params: vec![],
+            retry: Some(RetryPolicy::new(3)),
+        },
+        |_, _| Ok(()),
+    );
+    for sync in [Synchronous::Normal, Synchronous::Full] {
+        let (mut once, mut least) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            once.push(drain_in_process(scratch, sync, &registry, "noop"));
+            least.push(drain_in_process(scratch, sync, &registry, "noop_retried"));
+        }
+        once.sort_by(f64::total_cmp);
+        least.sort_by(f64::total_cmp);
+        let (once, least) = (once[2], least[2]);
+        println!(
+            "drain {sync:?} in process: at most once {once:.0} tasks/s, at least once {least:.0} tasks/s ({:.0}% of it; medians of 5, interleaved)",
+            100.0 * least / once
+        );
+    }
+}
+
+fn drain_in_process(scratch: &Path, sync: Synchronous, registry: &Registry, task: &str) -> f64 {
+    let home = fresh_home(scratch, "modes");
+    let db = home.join("snapq.sqlite3");
+    let wakeup_dir = home.join("wakeup");
+    let mut q = Enqueuer::with_registry(&db, &wakeup_dir, Synchronous::Normal, registry).unwrap();
+    assert_eq!(
+        q.enqueue_many(&vec![NewTask::new(task); TASKS]).unwrap(),
+        TASKS
+    );
+    drop(q);
+    let config = ForemanConfig {
+        burst: true,
+        synchronous: sync,
+        workers: WORKERS,
+        telemetry_dir: None,
+        pid_file: None,
+        ..ForemanConfig::in_home(&home).unwrap()
+    };
+    let started = Instant::now();
+    let (_, totals) = foreman::run(&config, registry.clone()).unwrap();
+    let rate = TASKS as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(totals.succeeded, TASKS as u64);
+    let conn = db::open(&db, Synchronous::Normal).unwrap();
+    let (left, once): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM tasks), \
+             (SELECT count(*) FROM task_records WHERE state = 'succeeded' AND attempt = 1)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (left, once),
+        (0, TASKS as i64),
+        "the drain left tasks behind"
+    );
+    rate
 }
 
 /// Claims TASKS rows in batches of `batch` with nothing else going on: the ceiling (the

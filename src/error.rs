@@ -83,6 +83,11 @@ pub enum Error {
     #[error("{0}")]
     NotThere(String),
 
+    /// An operation the queue backend in use cannot do (src/backend/mod.rs): the message
+    /// names the backend and what to do instead. Nothing was changed.
+    #[error("{0}")]
+    Unsupported(String),
+
     /// `run --burst` ran every due task, and some of them did not succeed.
     #[error(
         "{failed} of {ran} tasks did not succeed (failed, panicked or rejected: see the log \
@@ -102,7 +107,8 @@ impl Error {
             | Error::BadLine { .. }
             | Error::BadDatabase { .. }
             | Error::SchemaTooNew { .. }
-            | Error::BadPath { .. } => 2,
+            | Error::BadPath { .. }
+            | Error::Unsupported(_) => 2,
             Error::ForemanRunning { .. }
             | Error::Sqlite { .. }
             | Error::Io { .. }

@@ -107,6 +107,7 @@ use crossbeam_channel::{Receiver, bounded, select};
 use rusqlite::Connection;
 use signal_hook::consts::SIGHUP;
 
+use crate::backend::{Lease, QueueBackend, SqliteQueue};
 use crate::clock::now_micros;
 use crate::clock::{format_micros, micros_of};
 use crate::db::{self, Synchronous};
@@ -125,7 +126,6 @@ use crate::sink::{FileSink, Sink};
 use crate::systemd::Notifier;
 use crate::tasks_file::TasksFile;
 use crate::telemetry::{self, DUE_COUNT_CAP, Telemetry};
-use crate::wakeup::Watch;
 
 /// How often the foreman writes its heartbeat row (`snapq status`).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -133,11 +133,9 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest the foreman sits idle without re-reading the queue (invariant 5).
 pub const SAFETY_INTERVAL: Duration = Duration::from_secs(5);
 
-/// The page cache of the foreman's connections (the loop's and the telemetry sampler's),
-/// in SQLite's unit (negative: KiB). Claims touch only the front of one index and the
-/// table, a few pages; the default 2 MiB filled up during a 50,000-task drain and was a
-/// third of the process's RSS (BENCHMARKS.md).
-const FOREMAN_CACHE_SIZE: i64 = -256;
+/// The page cache of the bookkeeping connection: as small as the queue's (its rows are
+/// few and small; see `CONSUMER_CACHE_SIZE` for why small pays).
+const FOREMAN_CACHE_SIZE: i64 = crate::backend::sqlite::CONSUMER_CACHE_SIZE;
 
 /// How late a monitor round may start so that rounds due close together start in one
 /// wake-up of the loop (and their schedule moves share one commit). With 1,000 monitors
@@ -310,8 +308,6 @@ pub fn run_with_sink(
     };
     // Signals first: from here on SIGTERM is ours to handle, never the default death.
     let signals = SignalThread::start()?;
-    let mut conn = db::open(&config.db, config.synchronous)?;
-    db::set_and_verify(&conn, "cache_size", FOREMAN_CACHE_SIZE)?;
     let mut books = db::open(&config.db, Synchronous::Normal)?;
     db::set_and_verify(&books, "cache_size", FOREMAN_CACHE_SIZE)?;
     let _pid_file = config
@@ -319,25 +315,24 @@ pub fn run_with_sink(
         .as_deref()
         .map(PidFile::acquire)
         .transpose()?;
-    let (watch, wake_rx) = Watch::start(&config.wakeup_dir)?;
-    // After the pid file: a second foreman is refused before it takes the port.
+    // The queue starts its wake-up watch (invariant 5) after the pid file: a second
+    // foreman is refused before it touches anything.
+    let mut queue = SqliteQueue::consumer(&config.db, &config.wakeup_dir, config.synchronous)?;
     let live = config.live.clone().map(Live::start).transpose()?;
-    watch.clear_backlog()?;
-    queue::record_task_types(&conn, &registry)?;
+    queue::record_task_types(&books, &registry)?;
     let started_at = now_micros();
     let pid = std::process::id();
-    heartbeat::register(&conn, pid, started_at, config.workers)?;
+    heartbeat::register(&books, pid, started_at, config.workers)?;
     // Records left `running` by foremen that are gone: those tasks were lost with them,
     // or, if leased, go back in the queue.
-    log_orphans(records::mark_lost(
-        &conn,
-        &heartbeat::live_foremen(&conn, pid)?,
-    )?);
+    log_orphans(queue.rescue(&heartbeat::live_foremen(&books, pid)?)?);
     // From here on the loop's writes give up on a held lock quickly and are retried on the
     // loop's own schedule (invariant 11); the writes above may wait for it as long as any
     // enqueuer does.
-    db::wait_briefly_when_busy(&mut conn)?;
+    queue.wait_briefly_when_busy()?;
     db::wait_briefly_when_busy(&mut books)?;
+    let wake_rx = queue.wake_ups();
+    let queue: Box<dyn QueueBackend> = Box::new(queue);
 
     let telemetry = config
         .telemetry_dir
@@ -369,7 +364,7 @@ pub fn run_with_sink(
         config,
         base,
         max_kill_after,
-        conn,
+        queue,
         books,
         finished_rounds: Vec::new(),
         record_retry: None,
@@ -388,9 +383,6 @@ pub fn run_with_sink(
         claim_cost: Duration::ZERO,
         typical_task: Duration::ZERO,
         claim_failed: false,
-        finished_tasks: Vec::with_capacity(config.workers),
-        claimer: records::Claimer::this_process(),
-        sweep_undated: true,
         fatal: None,
         busy_since: None,
         stop_deadline: None,
@@ -404,7 +396,6 @@ pub fn run_with_sink(
         probes: HashMap::new(),
         sink,
         notifier: Notifier::from_env(),
-        watch,
         telemetry: telemetry.as_ref().map(|t| Arc::clone(t.telemetry())),
         live: live.as_ref().map(Live::publisher),
     };
@@ -413,7 +404,7 @@ pub fn run_with_sink(
     foreman.publish_queue_figures();
     let result = foreman.run_loop();
     foreman.settle_tasks();
-    if let Err(e) = heartbeat::unregister(&foreman.conn, i64::from(pid)) {
+    if let Err(e) = heartbeat::unregister(&foreman.books, i64::from(pid)) {
         tracing::warn!("could not remove this foreman's heartbeat row: {e}");
     }
     let totals = foreman.totals;
@@ -450,10 +441,11 @@ struct Foreman<'a> {
     /// The longest `kill_after` of the command tasks loaded: how long stopping running
     /// commands at the graceful deadline may take.
     max_kill_after: Option<Duration>,
-    /// The foreman's own connection: only this thread claims (invariant 8). Commits with
-    /// the user's `--synchronous`.
-    conn: Connection,
-    /// The bookkeeping connection: monitor schedules and results, and the heartbeat. It
+    /// The task queue (src/backend): only this thread claims (invariant 8). The SQLite
+    /// one commits with the user's `--synchronous`, and its records with its claims.
+    queue: Box<dyn QueueBackend>,
+    /// The bookkeeping connection: monitor schedules and results, schedules, the heartbeat,
+    /// pruning of records. It
     /// commits with `synchronous = NORMAL` whatever `--synchronous` says: these rows survive
     /// any crash of snapq, and what power loss may undo (the last rounds' results, a
     /// schedule move, a beat) the next round or beat writes again. An fsync per round was a
@@ -496,14 +488,6 @@ struct Foreman<'a> {
     /// The last claim failed and is to be tried again at `next_due` (`--burst` must not
     /// take that for an empty queue).
     claim_failed: bool,
-    /// Finished tasks whose final state is not yet in their record: written by the next
-    /// claim's transaction, or by `settle_tasks` when no claim comes (invariant 9).
-    finished_tasks: Vec<records::Finish>,
-    /// This foreman, as its records name it.
-    claimer: records::Claimer,
-    /// Whether the next short claim also sweeps rows whose due time is not a number
-    /// (`queue::claim_undated`): set at start and at each safety re-read.
-    sweep_undated: bool,
     /// `--burst` gave up on the queue: returned once the running tasks end (exit 1).
     fatal: Option<Error>,
     /// From the first stop signal: when the foreman exits whatever still runs (Unix µs),
@@ -525,8 +509,6 @@ struct Foreman<'a> {
     sink: Box<dyn Sink>,
     /// systemd's notify socket, if any: READY, STATUS, STOPPING, WATCHDOG.
     notifier: Notifier,
-    /// The inotify watch on the wake-up directory; armed again if the directory goes.
-    watch: Watch,
     /// Where the heartbeat publishes the queue figures for the runtime sample.
     telemetry: Option<Arc<Telemetry>>,
     /// The live view's event queue: recorded monitor results go there.
@@ -627,7 +609,7 @@ impl Foreman<'_> {
                     self.maybe_due = true;
                     self.rounds.poke();
                     self.ticks.poke();
-                    if self.watch.saw_it_go() {
+                    if self.queue.wake_ups_need_check() {
                         self.check_watch();
                     }
                 }
@@ -644,7 +626,7 @@ impl Foreman<'_> {
                     let safety = self.last_read.elapsed() >= self.config.safety_interval;
                     if safety {
                         self.check_watch();
-                        self.sweep_undated = true;
+                        self.queue.sweep();
                     }
                     if safety || self.next_due.is_some_and(|t| t <= now) {
                         self.maybe_due = true;
@@ -665,7 +647,7 @@ impl Foreman<'_> {
     /// Arms the wake-up watch again if its directory was removed (issue 13, item 6); the
     /// wake-ups lost meanwhile are made up by reading the queue and monitors now.
     fn check_watch(&mut self) {
-        match self.watch.rearm_if_gone() {
+        match self.queue.check_wake_ups() {
             Ok(false) => {}
             Ok(true) => {
                 self.maybe_due = true;
@@ -703,7 +685,7 @@ impl Foreman<'_> {
         self.ticks.take();
         let now = now_micros();
         // A read first: most wake-ups are enqueues, and take no write lock for schedules.
-        match crate::schedules::earliest(&self.conn) {
+        match crate::schedules::earliest(&self.books) {
             Ok(next) if next.is_none_or(|t| t > now) => {
                 self.ticks.set_next(next);
                 return;
@@ -715,7 +697,7 @@ impl Foreman<'_> {
                 return;
             }
         }
-        match crate::schedules::fire_due(&self.conn, now) {
+        match crate::schedules::fire_due(&self.books, now) {
             Ok(fired) => {
                 self.db_free();
                 for (schedule, tick, id) in &fired.tasks {
@@ -745,7 +727,7 @@ impl Foreman<'_> {
                 return;
             }
         }
-        match crate::schedules::earliest(&self.conn) {
+        match crate::schedules::earliest(&self.books) {
             Ok(next) => self.ticks.set_next(next),
             Err(e) => {
                 tracing::warn!("could not read the next schedule, reading again in 1 s: {e}");
@@ -771,7 +753,7 @@ impl Foreman<'_> {
                 return;
             }
         };
-        if let Err(e) = queue::record_task_types(&self.conn, &registry) {
+        if let Err(e) = queue::record_task_types(&self.books, &registry) {
             tracing::warn!("SIGHUP: could not record the task types for enqueuers: {e}");
         }
         let commands = registry.specs().count() - self.base.specs().count();
@@ -859,30 +841,10 @@ impl Foreman<'_> {
         let asked = free.min(self.config.batch);
         let started = Instant::now();
         self.last_read = started;
-        let mut sweep = self.sweep_undated;
         let policies = &self.retry_policies;
-        // One transaction: the finished tasks' states, the claim, the claimed tasks'
-        // records (invariants 1, 9 and 10).
-        let claimed = records::claim(
-            &self.conn,
-            &mut self.finished_tasks,
-            &self.claimer,
-            |name| policies.get(name).map(RetryPolicy::max_attempts),
-            |conn| {
-                let mut claimed = queue::claim(conn, now_micros(), asked)?;
-                if sweep && claimed.len() < asked {
-                    let room = asked - claimed.len();
-                    let undated = queue::claim_undated(conn, room)?;
-                    // A full sweep may have left more: sweep again on the next short claim.
-                    sweep = undated.len() == room;
-                    claimed.extend(undated);
-                }
-                Ok(claimed)
-            },
-        );
-        if claimed.is_ok() {
-            self.sweep_undated = sweep;
-        }
+        // With the SQLite queue one transaction: the finished tasks' states, the claim,
+        // the claimed tasks' records (invariants 1, 9 and 10).
+        let claimed = self.queue.claim(asked, &|name| policies.get(name).copied());
         // An exponentially weighted mean over the last ~8 claims.
         self.claim_cost = (self.claim_cost * 7 + started.elapsed().min(MAX_GATHER)) / 8;
         let claimed = match claimed {
@@ -916,9 +878,9 @@ impl Foreman<'_> {
         };
         let short = claimed.len() < asked;
         pool.set_backlog(!short && self.typical_task < SHORT_TASK);
-        for task in claimed {
-            if let Some(policy) = self.retry_policies.get(&task.task_name) {
-                self.leases.insert(task.id, *policy);
+        for Lease { task, retry } in claimed {
+            if let Some(policy) = retry {
+                self.leases.insert(task.id, policy);
             }
             self.running.insert(
                 JobKey::Task(task.id),
@@ -929,7 +891,7 @@ impl Foreman<'_> {
         // Read after dispatching, so the tasks already claimed do not wait for it.
         if short {
             self.maybe_due = false;
-            self.next_due = queue::next_due(&self.conn).unwrap_or_else(|e| {
+            self.next_due = self.queue.next_due().unwrap_or_else(|e| {
                 tracing::error!("reading the next due time failed: {e}");
                 Some(now_micros() + 1_000_000)
             });
@@ -987,7 +949,7 @@ impl Foreman<'_> {
                 } else {
                     self.totals.failed += 1;
                 }
-                self.finished_tasks.push(records::Finish {
+                self.queue.settle(records::Finish {
                     id,
                     state,
                     error,
@@ -1003,10 +965,10 @@ impl Foreman<'_> {
     /// Writes the finished tasks' states when no claim is about to carry them (nothing more
     /// due, stopping, exiting). A busy database keeps them for the next turn.
     fn settle_tasks(&mut self) {
-        if self.finished_tasks.is_empty() {
+        if self.queue.unsettled() == 0 {
             return;
         }
-        match records::settle(&self.conn, &mut self.finished_tasks) {
+        match self.queue.flush() {
             Ok(requeued) => {
                 self.db_free();
                 // A retry put back: the loop must wake for it.
@@ -1253,7 +1215,7 @@ impl Foreman<'_> {
             }
             let mut alive = heartbeat::live_foremen(&self.books, me)?;
             alive.push(me);
-            let orphans = records::mark_lost(&self.books, &alive)?;
+            let orphans = self.queue.rescue(&alive)?;
             if orphans.iter().any(|o| o.state == "queued") {
                 self.maybe_due = true;
             }
@@ -1387,7 +1349,7 @@ impl Foreman<'_> {
                         running_ms,
                         "{why}: exiting with this task unfinished"
                     );
-                    self.finished_tasks.push(records::Finish {
+                    self.queue.settle(records::Finish {
                         id: *id,
                         state: "abandoned",
                         error: Some(format!("{why}: the foreman exited while it ran")),

@@ -21,6 +21,7 @@
 //! );
 //! ```
 
+pub mod backend;
 pub mod brokers;
 pub mod cli;
 pub mod clock;

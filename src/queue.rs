@@ -239,45 +239,55 @@ impl Enqueuer {
     }
 
     fn store(&mut self, rows: &[Row], now: i64) -> Result<usize> {
-        self.last_stored = None;
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(Error::sqlite("starting the enqueue transaction"))?;
-        {
-            let mut insert = tx
-                .prepare_cached(INSERT)
-                .map_err(Error::sqlite("preparing the insert"))?;
-            let mut ids = None;
-            for row in rows {
-                let id = insert
-                    .insert(params![row.task, row.args, row.kwargs, now, row.run_at])
-                    .map_err(Error::sqlite("inserting a task"))?;
-                ids = Some(ids.map_or(id..=id, |ids: std::ops::RangeInclusive<i64>| {
-                    *ids.start()..=id
-                }));
-            }
-            self.last_stored = ids;
-        }
-        tx.commit()
-            .map_err(Error::sqlite("committing the enqueue"))?;
-        self.wake.wake_after_commit(if rows.len() == 1 {
-            "the task is"
-        } else {
-            "the tasks are"
-        });
+        self.last_stored = store(&mut self.conn, &self.wake, rows, now)?;
         Ok(rows.len())
     }
+}
+
+/// Inserts `rows` in one transaction, then wakes the foreman; returns their ids, first to
+/// last (consecutive: the transaction holds the write lock throughout, and ids are
+/// AUTOINCREMENT). Rows must be checked already.
+pub(crate) fn store(
+    conn: &mut Connection,
+    wake: &WakeDir,
+    rows: &[Row],
+    now: i64,
+) -> Result<Option<std::ops::RangeInclusive<i64>>> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(Error::sqlite("starting the enqueue transaction"))?;
+    let mut ids = None;
+    {
+        let mut insert = tx
+            .prepare_cached(INSERT)
+            .map_err(Error::sqlite("preparing the insert"))?;
+        for row in rows {
+            let id = insert
+                .insert(params![row.task, row.args, row.kwargs, now, row.run_at])
+                .map_err(Error::sqlite("inserting a task"))?;
+            ids = Some(ids.map_or(id..=id, |ids: std::ops::RangeInclusive<i64>| {
+                *ids.start()..=id
+            }));
+        }
+    }
+    tx.commit()
+        .map_err(Error::sqlite("committing the enqueue"))?;
+    wake.wake_after_commit(if rows.len() == 1 {
+        "the task is"
+    } else {
+        "the tasks are"
+    });
+    Ok(ids)
 }
 
 const INSERT: &str =
     "INSERT INTO tasks (task_name, args, kwargs, created_at, run_at) VALUES (?1, ?2, ?3, ?4, ?5)";
 
 /// A task as it is written: JSON already serialised.
-struct Row {
+pub(crate) struct Row {
     task: String,
     args: String,
     kwargs: String,
@@ -285,7 +295,7 @@ struct Row {
 }
 
 impl Row {
-    fn of(task: &NewTask, now: i64) -> Result<Row> {
+    pub(crate) fn of(task: &NewTask, now: i64) -> Result<Row> {
         let run_at = match task.when {
             When::Now => None,
             When::After(d) => Some(now.saturating_add(micros_of(d))),

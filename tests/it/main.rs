@@ -8,6 +8,7 @@ mod bad_rows;
 mod browser;
 mod burst;
 mod commands;
+mod conformance;
 mod delay;
 mod deps;
 mod drain;
