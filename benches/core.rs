@@ -599,6 +599,7 @@ fn wakeup_latency(
         history_max_rows: 100_000,
         live: None,
         tasks_file: None,
+        queue: Default::default(),
     };
     let foreman = std::thread::spawn(move || foreman::run(&config, registry));
     // The foreman opens the database and records its task types; wait for that.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::builder::FalseyValueParser;
 use clap::{Args, Parser, Subcommand};
 
+use crate::backend::QueueTarget;
 use crate::clock;
 use crate::config::{PathOverrides, Paths};
 use crate::db::{self, Synchronous};
@@ -50,9 +51,24 @@ pub struct Global {
     /// [default: $XDG_STATE_HOME/snapq, else ~/.local/state/snapq]
     #[arg(long, env = "SNAPQ_HOME", global = true, value_name = "DIR")]
     pub home: Option<PathBuf>,
-    /// The SQLite database (the queue) [default: HOME/snapq.sqlite3]
+    /// The SQLite database (the queue, the task records, monitors and schedules)
+    /// [default: HOME/snapq.sqlite3]
     #[arg(long, env = "SNAPQ_DB", global = true, value_name = "FILE")]
     pub db: Option<PathBuf>,
+    /// Where the task queue is: sqlite:PATH (a database, as --db) or
+    /// amqp://USER:PASSWORD@HOST:PORT/VHOST (RabbitMQ: foremen on several machines share
+    /// it; the database keeps each one's records) [default: the database]
+    #[arg(long, env = "SNAPQ_QUEUE", global = true, value_name = "URL")]
+    pub queue: Option<String>,
+    /// The RabbitMQ queue's name, with --queue amqp://…
+    #[arg(
+        long,
+        env = "SNAPQ_QUEUE_NAME",
+        global = true,
+        value_name = "NAME",
+        default_value = crate::backend::rabbitmq::DEFAULT_QUEUE_NAME
+    )]
+    pub queue_name: String,
     /// Directory whose new files wake the foreman; enqueuers must use the foreman's
     /// (best on tmpfs, e.g. /run/snapq/wakeup) [default: HOME/wakeup]
     #[arg(long, env = "SNAPQ_WAKEUP_DIR", global = true, value_name = "DIR")]
@@ -488,17 +504,57 @@ pub fn main() -> ExitCode {
 
 pub fn execute(cli: Cli) -> Result<()> {
     let g = &cli.global;
+    let (queue, queue_db) = QueueTarget::parse(g.queue.as_deref(), &g.queue_name)?;
+    if let (Some(db), Some(from_queue)) = (&g.db, &queue_db)
+        && db != from_queue
+    {
+        return Err(Error::bad_input(
+            "--queue",
+            format!(
+                "sqlite:{} and --db {} name two databases; give one of them",
+                from_queue.display(),
+                db.display()
+            ),
+        ));
+    }
     let paths = Paths::resolve(&PathOverrides {
         home: g.home.clone(),
-        db: g.db.clone(),
+        db: queue_db.or_else(|| g.db.clone()),
         wakeup_dir: g.wakeup_dir.clone(),
         pid_file: g.pid_file.clone(),
         no_pid_file: g.no_pid_file,
         telemetry_dir: g.telemetry_dir.clone(),
         tasks: g.tasks.clone(),
     })?;
+    if let QueueTarget::RabbitMq { url, name } = &queue {
+        match &cli.command {
+            Command::Enqueue(args) => return enqueue_rabbitmq(&paths, url, name, args),
+            Command::Cancel { .. } => {
+                return Err(crate::backend::unsupported(
+                    "rabbitmq",
+                    "take a task off the queue by its id (a broker hands out messages, it \
+                     does not look them up)",
+                    "let it run, or make its task type do nothing",
+                ));
+            }
+            Command::Status { json } => {
+                return status_rabbitmq(&paths, g.synchronous, url, name, *json);
+            }
+            Command::Show { id, json } => {
+                return show_task(&paths, g.synchronous, *id, *json).map_err(|e| match e {
+                    Error::NotThere(message) => Error::NotThere(format!(
+                        "{message}; with the queue on RabbitMQ each machine knows only the \
+                         tasks its foreman ran: ask `snapq show` on the others (the broker \
+                         keeps no per-task state)"
+                    )),
+                    other => other,
+                });
+            }
+            _ => {}
+        }
+    }
     match cli.command {
-        Command::Run(args) => run(&paths, g.synchronous, &args),
+        Command::Run(args) => run(&paths, g.synchronous, &args, queue),
         Command::Enqueue(args) => enqueue(&paths, g.synchronous, &args),
         Command::Status { json } => show_status(&paths, g.synchronous, json),
         Command::Tasks { json } => tasks(&paths, g.synchronous, json),
@@ -519,8 +575,9 @@ pub fn execute(cli: Cli) -> Result<()> {
     }
 }
 
-fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs) -> Result<()> {
+fn run(paths: &Paths, synchronous: Synchronous, args: &RunArgs, queue: QueueTarget) -> Result<()> {
     let config = ForemanConfig {
+        queue,
         telemetry_dir: (!args.no_telemetry).then(|| paths.telemetry_dir.clone()),
         synchronous,
         workers: usize::from(args.workers),
@@ -706,11 +763,20 @@ fn enqueue(paths: &Paths, synchronous: Synchronous, args: &EnqueueArgs) -> Resul
         }
         return print(&out);
     }
+    // Everything that can be checked without the database is checked first.
+    let task = one_task(args)?;
+    let registry = paths.tasks_file.with_commands(&Registry::with_builtins())?;
+    let mut q = Enqueuer::with_registry(&paths.db, &paths.wakeup_dir, synchronous, &registry)?;
+    let id = q.enqueue(&task)?;
+    print(&format!("{id}\n"))
+}
+
+/// The one task `enqueue TASK [--args] [--kwargs] [--delay | --at]` gives.
+fn one_task(args: &EnqueueArgs) -> Result<NewTask> {
     let name = args
         .task
         .as_deref()
         .ok_or_else(|| Error::bad_input("usage", "give a TASK name or --file"))?;
-    // Everything that can be checked without the database is checked first.
     let task_args = match &args.args {
         Some(text) => queue::parse_json_arg("--args", text)?,
         None => serde_json::Value::Array(Vec::new()),
@@ -724,16 +790,87 @@ fn enqueue(paths: &Paths, synchronous: Synchronous, args: &EnqueueArgs) -> Resul
         (None, Some(at)) => When::At(clock::parse_rfc3339_micros("--at", at)?),
         (None, None) => When::Now,
     };
-    let task = NewTask {
+    Ok(NewTask {
         task: name.to_owned(),
         args: task_args,
         kwargs,
         when,
-    };
+    })
+}
+
+/// The tasks `enqueue` was given (one, or JSON Lines), checked against the built-in tasks,
+/// the tasks file's and those recorded in the home's database (if there is one).
+fn tasks_to_enqueue(paths: &Paths, args: &EnqueueArgs) -> Result<Vec<NewTask>> {
     let registry = paths.tasks_file.with_commands(&Registry::with_builtins())?;
-    let mut q = Enqueuer::with_registry(&paths.db, &paths.wakeup_dir, synchronous, &registry)?;
-    let id = q.enqueue(&task)?;
-    print(&format!("{id}\n"))
+    let mut catalog = Catalog::from_registry(&registry);
+    if paths.db.exists() {
+        catalog.add_recorded(&db::open(&paths.db, Synchronous::Normal)?)?;
+    }
+    let mut tasks = Vec::new();
+    if let Some(file) = &args.file {
+        let mut keep = |task, _: &dyn Fn(Error) -> Error| {
+            tasks.push(task);
+            Ok(())
+        };
+        if file == "-" {
+            queue::read_lines(std::io::stdin().lock(), "stdin", &catalog, &mut keep)?;
+        } else {
+            let handle = std::fs::File::open(file).map_err(|e| Error::BadPath {
+                role: "input file",
+                path: file.into(),
+                problem: format!("cannot be read ({e})"),
+            })?;
+            queue::read_lines(BufReader::new(handle), file, &catalog, &mut keep)?;
+        }
+        return Ok(tasks);
+    }
+    let task = one_task(args)?;
+    catalog.check(&task)?;
+    Ok(vec![task])
+}
+
+/// `enqueue --queue amqp://…`: published, confirmed, then the ids (or the count) printed.
+fn enqueue_rabbitmq(paths: &Paths, url: &str, name: &str, args: &EnqueueArgs) -> Result<()> {
+    use crate::backend::QueueBackend;
+    let tasks = tasks_to_enqueue(paths, args)?;
+    let ids = crate::backend::RabbitQueue::producer(url, name)?.enqueue(&tasks)?;
+    if args.file.is_some() && !args.ids {
+        return print(&format!("{}\n", ids.len()));
+    }
+    print(&ids.iter().map(|id| format!("{id}\n")).collect::<String>())
+}
+
+/// `status --queue amqp://…`: this machine's foreman and records, and the broker's counts
+/// ("at least": the broker does not count what its consumers hold).
+fn status_rabbitmq(
+    paths: &Paths,
+    synchronous: Synchronous,
+    url: &str,
+    name: &str,
+    json: bool,
+) -> Result<()> {
+    use crate::backend::QueueBackend;
+    let mut status = if paths.db.exists() {
+        status::read(&db::open(&paths.db, synchronous)?, &paths.db)?
+    } else {
+        status::empty(&paths.db)
+    };
+    let counts = crate::backend::RabbitQueue::producer(url, name)?.counts(clock::now_micros())?;
+    status.tasks.due = counts.due;
+    status.tasks.delayed = counts.delayed;
+    status.tasks.oldest_due_age_seconds = None;
+    status.tasks.next_delayed_in_seconds = None;
+    status.queue = Some(status::QueueStatus {
+        backend: "rabbitmq",
+        name: name.to_owned(),
+        url: crate::rabbitmq::redact(url),
+        counts_are_at_least: true,
+    });
+    if json {
+        print_json(&status)
+    } else {
+        print(&status.render())
+    }
 }
 
 fn show_status(paths: &Paths, synchronous: Synchronous, json: bool) -> Result<()> {

@@ -43,7 +43,10 @@
 //!    With `--amqp-url`, five more at most: the publisher (`snapq-amqp`, src/outbox.rs), lapin's executor
 //!    (`snapq-amqp-io`), async-io's reactor, one thread of the `blocking` pool, and lapin's
 //!    I/O loop while connected (src/rabbitmq.rs); reconnecting replaces the last, it does
-//!    not add one. With `--mqtt-url`, two more: the publisher (`snapq-mqtt`) and the
+//!    not add one. With `--queue amqp://…` the queue's connection (src/backend/rabbitmq.rs)
+//!    shares that executor and reactor and adds its own I/O loop thread: at most four more
+//!    (the deliveries come to the loop through a channel; the loop itself acks and
+//!    publishes). With `--mqtt-url`, two more: the publisher (`snapq-mqtt`) and the
 //!    socket's reader (`snapq-mqtt-io`, src/brokers/mqtt.rs). With `--panic-configs`, two more: the configuration consumer
 //!    (`snapq-panic-configs`, src/panic_configs.rs) and its own connection's I/O loop. With
 //!    `--http`, two more (the live view's hub and acceptor) and one a connection while it
@@ -107,7 +110,7 @@ use crossbeam_channel::{Receiver, bounded, select};
 use rusqlite::Connection;
 use signal_hook::consts::SIGHUP;
 
-use crate::backend::{Lease, QueueBackend, SqliteQueue};
+use crate::backend::{Lease, QueueBackend, QueueTarget, RabbitQueue, SqliteQueue};
 use crate::clock::now_micros;
 use crate::clock::{format_micros, micros_of};
 use crate::db::{self, Synchronous};
@@ -213,6 +216,9 @@ pub struct ForemanConfig {
     /// The command tasks' file, read at start (a bad file stops the start) and again on
     /// SIGHUP (a bad file is logged and the tasks stay as they were).
     pub tasks_file: Option<TasksFile>,
+    /// Where the task queue is: the database above, or a RabbitMQ queue (then the
+    /// database keeps this foreman's records, monitors and schedules).
+    pub queue: QueueTarget,
 }
 
 impl ForemanConfig {
@@ -235,6 +241,7 @@ impl ForemanConfig {
             history_max_rows: 100_000,
             live: None,
             tasks_file: None,
+            queue: QueueTarget::Sqlite,
         }
     }
 
@@ -315,9 +322,22 @@ pub fn run_with_sink(
         .as_deref()
         .map(PidFile::acquire)
         .transpose()?;
-    // The queue starts its wake-up watch (invariant 5) after the pid file: a second
+    // The SQLite queue starts its wake-up watch (invariant 5) after the pid file: a second
     // foreman is refused before it touches anything.
-    let mut queue = SqliteQueue::consumer(&config.db, &config.wakeup_dir, config.synchronous)?;
+    let mut queue: Box<dyn QueueBackend> = match &config.queue {
+        QueueTarget::Sqlite => Box::new(SqliteQueue::consumer(
+            &config.db,
+            &config.wakeup_dir,
+            config.synchronous,
+        )?),
+        QueueTarget::RabbitMq { url, name } => Box::new(RabbitQueue::consumer(
+            url,
+            name,
+            &config.db,
+            config.synchronous,
+            u16::try_from(config.workers).unwrap_or(u16::MAX),
+        )?),
+    };
     let live = config.live.clone().map(Live::start).transpose()?;
     queue::record_task_types(&books, &registry)?;
     let started_at = now_micros();
@@ -329,10 +349,9 @@ pub fn run_with_sink(
     // From here on the loop's writes give up on a held lock quickly and are retried on the
     // loop's own schedule (invariant 11); the writes above may wait for it as long as any
     // enqueuer does.
-    queue.wait_briefly_when_busy()?;
+    queue.started()?;
     db::wait_briefly_when_busy(&mut books)?;
     let wake_rx = queue.wake_ups();
-    let queue: Box<dyn QueueBackend> = Box::new(queue);
 
     let telemetry = config
         .telemetry_dir
@@ -380,6 +399,7 @@ pub fn run_with_sink(
         last_read: Instant::now(),
         next_beat: Instant::now() + HEARTBEAT_INTERVAL,
         next_prune: None,
+        prune_floor: None,
         claim_cost: Duration::ZERO,
         typical_task: Duration::ZERO,
         claim_failed: false,
@@ -391,7 +411,12 @@ pub fn run_with_sink(
         // Monitors run and schedules fire in a long-lived foreman only; `--burst` is for
         // tasks.
         rounds: Due::new(!config.burst, ROUND_SLACK),
-        ticks: Due::new(!config.burst, Duration::ZERO),
+        // Schedules insert their ticks' tasks into the database's queue, in the
+        // transaction that moves them on: only a foreman of that queue fires them.
+        ticks: Due::new(
+            !config.burst && config.queue == QueueTarget::Sqlite,
+            Duration::ZERO,
+        ),
         wake: crate::wakeup::WakeDir::prepare(&config.wakeup_dir)?,
         probes: HashMap::new(),
         sink,
@@ -399,6 +424,14 @@ pub fn run_with_sink(
         telemetry: telemetry.as_ref().map(|t| Arc::clone(t.telemetry())),
         live: live.as_ref().map(Live::publisher),
     };
+    if config.queue != QueueTarget::Sqlite
+        && crate::schedules::counts(&foreman.books).is_ok_and(|c| c.total > 0)
+    {
+        tracing::warn!(
+            "this database has schedules, and they do not fire while the queue is on \
+             RabbitMQ: run a foreman without --queue on this home for them"
+        );
+    }
     let status = foreman.status_line();
     foreman.notifier.ready(&status);
     foreman.publish_queue_figures();
@@ -480,6 +513,10 @@ struct Foreman<'a> {
     /// When the next batch of task records is pruned: set by each heartbeat, and again
     /// `PRUNE_PAUSE` after a batch that found more to prune; None when nothing is left.
     next_prune: Option<Instant>,
+    /// For the pass under way: the oldest record kept by `--history-max-rows`
+    /// (`records::oldest_of_newest`, read once a pass: it walks up to that many index
+    /// entries); `Some(None)` when there are no more records than that.
+    prune_floor: Option<Option<i64>>,
     /// How long tasks (not rounds) run lately (a moving average of the last few); polling pays only
     /// while it is below `SHORT_TASK`.
     typical_task: Duration,
@@ -1198,6 +1235,8 @@ impl Foreman<'_> {
             }
         }
         self.publish_queue_figures();
+        // A new pass: which records are the newest `--history-max-rows` is read again.
+        self.prune_floor = None;
         self.prune_records();
         self.find_dead_foremen();
     }
@@ -1242,7 +1281,18 @@ impl Foreman<'_> {
     fn prune_records(&mut self) {
         let cutoff = now_micros() - micros_of(self.config.history_retention);
         let max_rows = i64::try_from(self.config.history_max_rows).unwrap_or(i64::MAX);
-        self.next_prune = match records::prune(&self.books, cutoff, max_rows, PRUNE_BATCH) {
+        let floor = match self.prune_floor {
+            Some(floor) => floor,
+            None => match records::oldest_of_newest(&self.books, max_rows) {
+                Ok(floor) => *self.prune_floor.insert(floor),
+                Err(e) => {
+                    self.db_failed("pruning task records", &e);
+                    self.next_prune = None;
+                    return;
+                }
+            },
+        };
+        self.next_prune = match records::prune(&self.books, cutoff, floor, PRUNE_BATCH) {
             Ok(n) if n as i64 == PRUNE_BATCH => Some(Instant::now() + PRUNE_PAUSE),
             Ok(_) => None,
             Err(e) => {
@@ -1387,6 +1437,12 @@ fn log_orphans(orphans: Vec<records::Orphan>) {
                 id,
                 %task,
                 "task dead: it was running its last attempt when its foreman ended"
+            ),
+            "abandoned" => tracing::warn!(
+                id,
+                %task,
+                "task abandoned here: it was running when its foreman ended; it has retries, \
+                 and the broker hands it out again"
             ),
             _ => tracing::warn!(
                 id,

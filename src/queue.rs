@@ -213,21 +213,10 @@ impl Enqueuer {
     pub fn enqueue_lines(&mut self, input: impl BufRead, source_name: &str) -> Result<usize> {
         let now = now_micros();
         let mut rows = Vec::new();
-        for (index, line) in input.lines().enumerate() {
-            let at_line = |error| Error::BadLine {
-                line: index + 1,
-                source_name: source_name.to_owned(),
-                error: Box::new(error),
-            };
-            let line = line
-                .map_err(|e| at_line(Error::bad_input("input", format!("cannot be read: {e}"))))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let task = parse_line(&line).map_err(at_line)?;
-            self.catalog.check(&task).map_err(at_line)?;
+        read_lines(input, source_name, &self.catalog, |task, at_line| {
             rows.push(Row::of(&task, now).map_err(at_line)?);
-        }
+            Ok(())
+        })?;
         self.store(&rows, now)
     }
 
@@ -308,6 +297,32 @@ impl Row {
             run_at,
         })
     }
+}
+
+/// Reads JSON Lines (blank lines skipped), checks each task against `catalog`, and hands it
+/// to `each` with what names its line in an error. The first bad line is the error.
+pub fn read_lines(
+    input: impl BufRead,
+    source_name: &str,
+    catalog: &Catalog,
+    mut each: impl FnMut(NewTask, &dyn Fn(Error) -> Error) -> Result<()>,
+) -> Result<()> {
+    for (index, line) in input.lines().enumerate() {
+        let at_line = |error| Error::BadLine {
+            line: index + 1,
+            source_name: source_name.to_owned(),
+            error: Box::new(error),
+        };
+        let line =
+            line.map_err(|e| at_line(Error::bad_input("input", format!("cannot be read: {e}"))))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let task = parse_line(&line).map_err(at_line)?;
+        catalog.check(&task).map_err(at_line)?;
+        each(task, &at_line)?;
+    }
+    Ok(())
 }
 
 fn parse_line(text: &str) -> Result<NewTask> {

@@ -1,5 +1,6 @@
 //! The one RabbitMQ connection code (lapin), for every part of snapq that talks to the
-//! broker: the results sink (src/brokers/amqp.rs, src/outbox.rs) and PANIC's configurations (src/panic_configs.rs) today, the queue backend later.
+//! broker: the results sink (src/brokers/amqp.rs, src/outbox.rs), PANIC's configurations
+//! (src/panic_configs.rs) and the task queue (src/backend/rabbitmq.rs).
 //!
 //! lapin is asynchronous; snapq's threads are not. Each call here drives lapin's futures to
 //! completion with `block_on` on the calling thread, so a caller is a plain thread that
@@ -20,10 +21,12 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeBindOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm,
 };
@@ -38,6 +41,8 @@ pub type Outgoing<'a> = (&'a str, &'a str, &'a str);
 pub struct Incoming {
     pub routing_key: String,
     pub body: Vec<u8>,
+    /// The broker handed it out before (to a consumer whose channel closed unacked).
+    pub redelivered: bool,
     acker: lapin::Acker,
 }
 
@@ -59,6 +64,12 @@ impl Broker {
     /// Connects to `url` (amqp://user:password@host:port/vhost), opens a channel and puts
     /// it in confirm mode.
     pub fn connect(url: &str) -> Result<Broker, String> {
+        Broker::connect_alarmed(url, None)
+    }
+
+    /// Like `connect`; each error of the connection also puts a token in `alarm` (a
+    /// consumer waiting for deliveries learns at once that none will come).
+    pub fn connect_alarmed(url: &str, alarm: Option<Sender<()>>) -> Result<Broker, String> {
         EXECUTOR.call_once(|| {
             async_global_executor::init_with_config(
                 async_global_executor::GlobalExecutorConfig::default()
@@ -73,7 +84,7 @@ impl Broker {
                 .await
                 .map_err(|e| format!("cannot connect: {e}"))?;
             let (tx, errors) = unbounded();
-            watch_errors(&connection, tx);
+            watch_errors(&connection, tx, alarm);
             let channel = connection
                 .create_channel()
                 .await
@@ -213,21 +224,163 @@ impl Broker {
                 )
                 .await
                 .map_err(|e| format!("cannot consume {queue}: {e}"))?;
-            forward(consumer, tx, |delivery| Incoming {
-                routing_key: delivery.routing_key.to_string(),
-                body: delivery.data,
-                acker: delivery.acker,
-            });
+            forward(consumer, tx, incoming);
             Ok::<_, String>(())
         })?;
         Ok(rx)
     }
 
-    /// Acknowledges a message of `consume_queue`: the broker forgets it.
+    /// Declares queue `name` (durable, with `arguments`: see `args`), or with `passive`
+    /// only checks that it is there. Returns how many messages it holds ready (not those
+    /// handed out and unacknowledged).
+    pub fn declare_queue(
+        &self,
+        name: &str,
+        passive: bool,
+        arguments: FieldTable,
+    ) -> Result<u32, String> {
+        async_global_executor::block_on(self.channel.queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                passive,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        ))
+        .map(|q| q.message_count())
+        .map_err(|e| format!("cannot declare the queue {name}: {e}"))
+    }
+
+    /// Binds queue `queue` to `exchange` under `key`.
+    pub fn bind_queue(&self, queue: &str, exchange: &str, key: &str) -> Result<(), String> {
+        async_global_executor::block_on(self.channel.queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ))
+        .map_err(|e| format!("cannot bind {queue} to {exchange} / {key}: {e}"))
+    }
+
+    /// Binds exchange `destination` to exchange `source` under `key`.
+    pub fn bind_exchange(&self, destination: &str, source: &str, key: &str) -> Result<(), String> {
+        async_global_executor::block_on(self.channel.exchange_bind(
+            destination.into(),
+            source.into(),
+            key.into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        ))
+        .map_err(|e| format!("cannot bind {destination} to {source} / {key}: {e}"))
+    }
+
+    /// Deletes a queue and an exchange of that name, if there (tests clean up with it).
+    pub fn delete(&self, queue: Option<&str>, exchange: Option<&str>) -> Result<(), String> {
+        async_global_executor::block_on(async {
+            if let Some(q) = queue {
+                self.channel
+                    .queue_delete(q.into(), QueueDeleteOptions::default())
+                    .await
+                    .map_err(|e| format!("cannot delete the queue {q}: {e}"))?;
+            }
+            if let Some(x) = exchange {
+                self.channel
+                    .exchange_delete(x.into(), ExchangeDeleteOptions::default())
+                    .await
+                    .map_err(|e| format!("cannot delete the exchange {x}: {e}"))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Consumes queue `name` with acknowledgements, at most `prefetch` unacknowledged at
+    /// once (per consumer: quorum queues refuse a global prefetch). Each delivery goes to
+    /// `tx` and a token to `wake` (capacity one: a token says "look"). Returns the
+    /// consumer's tag, for `cancel`.
+    pub fn consume(
+        &self,
+        name: &str,
+        prefetch: u16,
+        tx: Sender<Incoming>,
+        wake: Sender<()>,
+    ) -> Result<String, String> {
+        async_global_executor::block_on(async {
+            self.channel
+                .basic_qos(prefetch, BasicQosOptions { global: false })
+                .await
+                .map_err(|e| format!("cannot set the prefetch of {name}: {e}"))?;
+            let consumer = self
+                .channel
+                .basic_consume(
+                    name.into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("cannot consume {name}: {e}"))?;
+            let tag = consumer.tag().to_string();
+            let mut consumer = consumer;
+            async_global_executor::spawn(async move {
+                while let Some(Ok(delivery)) = consumer.next().await {
+                    // The channel holds up to the prefetch: a send never waits long.
+                    if tx.send(incoming(delivery)).is_err() {
+                        return;
+                    }
+                    let _ = wake.try_send(());
+                }
+            })
+            .detach();
+            Ok(tag)
+        })
+    }
+
+    /// Stops consumer `tag`: the broker hands it nothing more.
+    pub fn cancel(&self, tag: &str) -> Result<(), String> {
+        async_global_executor::block_on(
+            self.channel
+                .basic_cancel(tag.into(), BasicCancelOptions::default()),
+        )
+        .map_err(|e| format!("cannot cancel the consumer: {e}"))
+    }
+
+    /// Gives a message of `consume` back to the queue, unacknowledged: the broker hands it
+    /// out again.
+    pub fn requeue(&self, incoming: &Incoming) -> Result<(), String> {
+        async_global_executor::block_on(incoming.acker.nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        }))
+        .map(|_| ())
+        .map_err(|e| format!("cannot give a message back: {e}"))
+    }
+
+    /// A round trip on the channel: when it returns, the broker has processed every method
+    /// sent before it on this channel (acks have no reply of their own). Sets the prefetch
+    /// to `prefetch` again, which changes nothing.
+    pub fn sync(&self, prefetch: u16) -> Result<(), String> {
+        async_global_executor::block_on(
+            self.channel
+                .basic_qos(prefetch, BasicQosOptions { global: false }),
+        )
+        .map_err(|e| format!("the broker did not answer: {e}"))
+    }
+
+    /// Acknowledges a message of `consume_queue`: the broker forgets it. An error if the
+    /// ack could not be sent, including when the channel that brought the message is gone
+    /// (lapin then reports the ack as not used): the broker hands that message out again.
     pub fn ack(&self, incoming: &Incoming) -> Result<(), String> {
-        async_global_executor::block_on(incoming.acker.ack(BasicAckOptions::default()))
-            .map(|_| ())
-            .map_err(|e| format!("cannot acknowledge a message: {e}"))
+        match async_global_executor::block_on(incoming.acker.ack(BasicAckOptions::default())) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(
+                "cannot acknowledge a message: the channel that brought it is gone (the \
+                 broker hands it out again)"
+                    .into(),
+            ),
+            Err(e) => Err(format!("cannot acknowledge a message: {e}")),
+        }
     }
 
     /// Publishes each message as persistent JSON, then waits until the broker has
@@ -382,15 +535,48 @@ impl Confirms {
     }
 }
 
+/// A delivery as snapq keeps it.
+fn incoming(delivery: lapin::message::Delivery) -> Incoming {
+    Incoming {
+        routing_key: delivery.routing_key.to_string(),
+        body: delivery.data,
+        redelivered: delivery.redelivered,
+        acker: delivery.acker,
+    }
+}
+
+/// Queue arguments from (name, value) pairs: text or a number.
+pub fn args(pairs: &[(&str, ArgValue<'_>)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in pairs {
+        let value = match value {
+            ArgValue::Text(t) => AMQPValue::LongString((*t).into()),
+            ArgValue::Number(n) => AMQPValue::LongLongInt(*n),
+        };
+        table.insert((*name).into(), value);
+    }
+    table
+}
+
+/// A queue argument's value (`args`).
+#[derive(Debug, Clone, Copy)]
+pub enum ArgValue<'a> {
+    Text(&'a str),
+    Number(i64),
+}
+
 /// Posts the connection's errors to `tx` as text, from a task on lapin's executor.
-fn watch_errors(connection: &Connection, tx: Sender<String>) {
+fn watch_errors(connection: &Connection, tx: Sender<String>, alarm: Option<Sender<()>>) {
     let mut events = connection.events_listener();
     async_global_executor::spawn(async move {
         while let Some(event) = events.next().await {
-            if let lapin::Event::Error(e) = event
-                && tx.send(format!("the connection failed: {e}")).is_err()
-            {
-                return;
+            if let lapin::Event::Error(e) = event {
+                if tx.send(format!("the connection failed: {e}")).is_err() {
+                    return;
+                }
+                if let Some(alarm) = &alarm {
+                    let _ = alarm.try_send(());
+                }
             }
         }
     })

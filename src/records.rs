@@ -171,17 +171,10 @@ fn write_finished(conn: &Connection, finished: &[Finish]) -> Result<Option<i64>>
             }
             continue;
         }
-        let c = f.command.as_deref();
+        let (exit_code, signal, output, truncated) = command_columns(f.command.as_deref());
         update
             .execute(params![
-                f.id,
-                f.state,
-                f.error,
-                f.at,
-                c.and_then(|c| c.exit_code),
-                c.and_then(|c| c.signal.as_deref()),
-                c.map(|c| c.output.as_slice()),
-                c.map(|c| c.truncated)
+                f.id, f.state, f.error, f.at, exit_code, signal, output, truncated
             ])
             .map_err(Error::sqlite("recording a finished task"))?;
     }
@@ -189,11 +182,10 @@ fn write_finished(conn: &Connection, finished: &[Finish]) -> Result<Option<i64>>
 }
 
 /// A leased task that failed, timed out, panicked or was stopped at the graceful deadline:
-/// back into the queue under its id with its next attempt, due after its backoff (at once
-/// when the foreman stopped it: that was not the task's failure, and it goes back whatever
-/// its attempts), or `dead` when its last attempt failed. Returns the due time it was put
-/// back for. A lease that is not `running` any more (another foreman found this one dead
-/// and rescued it) is left as it is.
+/// back into the queue under its id with its next attempt (`lease_end`), or `dead` when its
+/// last attempt failed. Returns the due time it was put back for. A lease that is not
+/// `running` any more (another foreman found this one dead and rescued it) is left as it
+/// is.
 fn settle_lease(conn: &Connection, f: &Finish, policy: &RetryPolicy) -> Result<Option<i64>> {
     let lease: Option<(i64, i64)> = conn
         .prepare_cached(
@@ -208,101 +200,156 @@ fn settle_lease(conn: &Connection, f: &Finish, policy: &RetryPolicy) -> Result<O
     let Some((attempt, max_attempts)) = lease else {
         return Ok(None);
     };
+    match lease_end(f, policy, attempt, max_attempts) {
+        LeaseEnd::Dead { why } => {
+            record_dead(conn, f, &why)?;
+            Ok(None)
+        }
+        LeaseEnd::Again { due, why } => {
+            // OR IGNORE: an id never repeats in the queue, and a row somehow there already
+            // must not fail the transaction that carries every other task's end.
+            conn.prepare_cached(
+                "INSERT OR IGNORE INTO tasks (id, task_name, args, kwargs, created_at, \
+                 run_at, attempt) SELECT id, task_name, args, kwargs, enqueued_at, ?2, \
+                 attempt + 1 FROM task_records WHERE id = ?1",
+            )
+            .and_then(|mut s| s.execute(params![f.id, due]))
+            .map_err(Error::sqlite("putting a task back in the queue"))?;
+            record_waiting(conn, f.id, due, &why, f.command.as_deref())?;
+            Ok(Some(due))
+        }
+    }
+}
+
+/// What the end of a leased task's attempt means (invariant 10), whatever queue holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// Its last attempt failed.
+    Dead { why: String },
+    /// Again, as attempt + 1, due at `due` (Unix µs).
+    Again { due: i64, why: String },
+}
+
+/// Decides a leased task's end `f` (a failure, or `abandoned` at the graceful deadline)
+/// on attempt `attempt` of `max_attempts`: after the backoff of `policy` it comes back,
+/// unless that was its last attempt; stopped by the foreman, it comes back at once
+/// whatever its attempts (that was not the task's failure).
+pub fn lease_end(f: &Finish, policy: &RetryPolicy, attempt: i64, max_attempts: i64) -> LeaseEnd {
     let error = f.error.as_deref().unwrap_or("failed");
-    let c = f.command.as_deref();
     let released = f.state == "abandoned";
     if !released && attempt >= max_attempts {
-        conn.prepare_cached(
-            "UPDATE task_records SET state = 'dead', error = ?2, finished_at = ?3, \
-             exit_code = ?4, signal = ?5, output = ?6, output_truncated = ?7 WHERE id = ?1",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                f.id,
-                format!("{error} (attempt {attempt} of {max_attempts}: no retries left)"),
-                f.at,
-                c.and_then(|c| c.exit_code),
-                c.and_then(|c| c.signal.as_deref()),
-                c.map(|c| c.output.as_slice()),
-                c.map(|c| c.truncated)
-            ])
-        })
-        .map_err(Error::sqlite("recording a dead task"))?;
-        return Ok(None);
+        return LeaseEnd::Dead {
+            why: format!("{error} (attempt {attempt} of {max_attempts}: no retries left)"),
+        };
     }
     let wait = if released {
         std::time::Duration::ZERO
     } else {
         policy.delay(attempt, fastrand::f64())
     };
-    let due = f.at.saturating_add(crate::clock::micros_of(wait));
-    let why = if released {
-        format!("attempt {attempt} was stopped: {error}")
-    } else {
-        format!("attempt {attempt} of {max_attempts} {}: {error}", f.state)
-    };
-    requeue(conn, f.id, due, &why, c)?;
-    Ok(Some(due))
+    LeaseEnd::Again {
+        due: f.at.saturating_add(crate::clock::micros_of(wait)),
+        why: if released {
+            format!("attempt {attempt} was stopped: {error}")
+        } else {
+            format!("attempt {attempt} of {max_attempts} {}: {error}", f.state)
+        },
+    }
 }
 
-/// Writes leased task `id`'s queue row back from its record, with the next attempt, due at
-/// `due`, and marks the record `queued`, keeping the last attempt's error and output.
-fn requeue(
+/// A command's exit code, signal, output and whether it was cut, as their columns hold
+/// them (all NULL for a task that is not a command).
+type CommandColumns<'a> = (Option<i32>, Option<&'a str>, Option<&'a [u8]>, Option<bool>);
+
+/// The `CommandColumns` of a task's end.
+fn command_columns(c: Option<&CommandEnd>) -> CommandColumns<'_> {
+    (
+        c.and_then(|c| c.exit_code),
+        c.and_then(|c| c.signal.as_deref()),
+        c.map(|c| c.output.as_slice()),
+        c.map(|c| c.truncated),
+    )
+}
+
+/// Records task `f.id` `dead`: its last attempt's end, `why` as its error.
+pub fn record_dead(conn: &Connection, f: &Finish, why: &str) -> Result<()> {
+    let (exit_code, signal, output, truncated) = command_columns(f.command.as_deref());
+    conn.prepare_cached(
+        "UPDATE task_records SET state = 'dead', error = ?2, finished_at = ?3, \
+         exit_code = ?4, signal = ?5, output = ?6, output_truncated = ?7 WHERE id = ?1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            f.id, why, f.at, exit_code, signal, output, truncated
+        ])
+    })
+    .map_err(Error::sqlite("recording a dead task"))?;
+    Ok(())
+}
+
+/// Marks task `id`'s record `queued` for its next attempt, due at `due`, keeping the last
+/// attempt's error (`why`) and output.
+pub fn record_waiting(
     conn: &Connection,
     id: i64,
     due: i64,
     why: &str,
     command: Option<&CommandEnd>,
 ) -> Result<()> {
-    // OR IGNORE: an id never repeats in the queue, and a row somehow there already must
-    // not fail the transaction that carries every other task's end.
-    conn.prepare_cached(
-        "INSERT OR IGNORE INTO tasks (id, task_name, args, kwargs, created_at, run_at, attempt) \
-         SELECT id, task_name, args, kwargs, enqueued_at, ?2, attempt + 1 \
-         FROM task_records WHERE id = ?1",
-    )
-    .and_then(|mut s| s.execute(params![id, due]))
-    .map_err(Error::sqlite("putting a task back in the queue"))?;
+    let (exit_code, signal, output, truncated) = command_columns(command);
     conn.prepare_cached(
         "UPDATE task_records SET state = 'queued', attempt = attempt + 1, due_at = ?2, \
          started_at = NULL, finished_at = NULL, error = ?3, exit_code = ?4, signal = ?5, \
          output = ?6, output_truncated = ?7 WHERE id = ?1",
     )
-    .and_then(|mut s| {
-        s.execute(params![
-            id,
-            due,
-            why,
-            command.and_then(|c| c.exit_code),
-            command.and_then(|c| c.signal.as_deref()),
-            command.map(|c| c.output.as_slice()),
-            command.map(|c| c.truncated)
-        ])
-    })
+    .and_then(|mut s| s.execute(params![id, due, why, exit_code, signal, output, truncated]))
     .map_err(Error::sqlite("recording a retry"))?;
     Ok(())
 }
 
 /// Deletes, of the `batch` oldest records, those that ended before `cutoff` (Unix µs) or
-/// whose id is more than `max_rows` below the newest record's, in one short transaction.
-/// Returns how many it deleted; the caller repeats while it deletes a whole batch.
-/// Running records, and those of tasks waiting for a retry, are never pruned. Ids are the tasks' ids, dense but for tasks still
-/// queued, so "more than `max_rows` below the newest" keeps about the newest `max_rows`.
+/// that are older than `oldest_kept`, in one short transaction. Returns how many
+/// it deleted; the caller repeats while it deletes a whole batch. Running records, and
+/// those of tasks waiting for a retry, are never pruned.
 ///
 /// Only the oldest `batch` rows are looked at: records end roughly in id order, so what
 /// may go is at the front, and a look past it would scan the whole table in the write
 /// transaction whenever nothing qualifies — each heartbeat, holding the write lock for
 /// milliseconds per 10,000 records while the loop's claims waited. A record that ended
 /// long before older ones (a short task beside a long one) goes once those have gone.
-pub fn prune(conn: &Connection, cutoff: i64, max_rows: i64, batch: i64) -> Result<usize> {
+///
+/// `oldest_kept` is `oldest_of_newest` for `--history-max-rows`, read once per pass.
+pub fn prune(
+    conn: &Connection,
+    cutoff: i64,
+    oldest_kept: Option<i64>,
+    batch: i64,
+) -> Result<usize> {
     conn.prepare_cached(
         "DELETE FROM task_records WHERE id IN (SELECT id FROM \
          (SELECT id, state, finished_at FROM task_records ORDER BY id LIMIT ?3) \
-         WHERE state NOT IN ('running', 'queued') AND (finished_at < ?1 \
-            OR id <= (SELECT max(id) FROM task_records) - ?2))",
+         WHERE state NOT IN ('running', 'queued') AND (finished_at < ?1 OR id < ?2))",
     )
-    .and_then(|mut s| s.execute(params![cutoff, max_rows, batch]))
+    .and_then(|mut s| s.execute(params![cutoff, oldest_kept.unwrap_or(i64::MIN), batch]))
     .map_err(Error::sqlite("pruning task records"))
+}
+
+/// The id of the oldest of the newest `max_rows` records, when there are more: a read,
+/// outside the pruning's write transaction. Ids of the SQLite queue are dense (a span of
+/// ids no larger than `max_rows` holds no more records, and nothing is walked); those of a
+/// broker's tasks are not (src/backend/rabbitmq.rs), and then the read steps through up
+/// to `max_rows` entries of the table's index.
+pub fn oldest_of_newest(conn: &Connection, max_rows: i64) -> Result<Option<i64>> {
+    let span: Option<i64> = conn
+        .prepare_cached("SELECT max(id) - min(id) FROM task_records")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(Error::sqlite("reading the records' ids"))?;
+    if span.is_none_or(|span| span < max_rows) {
+        return Ok(None);
+    }
+    conn.prepare_cached("SELECT id FROM task_records ORDER BY id DESC LIMIT 1 OFFSET ?1")
+        .and_then(|mut s| s.query_row([max_rows - 1], |r| r.get(0)).optional())
+        .map_err(Error::sqlite("reading the records' ids"))
 }
 
 /// How many tasks ended in each of the states that need a look (`failed`, `panicked`,
@@ -361,12 +408,7 @@ pub struct Orphan {
 /// due now, with its next attempt, or is `dead` if that was its last. Returns each, for
 /// the log.
 pub fn mark_lost(conn: &Connection, alive: &[u32]) -> Result<Vec<Orphan>> {
-    let alive = alive
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    let orphaned = format!("state = 'running' AND coalesce(foreman_pid, -1) NOT IN ({alive})");
+    let orphaned = orphaned(alive);
     let now = now_micros();
     db::immediate(conn, "settling lost tasks", || {
         conn.execute(
@@ -409,6 +451,80 @@ pub fn mark_lost(conn: &Connection, alive: &[u32]) -> Result<Vec<Orphan>> {
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(Error::sqlite("finding lost tasks"))
     })
+}
+
+/// Like `mark_lost`, for tasks whose queue is a broker, which hands a dead consumer's
+/// leases out again by itself: an at-most-once task is `lost`, a leased one `abandoned`
+/// here (its next attempt is recorded by whichever foreman the broker gives it to).
+pub fn mark_lost_of_broker(conn: &Connection, alive: &[u32]) -> Result<Vec<Orphan>> {
+    let orphaned = orphaned(alive);
+    let mut stmt = conn
+        .prepare(&format!(
+            "UPDATE task_records SET \
+             state = CASE WHEN max_attempts IS NULL THEN 'lost' ELSE 'abandoned' END, \
+             finished_at = ?1, \
+             error = 'its foreman (pid ' || coalesce(foreman_pid, '?') || \
+                 ') ended while attempt ' || attempt || ' ran' || \
+                 CASE WHEN max_attempts IS NULL THEN '' \
+                 ELSE '; the broker hands it out again' END \
+             WHERE {orphaned} RETURNING id, task_name, state"
+        ))
+        .map_err(Error::sqlite("finding lost tasks"))?;
+    let rows = stmt
+        .query_map([now_micros()], |r| {
+            Ok(Orphan {
+                id: r.get(0)?,
+                task: r.get(1)?,
+                state: r.get(2)?,
+            })
+        })
+        .map_err(Error::sqlite("finding lost tasks"))?;
+    rows.collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(Error::sqlite("finding lost tasks"))
+}
+
+/// Sets the records of `ids` that are `running` to `state` (`queued`: handed back
+/// unstarted; `lost`), with `error` (none if empty).
+pub fn set_state(conn: &Connection, ids: &[i64], state: &str, error: &str) -> Result<()> {
+    let mut stmt = conn
+        .prepare_cached(
+            "UPDATE task_records SET state = ?2, error = nullif(?3, ''), \
+             started_at = CASE WHEN ?2 = 'queued' THEN NULL ELSE started_at END, \
+             foreman_pid = CASE WHEN ?2 = 'queued' THEN NULL ELSE foreman_pid END, \
+             finished_at = CASE WHEN ?2 = 'queued' THEN NULL ELSE ?4 END \
+             WHERE id = ?1 AND state = 'running'",
+        )
+        .map_err(Error::sqlite("updating records"))?;
+    let now = now_micros();
+    for id in ids {
+        stmt.execute(params![id, state, error, now])
+            .map_err(Error::sqlite("updating records"))?;
+    }
+    Ok(())
+}
+
+/// Deletes the `running` records of `ids`: tasks claimed and handed back before they
+/// started (a broker's message whose ack could not be sent), of which this machine has
+/// nothing to tell.
+pub fn forget_running(conn: &Connection, ids: &[i64]) -> Result<()> {
+    let mut stmt = conn
+        .prepare_cached("DELETE FROM task_records WHERE id = ?1 AND state = 'running'")
+        .map_err(Error::sqlite("forgetting records"))?;
+    for id in ids {
+        stmt.execute([id])
+            .map_err(Error::sqlite("forgetting records"))?;
+    }
+    Ok(())
+}
+
+/// The condition for records left `running` by foremen not among `alive`.
+fn orphaned(alive: &[u32]) -> String {
+    let alive = alive
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    format!("state = 'running' AND coalesce(foreman_pid, -1) NOT IN ({alive})")
 }
 
 /// One task as `show` and `history` print it (SPEC's fields).
@@ -713,4 +829,44 @@ pub fn retry(conn: &Connection, id: i64) -> Result<Retried> {
             attempt: attempt + 1,
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--history-max-rows` counts records, not ids: a broker's task ids are far apart.
+    #[test]
+    fn pruning_keeps_the_newest_records_whatever_their_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(&dir.path().join("q.sqlite3"), db::Synchronous::Normal).unwrap();
+        let now = now_micros();
+        for id in [10_i64, 5_000, 900_000, 4_000_000, 120_210_147_745_449] {
+            conn.execute(
+                "INSERT INTO task_records (id, task_name, args, kwargs, enqueued_at, due_at, \
+                 finished_at, state) VALUES (?1, 'noop', '[]', '{}', ?2, ?2, ?2, 'succeeded')",
+                params![id, now],
+            )
+            .unwrap();
+        }
+        let ids = |conn: &Connection| -> Vec<i64> {
+            let mut s = conn
+                .prepare("SELECT id FROM task_records ORDER BY id")
+                .unwrap();
+            s.query_map([], |r| r.get(0))
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect()
+        };
+        // Five records, five kept: nothing is pruned for the ids' span alone.
+        let floor = oldest_of_newest(&conn, 5).unwrap();
+        assert_eq!(prune(&conn, now - 1, floor, 250).unwrap(), 0);
+        assert_eq!(ids(&conn).len(), 5);
+        let floor = oldest_of_newest(&conn, 2).unwrap();
+        assert_eq!(floor, Some(4_000_000));
+        assert_eq!(prune(&conn, now - 1, floor, 250).unwrap(), 3);
+        assert_eq!(ids(&conn), [4_000_000, 120_210_147_745_449]);
+        // Dense ids under the limit: not even walked.
+        assert_eq!(oldest_of_newest(&conn, 100).unwrap(), None);
+    }
 }

@@ -33,6 +33,21 @@ pub struct Status {
     /// the connection state, messages received, applied and rejected as malformed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub panic_configs: Option<crate::panic_configs::ConfigsStatus>,
+    /// The task queue, when it is not the database (`--queue amqp://…`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueStatus>,
+}
+
+/// A task queue other than the database: which, and whether its counts are exact.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueStatus {
+    pub backend: &'static str,
+    pub name: String,
+    /// Without its password.
+    pub url: String,
+    /// The broker counts what waits in it, not what its consumers hold: `tasks.due` and
+    /// `tasks.delayed` are "at least".
+    pub counts_are_at_least: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -136,6 +151,7 @@ pub fn read(conn: &Connection, db_path: &Path) -> Result<Status> {
         schedules: crate::schedules::counts(conn)?,
         sink: Some(crate::outbox::status(conn)?),
         panic_configs: crate::panic_configs::status(conn)?,
+        queue: None,
     })
 }
 
@@ -159,6 +175,7 @@ pub fn empty(db_path: &Path) -> Status {
         schedules: Default::default(),
         sink: None,
         panic_configs: None,
+        queue: None,
     }
 }
 
@@ -211,8 +228,19 @@ impl Status {
             out.push_str(&format!("also running: pid {}\n", other.pid));
         }
         let t = &self.tasks;
-        out.push_str(&format!("tasks due: {}\n", t.due));
-        out.push_str(&format!("tasks delayed: {}", t.delayed));
+        let at_least = match &self.queue {
+            Some(q) => {
+                out.push_str(&format!("queue: {} {} at {}\n", q.backend, q.name, q.url));
+                if q.counts_are_at_least {
+                    "at least "
+                } else {
+                    ""
+                }
+            }
+            None => "",
+        };
+        out.push_str(&format!("tasks due: {at_least}{}\n", t.due));
+        out.push_str(&format!("tasks delayed: {at_least}{}", t.delayed));
         if let Some(next) = t.next_delayed_in_seconds {
             out.push_str(&format!(" (next due in {})", human(next)));
         }

@@ -150,11 +150,12 @@ pub fn claims_in_due_order_and_at_most_once(h: &dyn Harness) {
             &no_retries,
         ));
     }
-    assert_eq!(
-        ids(&got),
-        [earlier, first, bulk].concat(),
-        "{name}: not in due order"
-    );
+    let due_order = [earlier, first, bulk].concat();
+    if c.capabilities().due_order {
+        assert_eq!(ids(&got), due_order, "{name}: not in due order");
+    } else {
+        assert_eq!(sorted(ids(&got)), sorted(due_order), "{name}");
+    }
     assert!(got.iter().all(|l| l.retry.is_none() && l.task.attempt == 1));
     for lease in &got {
         assert_eq!(state(c.as_mut(), lease.task.id), "running", "{name}");
@@ -178,7 +179,9 @@ pub fn a_delayed_task_waits_for_its_time(h: &dyn Harness) {
         c.claim(10, &no_retries).unwrap().is_empty(),
         "{name}: claimed before due"
     );
-    assert_eq!(state(c.as_mut(), id), "queued", "{name}");
+    if c.capabilities().shows_queued {
+        assert_eq!(state(c.as_mut(), id), "queued", "{name}");
+    }
     if let Some(due) = c.next_due().unwrap() {
         let expected = before + micros_of(delay);
         assert!(
@@ -239,8 +242,9 @@ pub fn a_failed_lease_comes_back_until_its_attempts_run_out(h: &dyn Harness) {
         let back = c.flush().unwrap();
         if attempt < 3 {
             let due = back.expect("a retry is due again");
-            // Backoff 0.2 s doubling: 0.2 s, then 0.4 s.
-            let wait = micros_of(backoff) << (attempt - 1);
+            // Backoff 0.2 s doubling: 0.2 s, then 0.4 s (a backend with a coarser delay
+            // rounds it up when it waits, after this).
+            let wait = 200_000 << (attempt - 1);
             assert!(due >= failed_at + wait, "{name}: back too early");
             let record = c.show(id).unwrap().unwrap();
             assert_eq!(
@@ -300,20 +304,27 @@ pub fn released_leases_are_claimed_again_as_they_were(h: &dyn Harness) {
     succeed(c.as_mut(), &again);
 }
 
-/// A consumer that died: its at-most-once tasks are `lost`, its leases back in the queue.
+/// A consumer that died: its at-most-once tasks are `lost`, its leases back in the queue
+/// with their next attempt (put back by `rescue`, or by the broker itself when the dead
+/// consumer's connection went: then `rescue` records them `abandoned` here).
 pub fn a_dead_consumers_tasks_are_lost_or_rescued(h: &dyn Harness) {
-    let (mut p, mut c) = (h.producer(), h.consumer());
-    let name = c.name();
-    let (sent, got) = one_of_each(p.as_mut(), c.as_mut());
+    let (mut p, mut dead) = (h.producer(), h.consumer());
+    let name = dead.name();
+    let (sent, got) = one_of_each(p.as_mut(), dead.as_mut());
     // While its foreman lives, nothing is rescued.
     assert!(
-        c.rescue(&[std::process::id()]).unwrap().is_empty(),
+        dead.rescue(&[std::process::id()]).unwrap().is_empty(),
         "{name}"
     );
+    drop(dead);
+    let mut c = h.consumer();
     let mut orphans = c.rescue(&[]).unwrap();
     orphans.sort_by_key(|o| o.id);
     let states: Vec<&str> = orphans.iter().map(|o| o.state.as_str()).collect();
-    assert_eq!(states, ["lost", "queued"], "{name}: {orphans:?}");
+    assert!(
+        matches!(states.as_slice(), ["lost", "queued" | "abandoned"]),
+        "{name}: {orphans:?}"
+    );
     assert_eq!(state(c.as_mut(), sent[0]), "lost", "{name}");
     let back = claim_within(c.as_mut(), 1, Duration::from_secs(5), &retried);
     assert_eq!(ids(&back), [sent[1]], "{name}: the lease was not put back");
@@ -332,6 +343,8 @@ pub fn a_dead_consumers_tasks_are_lost_or_rescued(h: &dyn Harness) {
 pub fn an_enqueue_wakes_the_consumer(h: &dyn Harness) {
     let (mut p, mut c) = (h.producer(), h.consumer());
     let name = c.name();
+    // A consumer that has claimed (a broker's starts consuming then) and found nothing.
+    assert!(c.claim(1, &no_retries).unwrap().is_empty(), "{name}");
     let wake_ups = c.wake_ups();
     while wake_ups.try_recv().is_ok() {}
     let id = p.enqueue(&[task("noop", When::Now)]).unwrap()[0];

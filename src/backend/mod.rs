@@ -19,6 +19,7 @@
 //! every backend passes. ARCHITECTURE.md, "Adding a queue backend", lists the steps.
 
 pub mod conformance;
+pub mod rabbitmq;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -30,6 +31,7 @@ use crate::queue::{Claimed, Counts, NewTask};
 use crate::records::{Cancelled, Finish, Orphan, Record};
 use crate::registry::RetryPolicy;
 
+pub use rabbitmq::RabbitQueue;
 pub use sqlite::SqliteQueue;
 
 /// What a backend can do. An operation it cannot do fails with `unsupported`.
@@ -43,6 +45,12 @@ pub struct Capabilities {
     pub delay_resolution: Duration,
     /// Whether tasks can jump the queue by priority.
     pub priorities: bool,
+    /// Whether `show` finds a task that waits in the queue and never ran here (a broker
+    /// does not look messages up; a foreman's records know only what it claimed).
+    pub shows_queued: bool,
+    /// Whether claims come in due order (then id). A broker's consumers take what it
+    /// hands out, about first in, first out.
+    pub due_order: bool,
 }
 
 /// A claimed task: the foreman runs it, then settles it (`QueueBackend::settle`) or, if
@@ -63,6 +71,13 @@ pub trait QueueBackend {
     fn name(&self) -> &'static str;
 
     fn capabilities(&self) -> Capabilities;
+
+    /// The foreman has started: from now on a write waits only briefly for anything
+    /// another process holds, and fails to be tried again on the loop's schedule
+    /// (invariant 11).
+    fn started(&mut self) -> Result<()> {
+        Ok(())
+    }
 
     /// Stores checked tasks durably before it returns (one transaction, or one confirmed
     /// batch) and wakes the consumers; returns their ids in order.
@@ -128,6 +143,64 @@ pub trait QueueBackend {
 
     /// Takes a queued task off the queue, recorded `cancelled`.
     fn cancel(&mut self, id: i64) -> Result<Cancelled>;
+}
+
+/// Where the task queue is (`--queue`, `--queue-name`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum QueueTarget {
+    /// The home's database (`--db`), or the one `sqlite:PATH` names.
+    #[default]
+    Sqlite,
+    /// A RabbitMQ queue: foremen on several machines consume it.
+    RabbitMq { url: String, name: String },
+}
+
+impl QueueTarget {
+    /// Reads `--queue URL` and `--queue-name NAME`: `sqlite:PATH` (returned as the
+    /// database path), `amqp://…` or `amqps://…`; anything else is bad input.
+    pub fn parse(
+        url: Option<&str>,
+        name: &str,
+    ) -> Result<(QueueTarget, Option<std::path::PathBuf>)> {
+        let Some(url) = url else {
+            return Ok((QueueTarget::Sqlite, None));
+        };
+        if let Some(path) = url.strip_prefix("sqlite:") {
+            if path.is_empty() {
+                return Err(Error::bad_input(
+                    "--queue",
+                    "sqlite: needs a path, e.g. sqlite:/var/lib/snapq/snapq.sqlite3",
+                ));
+            }
+            return Ok((QueueTarget::Sqlite, Some(path.into())));
+        }
+        if url.starts_with("amqp://") || url.starts_with("amqps://") {
+            if !crate::config::is_plain_name(name) {
+                return Err(Error::bad_input(
+                    "--queue-name",
+                    format!(
+                        "{name:?}: give 1 to 200 letters, digits, '_', '-' and '.' (the queue's \
+                         name on the broker)"
+                    ),
+                ));
+            }
+            return Ok((
+                QueueTarget::RabbitMq {
+                    url: url.to_owned(),
+                    name: name.to_owned(),
+                },
+                None,
+            ));
+        }
+        Err(Error::bad_input(
+            "--queue",
+            format!(
+                "{:?} is not a queue URL; give sqlite:PATH (a database) or \
+                 amqp://USER:PASSWORD@HOST:PORT/VHOST (RabbitMQ)",
+                crate::rabbitmq::redact(url)
+            ),
+        ))
+    }
 }
 
 /// The error for an operation `backend` cannot do.

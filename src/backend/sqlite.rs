@@ -80,12 +80,6 @@ impl SqliteQueue {
         })
     }
 
-    /// From now on a write waits at most `db::LOOP_BUSY_TIMEOUT` for a lock another
-    /// process holds (invariant 11): the foreman's setting once it has started.
-    pub fn wait_briefly_when_busy(&mut self) -> Result<()> {
-        db::wait_briefly_when_busy(&mut self.conn)
-    }
-
     /// The connection, for the foreman's work on the same file that is not the queue's
     /// (firing schedules: their tasks are inserted in the transaction that moves them).
     pub fn conn(&self) -> &Connection {
@@ -104,7 +98,14 @@ impl QueueBackend for SqliteQueue {
             exact_counts: true,
             delay_resolution: Duration::from_micros(1),
             priorities: false,
+            due_order: true,
+            shows_queued: true,
         }
+    }
+
+    /// A write waits at most `db::LOOP_BUSY_TIMEOUT` for a lock another process holds.
+    fn started(&mut self) -> Result<()> {
+        db::wait_briefly_when_busy(&mut self.conn)
     }
 
     fn enqueue(&mut self, tasks: &[NewTask]) -> Result<Vec<i64>> {

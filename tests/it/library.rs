@@ -49,6 +49,7 @@ fn a_program_runs_its_own_tasks() {
         history_max_rows: 1_000,
         live: None,
         tasks_file: None,
+        queue: Default::default(),
     };
 
     let mut q = Enqueuer::with_registry(

@@ -22,6 +22,7 @@ mod mqtt;
 mod panic_configs;
 mod pidfile;
 mod protocol;
+mod rabbitmq_queue;
 mod race;
 mod records;
 mod retries;

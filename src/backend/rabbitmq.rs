@@ -1,0 +1,852 @@
+//! The RabbitMQ backend: foremen on several machines consume one queue on one broker.
+//!
+//! Topology, for the queue name N (`--queue-name`, default `snapq.tasks`):
+//! - `N`: the tasks, a durable quorum queue. Its delivery limit dead-letters a message
+//!   handed out `DELIVERY_LIMIT` times without an ack (a task that kills every foreman that
+//!   runs it) to `N.dead`.
+//! - `N.dead`: tasks whose last attempt failed, and such poison messages, for a person.
+//! - the delay ladder: `LEVELS` topic exchanges `N.delay.P` and classic queues `N.delay.P`
+//!   whose messages expire after 2^P seconds. A delayed message is published to the top
+//!   exchange with a routing key that spells its delay in binary, most significant bit
+//!   first; exchange P routes it to queue P if bit P is set, else on to exchange P - 1; a
+//!   message that expires from queue P dead-letters into exchange P - 1 (queue 0 into `N`).
+//!   So a delay of D seconds waits in one queue per set bit of D, and a queue holds only
+//!   messages of one TTL: per-message TTLs would expire only at the head of the queue.
+//!   (kombu's native delayed delivery works this way.)
+//!
+//! Delivery: the foreman consumes `N` with a prefetch of its worker count. An at-most-once
+//! task is acknowledged, and the broker has answered a method sent after the acks (an ack
+//! has no reply of its own), before it runs: a foreman that dies later loses it. An
+//! at-least-once task stays unacknowledged while it runs (its lease); success acks it; a
+//! failure publishes its next attempt into the ladder (confirmed), then acks; its last
+//! failure publishes it to `N.dead`. A foreman that dies, or loses its connection, leaves
+//! its leases to the broker, which hands them out again: a redelivered message counts as
+//! its next attempt.
+//!
+//! Each foreman keeps the records of the tasks it ran in its home's database, as with
+//! SQLite: `show` and `history` answer for this machine.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Capabilities, Lease, QueueBackend, unsupported};
+use crate::clock::now_micros;
+use crate::db::{self, Synchronous};
+use crate::error::{Error, Result};
+use crate::queue::{Claimed, Counts, NewTask, When};
+use crate::rabbitmq::{ArgValue, Backoff, Broker, Incoming, args, redact};
+use crate::records::{self, Cancelled, Claimer, Finish, LeaseEnd, Orphan, Record};
+use crate::registry::RetryPolicy;
+
+/// Rungs of the delay ladder: delays up to 2^25 - 1 s (388 days).
+pub const LEVELS: u32 = 25;
+
+/// Deliveries of one message without an ack before the broker dead-letters it. RabbitMQ
+/// 3.10 counts every return (a nack, a foreman's death, a closed channel), so the limit
+/// leaves room for restarts.
+pub const DELIVERY_LIMIT: i64 = 50;
+
+/// How long a publish may wait for the broker's confirms.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default queue name (`--queue-name`).
+pub const DEFAULT_QUEUE_NAME: &str = "snapq.tasks";
+
+/// A task as it travels: JSON, persistent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Message {
+    id: i64,
+    task: String,
+    #[serde(default = "empty_array")]
+    args: Value,
+    #[serde(default = "empty_object")]
+    kwargs: Value,
+    /// Unix µs.
+    enqueued_at: i64,
+    /// Unix µs.
+    due_at: i64,
+    #[serde(default = "first")]
+    attempt: i64,
+    /// In `N.dead`: why it is there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+fn empty_array() -> Value {
+    Value::Array(Vec::new())
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+fn first() -> i64 {
+    1
+}
+
+/// A connection and what this handle does on it.
+struct Link {
+    broker: Broker,
+    /// Deliveries of our consumer, once it consumes.
+    deliveries: Option<Receiver<Incoming>>,
+    /// Which connection of this handle it is: a delivery is acknowledged only on the
+    /// connection that brought it.
+    generation: u64,
+    ladder_declared: bool,
+}
+
+/// An at-least-once task running under this foreman: its delivery is its lease.
+struct Held {
+    incoming: Incoming,
+    message: Message,
+    generation: u64,
+}
+
+pub struct RabbitQueue {
+    url: String,
+    name: String,
+    link: Option<Link>,
+    generation: u64,
+    /// When a lost connection may be tried again.
+    retry_at: Instant,
+    backoff: Backoff,
+    /// A consumer's prefetch (its worker count); None for a producer.
+    prefetch: Option<u16>,
+    /// A token per delivery and per connection error (capacity one: "look").
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
+    /// The home's database, where this machine's records live (a consumer's).
+    books: Option<Connection>,
+    claimer: Claimer,
+    finished: Vec<Finish>,
+    held: HashMap<i64, Held>,
+}
+
+impl RabbitQueue {
+    /// The foreman's handle on queue `name` at `url`, with `prefetch` deliveries in hand at
+    /// most, its records in the database at `books_db`. Connects now: a broker that cannot
+    /// be reached is an error (the foreman reconnects by itself later on).
+    pub fn consumer(
+        url: &str,
+        name: &str,
+        books_db: &Path,
+        synchronous: Synchronous,
+        prefetch: u16,
+    ) -> Result<RabbitQueue> {
+        let mut q = RabbitQueue::new(url, name, Some(prefetch.max(1)));
+        q.books = Some(db::open(books_db, synchronous)?);
+        q.connect()?;
+        Ok(q)
+    }
+
+    /// An enqueuer's handle: declares the queue (tasks enqueued before any foreman starts
+    /// are kept) and publishes.
+    pub fn producer(url: &str, name: &str) -> Result<RabbitQueue> {
+        let mut q = RabbitQueue::new(url, name, None);
+        q.connect()?;
+        Ok(q)
+    }
+
+    fn new(url: &str, name: &str, prefetch: Option<u16>) -> RabbitQueue {
+        let (wake_tx, wake_rx) = bounded(1);
+        RabbitQueue {
+            url: url.to_owned(),
+            name: name.to_owned(),
+            link: None,
+            generation: 0,
+            retry_at: Instant::now(),
+            backoff: Backoff::new(),
+            prefetch,
+            wake_tx,
+            wake_rx,
+            books: None,
+            claimer: Claimer::this_process(),
+            finished: Vec::new(),
+            held: HashMap::new(),
+        }
+    }
+
+    fn broken(&self, e: impl std::fmt::Display) -> Error {
+        Error::Runtime(format!(
+            "RabbitMQ at {} (queue {}): {e}; snapq connects again by itself (a foreman), or \
+             try again when the broker is reachable",
+            redact(&self.url),
+            self.name
+        ))
+    }
+
+    /// Connects and declares the queue, its dead queue and, for a consumer, the ladder
+    /// (retries go through it).
+    fn connect(&mut self) -> Result<()> {
+        let broker = Broker::connect_alarmed(&self.url, Some(self.wake_tx.clone()))
+            .map_err(|e| self.broken(e))?;
+        let dead = format!("{}.dead", self.name);
+        broker
+            .declare_queue(&dead, false, Default::default())
+            .map_err(|e| self.broken(e))?;
+        broker
+            .declare_queue(
+                &self.name,
+                false,
+                args(&[
+                    ("x-queue-type", ArgValue::Text("quorum")),
+                    ("x-delivery-limit", ArgValue::Number(DELIVERY_LIMIT)),
+                    ("x-dead-letter-exchange", ArgValue::Text("")),
+                    ("x-dead-letter-routing-key", ArgValue::Text(&dead)),
+                ]),
+            )
+            .map_err(|e| self.broken(e))?;
+        self.generation += 1;
+        let mut link = Link {
+            broker,
+            deliveries: None,
+            generation: self.generation,
+            ladder_declared: false,
+        };
+        if self.prefetch.is_some() {
+            declare_ladder(&link.broker, &self.name).map_err(|e| self.broken(e))?;
+            link.ladder_declared = true;
+        }
+        self.link = Some(link);
+        self.backoff.reset();
+        Ok(())
+    }
+
+    /// The live connection, connecting again if it was lost and the backoff allows.
+    fn link(&mut self) -> Result<&mut Link> {
+        if let Some(link) = &self.link
+            && let Ok(e) = link.broker.errors().try_recv()
+        {
+            tracing::warn!(
+                queue = %self.name,
+                "RabbitMQ: {e}; connecting again (tasks running keep running)"
+            );
+            self.drop_link();
+        }
+        if self.link.is_none() {
+            if Instant::now() < self.retry_at {
+                return Err(self.broken("not connected; connecting again shortly"));
+            }
+            if let Err(e) = self.connect() {
+                self.retry_at = Instant::now() + self.backoff.wait();
+                self.backoff.failed();
+                return Err(e);
+            }
+            tracing::info!(queue = %self.name, "RabbitMQ: connected");
+        }
+        self.link
+            .as_mut()
+            .ok_or_else(|| Error::Runtime("the RabbitMQ connection is gone".into()))
+    }
+
+    /// Forgets the connection: the broker hands out again what it had handed us
+    /// unacknowledged.
+    fn drop_link(&mut self) {
+        if let Some(link) = self.link.take() {
+            link.broker.close();
+        }
+        self.retry_at = Instant::now();
+    }
+
+    /// Publishes `messages` (exchange, routing key, message) and waits for the confirms.
+    fn publish(&mut self, messages: &[(String, String, Message)]) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let bodies: Vec<String> = messages
+            .iter()
+            .map(|(_, _, m)| serde_json::to_string(m).unwrap_or_default())
+            .collect();
+        let outgoing: Vec<(&str, &str, &str)> = messages
+            .iter()
+            .zip(&bodies)
+            .map(|((x, k, _), b)| (x.as_str(), k.as_str(), b.as_str()))
+            .collect();
+        let name = self.name.clone();
+        let needs_ladder = messages
+            .iter()
+            .any(|(x, _, _)| x.starts_with(&format!("{name}.delay.")));
+        let link = self.link()?;
+        if needs_ladder && !link.ladder_declared {
+            declare_ladder(&link.broker, &name).map_err(Error::Runtime)?;
+            link.ladder_declared = true;
+        }
+        let result = link.broker.publish_confirmed(&outgoing, CONFIRM_TIMEOUT);
+        result.map_err(|e| {
+            let e = self.broken(e);
+            self.drop_link();
+            e
+        })
+    }
+
+    /// Where a message due at `due` (Unix µs) goes now: the queue, or the ladder with its
+    /// delay in whole seconds, rounded up.
+    fn route(&self, due: i64, now: i64) -> Result<(String, String)> {
+        if due <= now {
+            return Ok((String::new(), self.name.clone()));
+        }
+        let seconds = (due - now + 999_999) / 1_000_000;
+        if seconds >= 1 << LEVELS {
+            return Err(unsupported(
+                "rabbitmq",
+                &format!("delay a task by {seconds} s"),
+                &format!(
+                    "its delays go up to {} days; enqueue it nearer its time",
+                    ((1i64 << LEVELS) - 1) / 86_400
+                ),
+            ));
+        }
+        Ok((
+            format!("{}.delay.{}", self.name, LEVELS - 1),
+            delay_key(seconds as u64),
+        ))
+    }
+
+    /// The ends of at-least-once tasks, done on the broker: success acks; a failure
+    /// publishes the next attempt into the ladder or the task into `N.dead`, then acks.
+    /// Their records are written here; the other ends are left for `records`. Returns when
+    /// the earliest task it put back is due.
+    fn settle_leases(&mut self) -> Result<Option<i64>> {
+        let mut requeued: Option<i64> = None;
+        let mut i = 0;
+        while i < self.finished.len() {
+            let Some(policy) = self.finished[i].retry else {
+                i += 1;
+                continue;
+            };
+            let id = self.finished[i].id;
+            let Some(held) = self.held.remove(&id) else {
+                self.finished[i].retry = None;
+                i += 1;
+                continue;
+            };
+            let current = self.link.as_ref().map(|l| l.generation);
+            if current != Some(held.generation) {
+                // The connection that brought it is gone: the broker has it back and hands
+                // it out again. Record this run as it ended.
+                let f = &mut self.finished[i];
+                f.retry = None;
+                let note = "the connection to RabbitMQ was lost before this end reached it: \
+                            the broker hands the task out again";
+                f.error = Some(match f.error.take() {
+                    Some(e) => format!("{e}; {note}"),
+                    None => note.into(),
+                });
+                i += 1;
+                continue;
+            }
+            let f = self.finished[i].clone();
+            let attempt = held.message.attempt;
+            let outcome = match f.state {
+                "failed" | "panicked" | "timed_out" | "abandoned" => Some(records::lease_end(
+                    &f,
+                    &policy,
+                    attempt,
+                    policy.max_attempts(),
+                )),
+                _ => None,
+            };
+            let now = now_micros();
+            let publish = match &outcome {
+                Some(LeaseEnd::Again { due, .. }) => {
+                    let (exchange, key) = self.route(*due, now)?;
+                    let mut next = held.message.clone();
+                    next.attempt = attempt + 1;
+                    next.due_at = *due;
+                    vec![(exchange, key, next)]
+                }
+                Some(LeaseEnd::Dead { why }) => {
+                    let mut dead = held.message.clone();
+                    dead.error = Some(why.clone());
+                    vec![(String::new(), format!("{}.dead", self.name), dead)]
+                }
+                None => Vec::new(),
+            };
+            let acked = self.publish(&publish).and_then(|()| {
+                let link = self.link()?;
+                link.broker
+                    .ack(&held.incoming)
+                    .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))
+            });
+            if let Err(e) = acked {
+                // Kept for the next flush; the delivery too, if its connection lives.
+                self.held.insert(id, held);
+                return Err(e);
+            }
+            let books = self.books()?;
+            match outcome {
+                Some(LeaseEnd::Again { due, why }) => {
+                    records::record_waiting(books, id, due, &why, f.command.as_deref())?;
+                    self.finished.remove(i);
+                    requeued = Some(requeued.map_or(due, |r| r.min(due)));
+                }
+                Some(LeaseEnd::Dead { why }) => {
+                    records::record_dead(books, &f, &why)?;
+                    self.finished.remove(i);
+                }
+                None => {
+                    self.finished[i].retry = None;
+                    i += 1;
+                }
+            }
+        }
+        Ok(requeued)
+    }
+
+    fn books(&self) -> Result<&Connection> {
+        self.books.as_ref().ok_or_else(|| {
+            Error::Runtime("this RabbitMQ queue handle keeps no records (an enqueuer's)".into())
+        })
+    }
+
+    /// Takes up to `limit` deliveries, starting the consumer on the first call.
+    fn deliveries(&mut self, limit: usize) -> Result<Vec<Incoming>> {
+        let prefetch = self
+            .prefetch
+            .ok_or_else(|| Error::Runtime("an enqueuer's RabbitMQ handle cannot claim".into()))?;
+        let name = self.name.clone();
+        let wake = self.wake_tx.clone();
+        let link = self.link()?;
+        if link.deliveries.is_none() {
+            let (tx, rx) = bounded(usize::from(prefetch));
+            link.broker
+                .consume(&name, prefetch, tx, wake)
+                .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+            link.deliveries = Some(rx);
+        }
+        let mut got = Vec::new();
+        if let Some(rx) = &link.deliveries {
+            while got.len() < limit {
+                match rx.try_recv() {
+                    Ok(incoming) => got.push(incoming),
+                    Err(_) => break,
+                }
+            }
+        }
+        Ok(got)
+    }
+}
+
+impl Drop for RabbitQueue {
+    fn drop(&mut self) {
+        self.drop_link();
+    }
+}
+
+/// The routing key that spells `seconds` in binary, `LEVELS` bits, most significant first.
+fn delay_key(seconds: u64) -> String {
+    (0..LEVELS)
+        .rev()
+        .map(|bit| if seconds >> bit & 1 == 1 { "1" } else { "0" })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The binding pattern for "bit `bit` of the key is `value`".
+fn bit_pattern(bit: u32, value: &str) -> String {
+    let before = (LEVELS - 1 - bit) as usize;
+    format!("{}{value}.#", "*.".repeat(before))
+}
+
+/// Declares the delay ladder of queue `name` (see the module's comment).
+fn declare_ladder(broker: &Broker, name: &str) -> std::result::Result<(), String> {
+    for bit in 0..LEVELS {
+        let rung = format!("{name}.delay.{bit}");
+        broker.declare_topic_exchange(&rung)?;
+        let ttl = (1i64 << bit) * 1000;
+        let below = if bit == 0 {
+            String::new()
+        } else {
+            format!("{name}.delay.{}", bit - 1)
+        };
+        let mut queue_args = vec![
+            ("x-message-ttl", ArgValue::Number(ttl)),
+            ("x-dead-letter-exchange", ArgValue::Text(&below)),
+        ];
+        if bit == 0 {
+            queue_args.push(("x-dead-letter-routing-key", ArgValue::Text(name)));
+        }
+        broker.declare_queue(&rung, false, args(&queue_args))?;
+        broker.bind_queue(&rung, &rung, &bit_pattern(bit, "1"))?;
+    }
+    for bit in 0..LEVELS {
+        let rung = format!("{name}.delay.{bit}");
+        if bit == 0 {
+            broker.bind_queue(name, &rung, &bit_pattern(0, "0"))?;
+        } else {
+            broker.bind_exchange(
+                &format!("{name}.delay.{}", bit - 1),
+                &rung,
+                &bit_pattern(bit, "0"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes queue `name`, its dead queue and its ladder (tests clean up with it).
+pub fn delete_topology(url: &str, name: &str) -> std::result::Result<(), String> {
+    let broker = Broker::connect(url)?;
+    broker.delete(Some(name), None)?;
+    broker.delete(Some(&format!("{name}.dead")), None)?;
+    for bit in 0..LEVELS {
+        let rung = format!("{name}.delay.{bit}");
+        broker.delete(Some(&rung), Some(&rung))?;
+    }
+    broker.close();
+    Ok(())
+}
+
+/// Task ids on RabbitMQ, where no table hands them out: the milliseconds since 2026 in the
+/// high bits and 12 low bits, from a random start for each batch, one a task. They grow
+/// with time (`history` lists newest first by id) and stay below 2^53 (exact as JSON
+/// numbers in a browser) until 2095. Two enqueuers in the same millisecond may draw
+/// overlapping ranges: unlikely (a batch of n collides with another with chance about n in
+/// 4,096), not impossible.
+fn new_ids(count: usize) -> Vec<i64> {
+    const EPOCH_2026_MS: i64 = 1_767_225_600_000;
+    let ms = (now_micros() / 1000 - EPOCH_2026_MS).max(0);
+    let base = (ms << 12) + fastrand::i64(0..4096);
+    (0..count as i64).map(|i| base + i).collect()
+}
+
+impl QueueBackend for RabbitQueue {
+    fn name(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            cancel_by_id: false,
+            exact_counts: false,
+            delay_resolution: Duration::from_secs(1),
+            priorities: false,
+            due_order: false,
+            shows_queued: false,
+        }
+    }
+
+    fn enqueue(&mut self, tasks: &[NewTask]) -> Result<Vec<i64>> {
+        let now = now_micros();
+        let ids = new_ids(tasks.len());
+        let mut messages = Vec::with_capacity(tasks.len());
+        for (task, &id) in tasks.iter().zip(&ids) {
+            let due = match task.when {
+                When::Now => now,
+                When::After(d) => now.saturating_add(crate::clock::micros_of(d)),
+                When::At(at) => at,
+            };
+            let (exchange, key) = self.route(due, now)?;
+            messages.push((
+                exchange,
+                key,
+                Message {
+                    id,
+                    task: task.task.clone(),
+                    args: task.args.clone(),
+                    kwargs: task.kwargs.clone(),
+                    enqueued_at: now,
+                    due_at: due,
+                    attempt: 1,
+                    error: None,
+                },
+            ));
+        }
+        self.publish(&messages)?;
+        Ok(ids)
+    }
+
+    fn claim(
+        &mut self,
+        limit: usize,
+        policy: &dyn Fn(&str) -> Option<RetryPolicy>,
+    ) -> Result<Vec<Lease>> {
+        self.settle_leases()?;
+        let deliveries = self.deliveries(limit)?;
+        let generation = self.generation;
+        let mut claimed = Vec::with_capacity(deliveries.len());
+        let mut at_most_once = Vec::new();
+        let mut leased = Vec::new();
+        for incoming in deliveries {
+            let (task, message) = match serde_json::from_slice::<Message>(&incoming.body) {
+                Ok(m) => {
+                    // Handed out again: the consumer before died or lost its connection
+                    // while it ran (or before it started): its next attempt.
+                    let attempt = m.attempt + i64::from(incoming.redelivered);
+                    (
+                        Claimed {
+                            id: m.id,
+                            task_name: m.task.clone(),
+                            args: m.args.to_string(),
+                            kwargs: m.kwargs.to_string(),
+                            created_at: m.enqueued_at,
+                            due: m.due_at,
+                            attempt,
+                            unreadable: None,
+                        },
+                        Some(Message { attempt, ..m }),
+                    )
+                }
+                Err(e) => (
+                    Claimed {
+                        id: new_ids(1)[0],
+                        task_name: String::from_utf8_lossy(&incoming.body)
+                            .chars()
+                            .take(60)
+                            .collect(),
+                        args: "[]".into(),
+                        kwargs: "{}".into(),
+                        created_at: now_micros(),
+                        due: now_micros(),
+                        attempt: 1,
+                        unreadable: Some(format!(
+                            "the message is not a snapq task ({e}); enqueuers publish \
+                             {{\"id\", \"task\", \"args\", \"kwargs\", \"enqueued_at\", \
+                             \"due_at\", \"attempt\"}} as JSON"
+                        )),
+                    },
+                    None,
+                ),
+            };
+            match (
+                message,
+                task.unreadable
+                    .is_none()
+                    .then(|| policy(&task.task_name))
+                    .flatten(),
+            ) {
+                (Some(message), Some(_)) => leased.push((task.id, incoming, message)),
+                _ => at_most_once.push((task.id, incoming)),
+            }
+            claimed.push(task);
+        }
+        // The records first: a foreman that dies after this and before the acks leaves
+        // `running` records of tasks the broker hands out again (then `lost` here, run
+        // elsewhere), never a task gone without a record.
+        let books = self.books.as_ref().ok_or_else(|| {
+            Error::Runtime("this RabbitMQ queue handle keeps no records (an enqueuer's)".into())
+        })?;
+        let mut claimed = records::claim(
+            books,
+            &mut self.finished,
+            &self.claimer,
+            |name| policy(name).map(|p| p.max_attempts()),
+            |_| Ok(claimed),
+        )?;
+        if !at_most_once.is_empty() {
+            // Acked on the connection that brought them, and confirmed by a round trip
+            // on it: only then may they run (at most once). A message whose ack could not
+            // be sent goes back to the queue by itself: its record goes, it is not run.
+            // One whose ack went out but whose round trip failed may or may not be off
+            // the queue: not run either, and recorded `lost`.
+            let prefetch = self.prefetch.unwrap_or(1);
+            let (mut sent, mut unsent) = (Vec::new(), Vec::new());
+            let link = self.link.as_ref().filter(|l| l.generation == generation);
+            for (id, incoming) in at_most_once {
+                match link.map(|l| l.broker.ack(&incoming)) {
+                    Some(Ok(())) => sent.push(id),
+                    _ => unsent.push(id),
+                }
+            }
+            let confirmed = match link {
+                Some(l) if !sent.is_empty() => l.broker.sync(prefetch).is_ok(),
+                _ => true,
+            };
+            let books = self.books()?;
+            records::forget_running(books, &unsent)?;
+            let mut dropped: HashSet<i64> = unsent.into_iter().collect();
+            if !confirmed {
+                records::set_state(
+                    books,
+                    &sent,
+                    "lost",
+                    "the connection to RabbitMQ failed while this task was acknowledged: \
+                     not run (it may have been taken off the queue, or be handed out again)",
+                )?;
+                dropped.extend(sent);
+            }
+            if !dropped.is_empty() {
+                tracing::warn!(
+                    queue = %self.name,
+                    tasks = dropped.len(),
+                    "RabbitMQ: tasks not acknowledged on their connection are not run (the \
+                     broker hands them out again, or they are recorded lost)"
+                );
+                self.drop_link();
+                claimed.retain(|t| !dropped.contains(&t.id));
+            }
+        }
+        for (id, incoming, message) in leased {
+            self.held.insert(
+                id,
+                Held {
+                    incoming,
+                    message,
+                    generation,
+                },
+            );
+        }
+        Ok(claimed
+            .into_iter()
+            .map(|task| Lease {
+                retry: self
+                    .held
+                    .contains_key(&task.id)
+                    .then(|| policy(&task.task_name))
+                    .flatten(),
+                task,
+            })
+            .collect())
+    }
+
+    fn settle(&mut self, end: Finish) {
+        self.finished.push(end);
+    }
+
+    fn unsettled(&self) -> usize {
+        self.finished.len()
+    }
+
+    fn flush(&mut self) -> Result<Option<i64>> {
+        let requeued = self.settle_leases()?;
+        let books = self.books.as_ref().ok_or_else(|| {
+            Error::Runtime("this RabbitMQ queue handle keeps no records (an enqueuer's)".into())
+        })?;
+        records::settle(books, &mut self.finished)?;
+        // The retry waits in the broker's ladder and comes as a delivery; the time only
+        // tells the foreman when to look.
+        Ok(requeued)
+    }
+
+    fn release(&mut self, leases: Vec<Lease>) -> Result<()> {
+        // Each goes back as it was: published again (confirmed), then its delivery, if
+        // unacknowledged, acked. A nack would mark it redelivered, which counts an attempt.
+        let now = now_micros();
+        let mut messages = Vec::new();
+        let mut held = Vec::new();
+        for Lease { task, .. } in &leases {
+            let message = match self.held.remove(&task.id) {
+                Some(h) => {
+                    let m = h.message.clone();
+                    held.push(h);
+                    m
+                }
+                None => Message {
+                    id: task.id,
+                    task: task.task_name.clone(),
+                    args: serde_json::from_str(&task.args).unwrap_or_else(|_| empty_array()),
+                    kwargs: serde_json::from_str(&task.kwargs).unwrap_or_else(|_| empty_object()),
+                    enqueued_at: task.created_at,
+                    due_at: task.due,
+                    attempt: task.attempt,
+                    error: None,
+                },
+            };
+            messages.push((String::new(), self.name.clone(), message));
+        }
+        let _ = now;
+        self.publish(&messages)?;
+        let generation = self.generation;
+        if let Ok(link) = self.link() {
+            for h in &held {
+                if h.generation == generation {
+                    let _ = link.broker.ack(&h.incoming);
+                }
+            }
+        }
+        let ids: Vec<i64> = leases.iter().map(|l| l.task.id).collect();
+        records::set_state(self.books()?, &ids, "queued", "")?;
+        Ok(())
+    }
+
+    fn wake_ups(&self) -> Receiver<()> {
+        self.wake_rx.clone()
+    }
+
+    fn wake_ups_need_check(&self) -> bool {
+        false
+    }
+
+    fn check_wake_ups(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+
+    fn next_due(&mut self) -> Result<Option<i64>> {
+        // Delays wait in the broker: a delivery wakes the foreman when one is due.
+        Ok(None)
+    }
+
+    fn counts(&mut self, _now: i64) -> Result<Counts> {
+        let name = self.name.clone();
+        let link = self.link()?;
+        let due = link
+            .broker
+            .declare_queue(&name, true, Default::default())
+            .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+        let mut delayed = 0;
+        if link.ladder_declared {
+            for bit in 0..LEVELS {
+                delayed += link
+                    .broker
+                    .declare_queue(&format!("{name}.delay.{bit}"), true, Default::default())
+                    .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+            }
+        }
+        Ok(Counts {
+            due: i64::from(due),
+            delayed: i64::from(delayed),
+            oldest_due: None,
+            next_delayed: None,
+        })
+    }
+
+    fn rescue(&mut self, alive: &[u32]) -> Result<Vec<Orphan>> {
+        records::mark_lost_of_broker(self.books()?, alive)
+    }
+
+    fn show(&mut self, id: i64) -> Result<Option<Record>> {
+        records::show(self.books()?, id)
+    }
+
+    fn cancel(&mut self, _id: i64) -> Result<Cancelled> {
+        Err(unsupported(
+            "rabbitmq",
+            "take a task off the queue by its id (a broker hands out messages, it does not \
+             look them up)",
+            "let it run, or stop its task type from doing anything",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_keys_and_patterns_spell_the_bits() {
+        let key = delay_key(5);
+        assert_eq!(key.split('.').count(), LEVELS as usize);
+        assert!(key.ends_with("1.0.1"), "{key}");
+        assert_eq!(
+            bit_pattern(0, "1"),
+            format!("{}1.#", "*.".repeat(LEVELS as usize - 1))
+        );
+        assert_eq!(bit_pattern(LEVELS - 1, "0"), "0.#");
+    }
+
+    #[test]
+    fn ids_grow_and_stay_exact_in_json() {
+        let a = new_ids(3);
+        std::thread::sleep(Duration::from_millis(2));
+        let b = new_ids(1);
+        assert_eq!(a[1], a[0] + 1);
+        assert!(b[0] > a[0], "{a:?} {b:?}");
+        assert!(b[0] < 1 << 53);
+    }
+}
