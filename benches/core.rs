@@ -20,6 +20,10 @@
 //! Each figure is printed beside its target, with the gap when a target is missed.
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/mod.rs"]
+mod common;
+use common::verdict;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -350,22 +354,6 @@ fn ms(d: Duration) -> f64 {
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let rank = ((sorted.len() as f64) * p).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-/// "met" or "MISSED by N%".
-fn verdict(value: f64, target: f64, higher_is_better: bool, unit: &str) -> String {
-    let met = if higher_is_better {
-        value >= target
-    } else {
-        value <= target
-    };
-    let sign = if higher_is_better { "≥" } else { "≤" };
-    if met {
-        format!("[target {sign} {target} {unit}: met]")
-    } else {
-        let gap = 100.0 * (value - target).abs() / target;
-        format!("[target {sign} {target} {unit}: MISSED by {gap:.0}%]")
-    }
 }
 
 fn enqueue_noops(db: &Path, wakeup: &Path, count: usize) {

@@ -630,7 +630,9 @@ impl Foreman<'_> {
                 if let Some(e) = self.fatal.take() {
                     return Err(e);
                 }
-                if !self.maybe_due && !self.claim_failed {
+                // A short claim says the SQLite queue is empty; a broker's deliveries
+                // arrive on their own time, so it is asked (and a delivery wakes the loop).
+                if !self.maybe_due && !self.claim_failed && self.queue.drained().unwrap_or(false) {
                     return Ok(Stopped::Drained);
                 }
             }
@@ -1332,6 +1334,13 @@ impl Foreman<'_> {
              (a second signal stops at once)",
             self.config.graceful_timeout.as_secs_f64()
         );
+        // A broker's deliveries received and not started go back now, for other foremen.
+        if let Err(e) = self.queue.stop_taking() {
+            tracing::warn!(
+                "could not hand back the tasks received and not started ({e}); the broker \
+                 takes them back when the connection closes"
+            );
+        }
         self.beat();
         let status = self.status_line();
         self.notifier.stopping(&status);

@@ -80,7 +80,8 @@ impl Broker {
         });
         async_global_executor::block_on(async {
             // lapin's default runtime with only its async-global-executor feature.
-            let connection = Connection::connect(url, ConnectionProperties::default())
+            let url = with_small_frames(url);
+            let connection = Connection::connect(&url, ConnectionProperties::default())
                 .await
                 .map_err(|e| format!("cannot connect: {e}"))?;
             let (tx, errors) = unbounded();
@@ -357,6 +358,36 @@ impl Broker {
         .map_err(|e| format!("cannot give a message back: {e}"))
     }
 
+    /// Acknowledges `messages`, then makes a round trip on the channel (`sync`): when it
+    /// returns Ok, the broker has processed every ack. All in one wait on lapin's executor
+    /// (one hop, not one per message). Per message, whether its ack was sent; the round
+    /// trip's result beside.
+    pub fn ack_all_and_sync(
+        &self,
+        messages: &[&Incoming],
+        prefetch: u16,
+    ) -> (Vec<bool>, Result<(), String>) {
+        async_global_executor::block_on(async {
+            let mut sent = Vec::with_capacity(messages.len());
+            for m in messages {
+                // An ack is written to lapin's I/O loop and resolves without a reply.
+                sent.push(matches!(
+                    m.acker.ack(BasicAckOptions::default()).await,
+                    Ok(true)
+                ));
+            }
+            let synced = if sent.iter().any(|&s| s) {
+                self.channel
+                    .basic_qos(prefetch, BasicQosOptions { global: false })
+                    .await
+                    .map_err(|e| format!("the broker did not answer: {e}"))
+            } else {
+                Ok(())
+            };
+            (sent, synced)
+        })
+    }
+
     /// A round trip on the channel: when it returns, the broker has processed every method
     /// sent before it on this channel (acks have no reply of their own). Sets the prefetch
     /// to `prefetch` again, which changes nothing.
@@ -602,6 +633,20 @@ fn forward<T: Send + 'static>(
     .detach();
 }
 
+/// lapin keeps a receive and a send buffer of 32 frames each, and a frame is as large as
+/// the broker allows (RabbitMQ: 128 KiB): 8 MiB of a foreman's memory for messages of a
+/// few hundred bytes. Unless the URL says otherwise, snapq asks for 16 KiB frames (larger
+/// messages travel as several): 1 MiB of buffers.
+fn with_small_frames(url: &str) -> String {
+    if url.contains("frame_max=") {
+        return url.to_owned();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}frame_max={SMALL_FRAME_MAX}")
+}
+
+const SMALL_FRAME_MAX: u32 = 16_384;
+
 /// The URL without its password, for logs and `status`.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -617,6 +662,22 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_are_small_unless_the_url_says() {
+        assert_eq!(
+            with_small_frames("amqp://h/%2f"),
+            "amqp://h/%2f?frame_max=16384"
+        );
+        assert_eq!(
+            with_small_frames("amqp://h/%2f?heartbeat=10"),
+            "amqp://h/%2f?heartbeat=10&frame_max=16384"
+        );
+        assert_eq!(
+            with_small_frames("amqp://h?frame_max=8192"),
+            "amqp://h?frame_max=8192"
+        );
+    }
 
     #[test]
     fn passwords_stay_out_of_logs() {

@@ -109,6 +109,12 @@ pub trait QueueBackend {
     /// no record of a run).
     fn release(&mut self, leases: Vec<Lease>) -> Result<()>;
 
+    /// The foreman is stopping (invariant 2): take nothing more, and hand back what came
+    /// in and was not claimed, as it was. (The SQLite queue hands out nothing unclaimed.)
+    fn stop_taking(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Tokens meaning "new work may be there": a channel the foreman waits on beside its
     /// signals and completions. A broker's delivery is its own wake-up.
     fn wake_ups(&self) -> Receiver<()>;
@@ -128,6 +134,12 @@ pub trait QueueBackend {
     /// number (a writer's mistake; SQLite only): the foreman asks at start and at each
     /// safety re-read.
     fn sweep(&mut self) {}
+
+    /// Whether nothing due waits for this consumer, after a claim came back short (`run
+    /// --burst` ends then). A short claim of the SQLite queue says so by itself.
+    fn drained(&mut self) -> Result<bool> {
+        Ok(true)
+    }
 
     /// Queue figures for `status` and the live view (`Capabilities::exact_counts` says
     /// whether they are exact).

@@ -52,6 +52,15 @@ pub const LEVELS: u32 = 25;
 /// leaves room for restarts.
 pub const DELIVERY_LIMIT: i64 = 50;
 
+/// Deliveries a consumer holds per worker. A claim takes only as many as there are free
+/// workers; the rest wait unacknowledged in the foreman (the broker hands them to another
+/// foreman if this one dies, and `stop_taking` gives them back at SIGTERM). With only the
+/// free slots' worth, each claim waited for the broker to send the next deliveries: 820
+/// noops a second against 6,500 with 8 a worker (BENCHMARKS.md). The price: a foreman
+/// busy with long tasks holds up to this many waiting ones that an idle foreman could
+/// have run.
+pub const PREFETCH_PER_WORKER: u16 = 8;
+
 /// How long a publish may wait for the broker's confirms.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -93,8 +102,9 @@ fn first() -> i64 {
 /// A connection and what this handle does on it.
 struct Link {
     broker: Broker,
-    /// Deliveries of our consumer, once it consumes.
+    /// Deliveries of our consumer, once it consumes, and its tag.
     deliveries: Option<Receiver<Incoming>>,
+    consumer_tag: Option<String>,
     /// Which connection of this handle it is: a delivery is acknowledged only on the
     /// connection that brought it.
     generation: u64,
@@ -129,8 +139,8 @@ pub struct RabbitQueue {
 }
 
 impl RabbitQueue {
-    /// The foreman's handle on queue `name` at `url`, with `prefetch` deliveries in hand at
-    /// most, its records in the database at `books_db`. Connects now: a broker that cannot
+    /// The foreman's handle on queue `name` at `url`, for `prefetch` workers (it holds
+    /// `PREFETCH_PER_WORKER` deliveries a worker at most), its records in the database at `books_db`. Connects now: a broker that cannot
     /// be reached is an error (the foreman reconnects by itself later on).
     pub fn consumer(
         url: &str,
@@ -139,7 +149,8 @@ impl RabbitQueue {
         synchronous: Synchronous,
         prefetch: u16,
     ) -> Result<RabbitQueue> {
-        let mut q = RabbitQueue::new(url, name, Some(prefetch.max(1)));
+        let prefetch = prefetch.max(1).saturating_mul(PREFETCH_PER_WORKER);
+        let mut q = RabbitQueue::new(url, name, Some(prefetch));
         q.books = Some(db::open(books_db, synchronous)?);
         q.connect()?;
         Ok(q)
@@ -206,6 +217,7 @@ impl RabbitQueue {
         let mut link = Link {
             broker,
             deliveries: None,
+            consumer_tag: None,
             generation: self.generation,
             ladder_declared: false,
         };
@@ -415,10 +427,12 @@ impl RabbitQueue {
         let link = self.link()?;
         if link.deliveries.is_none() {
             let (tx, rx) = bounded(usize::from(prefetch));
-            link.broker
+            let tag = link
+                .broker
                 .consume(&name, prefetch, tx, wake)
                 .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
             link.deliveries = Some(rx);
+            link.consumer_tag = Some(tag);
         }
         let mut got = Vec::new();
         if let Some(rx) = &link.deliveries {
@@ -647,17 +661,22 @@ impl QueueBackend for RabbitQueue {
             // the queue: not run either, and recorded `lost`.
             let prefetch = self.prefetch.unwrap_or(1);
             let (mut sent, mut unsent) = (Vec::new(), Vec::new());
-            let link = self.link.as_ref().filter(|l| l.generation == generation);
-            for (id, incoming) in at_most_once {
-                match link.map(|l| l.broker.ack(&incoming)) {
-                    Some(Ok(())) => sent.push(id),
-                    _ => unsent.push(id),
+            let mut confirmed = true;
+            match self.link.as_ref().filter(|l| l.generation == generation) {
+                Some(link) => {
+                    let messages: Vec<&Incoming> = at_most_once.iter().map(|(_, m)| m).collect();
+                    let (acks, synced) = link.broker.ack_all_and_sync(&messages, prefetch);
+                    for ((id, _), ok) in at_most_once.iter().zip(acks) {
+                        if ok {
+                            sent.push(*id);
+                        } else {
+                            unsent.push(*id);
+                        }
+                    }
+                    confirmed = synced.is_ok();
                 }
+                None => unsent.extend(at_most_once.iter().map(|(id, _)| *id)),
             }
-            let confirmed = match link {
-                Some(l) if !sent.is_empty() => l.broker.sync(prefetch).is_ok(),
-                _ => true,
-            };
             let books = self.books()?;
             records::forget_running(books, &unsent)?;
             let mut dropped: HashSet<i64> = unsent.into_iter().collect();
@@ -765,6 +784,48 @@ impl QueueBackend for RabbitQueue {
         Ok(())
     }
 
+    /// Cancels the consumer (the broker sends nothing after it answers), then publishes
+    /// what came and was not claimed back to the queue and acks it: given back with a nack,
+    /// it would come again marked redelivered, which counts an attempt.
+    fn stop_taking(&mut self) -> Result<()> {
+        let Some(link) = self.link.as_mut() else {
+            return Ok(());
+        };
+        let (Some(tag), Some(rx)) = (link.consumer_tag.take(), link.deliveries.take()) else {
+            return Ok(());
+        };
+        link.broker
+            .cancel(&tag)
+            .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+        let unclaimed: Vec<Incoming> = rx.try_iter().collect();
+        if unclaimed.is_empty() {
+            return Ok(());
+        }
+        let name = self.name.clone();
+        let bodies: Vec<String> = unclaimed
+            .iter()
+            .map(|i| String::from_utf8_lossy(&i.body).into_owned())
+            .collect();
+        let outgoing: Vec<(&str, &str, &str)> = bodies
+            .iter()
+            .map(|b| ("", name.as_str(), b.as_str()))
+            .collect();
+        link.broker
+            .publish_confirmed(&outgoing, CONFIRM_TIMEOUT)
+            .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+        for incoming in &unclaimed {
+            link.broker
+                .ack(incoming)
+                .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+        }
+        tracing::info!(
+            queue = %self.name,
+            tasks = unclaimed.len(),
+            "stopping: gave the tasks received and not started back to the queue"
+        );
+        Ok(())
+    }
+
     fn wake_ups(&self) -> Receiver<()> {
         self.wake_rx.clone()
     }
@@ -780,6 +841,30 @@ impl QueueBackend for RabbitQueue {
     fn next_due(&mut self) -> Result<Option<i64>> {
         // Delays wait in the broker: a delivery wakes the foreman when one is due.
         Ok(None)
+    }
+
+    /// Nothing in hand and nothing ready in the queue (delayed tasks wait in the ladder and
+    /// do not count: `--burst` runs what is due).
+    fn drained(&mut self) -> Result<bool> {
+        let name = self.name.clone();
+        let prefetch = self.prefetch.unwrap_or(1);
+        let link = self.link()?;
+        // A round trip first: deliveries the broker sent before its answer have reached
+        // lapin by then (one channel keeps its order); the task that moves them into our
+        // channel runs on lapin's executor, so it is given a moment. A delivery that comes
+        // later still is not lost: the connection's close at exit returns it.
+        link.broker
+            .sync(prefetch)
+            .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+        std::thread::sleep(Duration::from_millis(5));
+        if link.deliveries.as_ref().is_some_and(|rx| !rx.is_empty()) {
+            return Ok(false);
+        }
+        let ready = link
+            .broker
+            .declare_queue(&name, true, Default::default())
+            .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+        Ok(ready == 0)
     }
 
     fn counts(&mut self, _now: i64) -> Result<Counts> {

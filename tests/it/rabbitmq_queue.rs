@@ -429,3 +429,35 @@ fn a_connection_closed_by_the_broker_is_survived() {
         lost.len()
     );
 }
+
+/// `run --burst` on RabbitMQ runs what is ready and exits 0.
+#[test]
+fn burst_drains_the_ready_tasks_and_exits() {
+    let queue = Queue::new("burst");
+    let home = Home::new();
+    let lines = "{\"task\":\"noop\"}\n".repeat(500);
+    let path = home.file("bulk.jsonl");
+    std::fs::write(&path, lines).unwrap();
+    home.ok(&with(
+        &queue,
+        &["enqueue", "--file", path.to_str().unwrap()],
+    ));
+    // A delayed task is not ready: --burst does not wait for it.
+    home.ok(&with(&queue, &["enqueue", "noop", "--delay", "3600"]));
+    let out = home.snapq(&with(&queue, &["run", "--burst", "--workers", "4"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conn = home.conn();
+    let done: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM task_records WHERE state = 'succeeded'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(done, 500);
+    assert_eq!(queue.waiting(""), 0);
+}

@@ -1,0 +1,415 @@
+//! The task queue on RabbitMQ (issue 19): `cargo bench --bench amqp_queue`.
+//!
+//! On the broker at `SNAPQ_BENCH_AMQP_URL` (default the local guest one), with a queue of
+//! the run's own (deleted after), in one run:
+//! - bulk enqueue of 20,000 `noop` tasks through `snapq --queue … enqueue --file` (the whole
+//!   process; every task confirmed by the broker);
+//! - the drain of 20,000 `noop` tasks by 1 and by 3 `snapq run --burst --workers 4`
+//!   foremen (separate homes), from the first start to the last exit, with each foreman's
+//!   peak RSS;
+//! - the limit: a bare consumer of the same queue in this process (lapin through
+//!   snapq's connection code, a foreman's prefetch, an ack per delivery, nothing else);
+//! - Celery 5 (`--pool threads -c 4`, its default ack before the task runs) and Dramatiq
+//!   (`--processes 1 --threads 4`) on the same broker, each with a task of its own that
+//!   appends a byte to a file (how the benchmark counts their completions), installed from
+//!   PyPI into target/bench-py when missing. Peak RSS: main process and children.
+//!
+//! Targets (issue 19): snapq ≥ 5× Celery, ≥ 70% of the bare consumer, ≤ 16 MiB per
+//! foreman, bulk enqueue ≥ 20,000 confirmed tasks/s.
+#![allow(clippy::unwrap_used)]
+
+#[path = "common/mod.rs"]
+mod common;
+use common::verdict;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use snapq::backend::rabbitmq::delete_topology;
+use snapq::rabbitmq::Broker;
+
+const BIN: &str = env!("CARGO_BIN_EXE_snapq");
+const TASKS: usize = 20_000;
+const WORKERS: u16 = 4;
+
+fn main() {
+    let url = std::env::var("SNAPQ_BENCH_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let scratch = tempfile::Builder::new()
+        .prefix("snapq-bench-amqp-queue-")
+        .tempdir()
+        .unwrap();
+    println!("snapq on RabbitMQ: {TASKS} noop tasks, {WORKERS} workers a foreman");
+
+    // Bulk enqueue, and the drains by 1 and 3 foremen.
+    let bulk = scratch.path().join("bulk.jsonl");
+    std::fs::write(&bulk, "{\"task\":\"noop\"}\n".repeat(TASKS)).unwrap();
+    let mut enqueue_rates = Vec::new();
+    let mut drains = Vec::new();
+    for foremen in [1, 3, 1, 3] {
+        let queue = QueueName::new(&url);
+        let homes: Vec<PathBuf> = (0..foremen)
+            .map(|i| {
+                let h = scratch.path().join(format!("{}-{i}", queue.name));
+                std::fs::create_dir_all(&h).unwrap();
+                h
+            })
+            .collect();
+        let started = Instant::now();
+        let out = snapq(&homes[0], &url, &queue.name)
+            .args(["enqueue", "--file", bulk.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        enqueue_rates.push(TASKS as f64 / started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let children: Vec<Child> = homes
+            .iter()
+            .map(|h| {
+                snapq(h, &url, &queue.name)
+                    .args([
+                        "run",
+                        "--burst",
+                        "--no-telemetry",
+                        "--workers",
+                        &WORKERS.to_string(),
+                    ])
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let peaks: Vec<u64> = children.into_iter().map(peak_rss_until_exit).collect();
+        let wall = started.elapsed();
+        let ran: i64 = homes.iter().map(|h| succeeded(h)).sum();
+        assert_eq!(ran, TASKS as i64, "the foremen ran {ran} of {TASKS}");
+        drains.push((foremen, TASKS as f64 / wall.as_secs_f64(), peaks));
+    }
+    enqueue_rates.sort_by(f64::total_cmp);
+    let enqueue = enqueue_rates[enqueue_rates.len() / 2];
+    println!(
+        "bulk enqueue through `snapq enqueue --file` (whole process, all confirmed): {enqueue:.0} tasks/s (median of {})  {}",
+        enqueue_rates.len(),
+        verdict(enqueue, 20_000.0, true, "tasks/s")
+    );
+
+    let bare = bare_consumer(&url);
+    println!(
+        "bare consumer (lapin, the foreman's prefetch of {}, an ack per delivery): {bare:.0} deliveries/s",
+        WORKERS * snapq::backend::rabbitmq::PREFETCH_PER_WORKER
+    );
+    let best = |n: usize| {
+        drains
+            .iter()
+            .filter(|d| d.0 == n)
+            .map(|d| d.1)
+            .fold(0.0, f64::max)
+    };
+    let peak_mib = drains
+        .iter()
+        .flat_map(|d| d.2.iter())
+        .copied()
+        .max()
+        .unwrap_or(0) as f64
+        / 1024.0;
+    for n in [1, 3] {
+        println!(
+            "snapq, {n} foreman(s): {:.0} tasks/s (best of 2)  {}",
+            best(n),
+            if n == 1 {
+                format!(
+                    "{:.0}% of the bare consumer {}",
+                    100.0 * best(n) / bare,
+                    verdict(100.0 * best(n) / bare, 70.0, true, "%")
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    println!(
+        "snapq foreman peak RSS: {peak_mib:.1} MiB  {}",
+        verdict(peak_mib, 16.0, false, "MiB")
+    );
+
+    match python_peers() {
+        Some(python) => {
+            let celery = peer_drain(&python, &url, scratch.path(), Peer::Celery);
+            let dramatiq = peer_drain(&python, &url, scratch.path(), Peer::Dramatiq);
+            println!(
+                "Celery 5 (--pool threads -c 4): {:.0} tasks/s, peak RSS {:.1} MiB; snapq 1 foreman is {:.1}× it  {}",
+                celery.0,
+                celery.1,
+                best(1) / celery.0,
+                verdict(best(1) / celery.0, 5.0, true, "×")
+            );
+            println!(
+                "Dramatiq (--processes 1 --threads 4): {:.0} tasks/s, peak RSS {:.1} MiB (main + child)",
+                dramatiq.0, dramatiq.1
+            );
+        }
+        None => {
+            println!("Celery and Dramatiq: could not be installed into target/bench-py, skipped")
+        }
+    }
+}
+
+/// A queue name of this run's own, its topology deleted on drop.
+struct QueueName {
+    url: String,
+    name: String,
+}
+
+impl QueueName {
+    fn new(url: &str) -> QueueName {
+        QueueName {
+            url: url.to_owned(),
+            name: format!(
+                "snapq-bench-{}-{}",
+                std::process::id(),
+                snapq::clock::now_micros()
+            ),
+        }
+    }
+}
+
+impl Drop for QueueName {
+    fn drop(&mut self) {
+        let _ = delete_topology(&self.url, &self.name);
+    }
+}
+
+fn snapq(home: &Path, url: &str, queue: &str) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--home", home.to_str().unwrap(), "--synchronous", "normal"])
+        .args(["--queue", url, "--queue-name", queue])
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Waits for `child`, sampling its VmHWM; returns it in KiB.
+fn peak_rss_until_exit(mut child: Child) -> u64 {
+    let pid = child.id();
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let peak = Arc::clone(&peak);
+        std::thread::spawn(move || {
+            while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                if let Some(kib) = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+                {
+                    peak.fetch_max(kib, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "a foreman failed: {status}");
+    sampler.join().unwrap();
+    peak.load(Ordering::Relaxed)
+}
+
+fn succeeded(home: &Path) -> i64 {
+    let conn = rusqlite::Connection::open(home.join("snapq.sqlite3")).unwrap();
+    conn.query_row(
+        "SELECT count(*) FROM task_records WHERE state = 'succeeded'",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// Publishes TASKS messages to a queue of its own, then consumes them with an ack each
+/// and nothing else: deliveries a second.
+fn bare_consumer(url: &str) -> f64 {
+    let queue = QueueName::new(url);
+    let mut producer = snapq::backend::RabbitQueue::producer(url, &queue.name).unwrap();
+    use snapq::backend::QueueBackend;
+    producer
+        .enqueue(&vec![snapq::NewTask::new("noop"); TASKS])
+        .unwrap();
+    drop(producer);
+    let broker = Broker::connect(url).unwrap();
+    // The prefetch a foreman of WORKERS workers uses.
+    let prefetch = WORKERS * snapq::backend::rabbitmq::PREFETCH_PER_WORKER;
+    let (tx, rx) = crossbeam_channel::bounded(usize::from(prefetch));
+    let (wake, _woken) = crossbeam_channel::bounded(1);
+    let started = Instant::now();
+    broker.consume(&queue.name, prefetch, tx, wake).unwrap();
+    for _ in 0..TASKS {
+        let delivery = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        broker.ack(&delivery).unwrap();
+    }
+    let rate = TASKS as f64 / started.elapsed().as_secs_f64();
+    broker.close();
+    rate
+}
+
+#[derive(Clone, Copy)]
+enum Peer {
+    Celery,
+    Dramatiq,
+}
+
+/// A Python with Celery 5 and Dramatiq, installed into target/bench-py if missing.
+fn python_peers() -> Option<PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-py");
+    let python = venv.join("bin/python");
+    let has = || {
+        Command::new(&python)
+            .args(["-c", "import celery, dramatiq, pika"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has() {
+        Command::new("python3")
+            .args(["-m", "venv", venv.to_str()?])
+            .status()
+            .ok()?;
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(["celery>=5,<6", "dramatiq[rabbitmq]"])
+            .status()
+            .ok()?;
+    }
+    has().then_some(python)
+}
+
+/// Enqueues TASKS tasks of the peer's own trivial task on a queue of the run's own, then
+/// starts its worker and times the drain by the bytes the tasks append. Returns tasks/s
+/// and peak RSS (MiB) of the worker's processes.
+fn peer_drain(python: &Path, url: &str, scratch: &Path, peer: Peer) -> (f64, f64) {
+    let queue = QueueName::new(url);
+    let counter = scratch.join(format!("{}.count", queue.name));
+    std::fs::write(&counter, b"").unwrap();
+    let module_dir = scratch.join(format!("{}-py", queue.name));
+    std::fs::create_dir_all(&module_dir).unwrap();
+    let (module, enqueue, worker): (String, String, Vec<String>) = match peer {
+        Peer::Celery => (
+            format!(
+                "from celery import Celery\n\
+                 app = Celery('bench', broker={url:?})\n\
+                 app.conf.task_default_queue = {q:?}\n\
+                 app.conf.worker_hijack_root_logger = False\n\
+                 @app.task(name='noop')\n\
+                 def noop():\n\
+                 \x20   with open({c:?}, 'ab') as f:\n\
+                 \x20       f.write(b'.')\n",
+                q = queue.name,
+                c = counter.to_str().unwrap()
+            ),
+            format!("import peer\nfor _ in range({TASKS}):\n    peer.noop.apply_async()\n"),
+            [
+                "-m", "celery", "-A", "peer", "worker", "--pool", "threads", "-c", "4",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(
+                [
+                    "--loglevel",
+                    "WARNING",
+                    "--without-gossip",
+                    "--without-mingle",
+                ]
+                .iter()
+                .map(|s| s.to_string()),
+            )
+            .collect(),
+        ),
+        Peer::Dramatiq => (
+            format!(
+                "import dramatiq\n\
+                 from dramatiq.brokers.rabbitmq import RabbitmqBroker\n\
+                 dramatiq.set_broker(RabbitmqBroker(url={url:?}))\n\
+                 @dramatiq.actor(queue_name={q:?})\n\
+                 def noop():\n\
+                 \x20   with open({c:?}, 'ab') as f:\n\
+                 \x20       f.write(b'.')\n",
+                q = queue.name,
+                c = counter.to_str().unwrap()
+            ),
+            format!("import peer\nfor _ in range({TASKS}):\n    peer.noop.send()\n"),
+            [
+                "-m",
+                "dramatiq",
+                "peer",
+                "--processes",
+                "1",
+                "--threads",
+                "4",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ),
+    };
+    std::fs::write(module_dir.join("peer.py"), module).unwrap();
+    let status = Command::new(python)
+        .args(["-c", &enqueue])
+        .current_dir(&module_dir)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    let mut child = Command::new(python)
+        .args(&worker)
+        .current_dir(&module_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut peak_kib = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while std::fs::metadata(&counter).map_or(0, |m| m.len()) < TASKS as u64 {
+        assert!(Instant::now() < deadline, "the peer did not drain in 300 s");
+        peak_kib = peak_kib.max(tree_rss_kib(child.id()));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rate = TASKS as f64 / started.elapsed().as_secs_f64();
+    // SAFETY: kill(2) on the worker this function started and still owns.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    // Dramatiq declares a delay queue and a dead-letter queue beside it.
+    let broker = Broker::connect(url).unwrap();
+    for suffix in [".DQ", ".XQ"] {
+        let _ = broker.delete(Some(&format!("{}{suffix}", queue.name)), None);
+    }
+    broker.close();
+    (rate, peak_kib as f64 / 1024.0)
+}
+
+/// The resident set of `pid` and its children (one level: the worker's processes).
+fn tree_rss_kib(pid: u32) -> u64 {
+    let rss = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    rss(&pid.to_string()) + children.split_whitespace().map(rss).sum::<u64>()
+}
