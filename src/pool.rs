@@ -1,8 +1,9 @@
 //! The worker pool: a fixed set of named threads, started once (invariant 6).
 //!
-//! The foreman sends a claimed task only when it counts a free slot, so the job channel
-//! never fills. Each task runs inside `catch_unwind` under a `Slot` guard whose `Drop`
-//! reports the outcome back to the foreman: a panic never leaks a slot (invariant 7).
+//! The foreman sends a claimed task or a monitor round only when it counts a free slot,
+//! so the job channel never fills. Every job, task or round, runs inside `catch_unwind`
+//! under a `Slot` guard whose `Drop` reports the outcome back to the foreman: a panic
+//! never leaks a slot (invariant 7).
 //! Workers never touch the queue (invariant 8): they get rows already claimed.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -318,18 +319,17 @@ fn next_job(jobs: &Receiver<Job>, backlog: &AtomicBool) -> Option<Job> {
     jobs.recv().ok()
 }
 
+/// One job path: a task or a monitor round runs under a `Slot` guard, whose drop reports
+/// it to the foreman however it ends, unwinding included.
 fn work(jobs: &Receiver<Job>, shared: &Shared) {
     while let Some(job) = next_job(jobs, &shared.backlog) {
-        let task = match job {
-            Job::Task(task) => task,
-            Job::Round(round) => {
-                run_round(round, shared);
-                continue;
-            }
+        let key = match &job {
+            Job::Task(task) => JobKey::Task(task.id),
+            Job::Round(round) => JobKey::Round(round.name.clone(), round.version),
         };
         let mut slot = Slot {
             done: &shared.done,
-            id: task.id,
+            key,
             name: None,
             started: Instant::now(),
             // Stays Panicked only if something below unwinds past catch_unwind.
@@ -339,7 +339,10 @@ fn work(jobs: &Receiver<Job>, shared: &Shared) {
             live: shared.live.as_ref(),
             ran: false,
         };
-        slot.outcome = run_one(&task, shared, &mut slot);
+        slot.outcome = match job {
+            Job::Task(task) => run_one(&task, shared, &mut slot),
+            Job::Round(round) => run_round(round, shared),
+        };
     }
 }
 
@@ -513,7 +516,8 @@ fn signal_name(signal: i32) -> String {
         .into_owned()
 }
 
-fn run_round(job: RoundJob, shared: &Shared) {
+/// Runs one round of a monitor; its result goes to the foreman as the slot's outcome.
+fn run_round(job: RoundJob, shared: &Shared) -> Outcome {
     let started = Instant::now();
     let started_us = now_micros();
     let round =
@@ -546,16 +550,11 @@ fn run_round(job: RoundJob, shared: &Shared) {
             "monitor round failed"
         ),
     }
-    let _ = shared.done.send(Done {
-        command: None,
-        key: JobKey::Round(job.name, job.version),
-        outcome: Outcome::Round(Box::new(RoundDone {
-            kind: job.kind,
-            round,
-            started_us,
-        })),
-        duration,
-    });
+    Outcome::Round(Box::new(RoundDone {
+        kind: job.kind,
+        round,
+        started_us,
+    }))
 }
 
 /// Milliseconds to the microsecond, so log lines read `ms=0.183`, not `0.18254900000000002`.
@@ -577,7 +576,8 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// outcome and frees the slot by reporting to the foreman.
 struct Slot<'a> {
     done: &'a Sender<Done>,
-    id: i64,
+    /// The task's id, or the round's monitor and version.
+    key: JobKey,
     name: Option<Arc<str>>,
     started: Instant,
     outcome: Outcome,
@@ -598,7 +598,18 @@ impl Drop for Slot<'_> {
             telemetry.record(*label, duration.as_secs_f64());
         }
         let ms = round_ms(duration);
-        let id = self.id;
+        let key = std::mem::replace(&mut self.key, JobKey::Task(0));
+        let JobKey::Task(id) = key else {
+            // A round: `run_round` logged it; a panic outside its catch_unwind leaves the
+            // outcome Panicked, and the foreman frees the slot without a result.
+            let _ = self.done.send(Done {
+                key,
+                outcome: std::mem::replace(&mut self.outcome, Outcome::Succeeded),
+                duration,
+                command: None,
+            });
+            return;
+        };
         let task = self.name.as_deref().unwrap_or("?");
         match &self.outcome {
             // `%task`, as at the start: `task=noop`, not `task="noop"`.
@@ -618,7 +629,7 @@ impl Drop for Slot<'_> {
             if self.ran {
                 live.task_ended();
             }
-            self.publish_end(live, duration);
+            self.publish_end(id, live, duration);
         }
         // The foreman is gone only if it abandoned us at its deadline.
         let _ = self.done.send(Done {
@@ -631,12 +642,12 @@ impl Drop for Slot<'_> {
 }
 
 impl Slot<'_> {
-    fn publish_end(&self, live: &Publisher, duration: Duration) {
+    fn publish_end(&self, id: i64, live: &Publisher, duration: Duration) {
         let at = now_micros();
         let (reason, error) = match &self.outcome {
             Outcome::Succeeded => {
                 live.publish(Event::TaskFinished {
-                    id: self.id,
+                    id,
                     task: self.name.clone().unwrap_or_else(|| Arc::from("?")),
                     at,
                     duration,
@@ -651,7 +662,7 @@ impl Slot<'_> {
             Outcome::Round(_) => return,
         };
         live.publish(Event::TaskFailed {
-            id: self.id,
+            id,
             task: self.name.clone(),
             at,
             duration: self.ran.then_some(duration),
