@@ -13,6 +13,10 @@
 //!    the time it read, so of two foremen only the one whose move wrote starts the round.
 //!    A row another program wrote badly cannot take the rows claimed with it: `queue::claim`
 //!    returns it flagged unreadable, and the worker rejects it alone (invariant 7).
+//!    With the queue on RabbitMQ (src/backend/rabbitmq.rs) the claim is the ack, sent on
+//!    the connection that brought the message and confirmed by a round trip before the
+//!    task is handed out; deliveries beyond the free slots wait unacknowledged, the
+//!    broker's still.
 //! 2. **Nothing lost that had not started.** The first signal moves the loop into
 //!    `shut_down`, which claims nothing and starts no monitor round. Unclaimed rows are
 //!    never touched.
@@ -35,6 +39,8 @@
 //!    forgot the file, or a lost event, costs at most that. If the directory itself is
 //!    removed (inotify says so, and the safety re-read checks its inode), the loop makes
 //!    it again, arms the watch on the new one and re-reads the queue (`check_watch`).
+//!    The watch belongs to the SQLite queue (`QueueBackend::wake_ups`); on RabbitMQ a
+//!    delivery, or the connection's failure, is the wake-up.
 //! 6. **Bounded threads.** `--workers` pool threads, started once, plus the inotify thread,
 //!    the signal thread, the telemetry thread (unless `--no-telemetry`) and this one:
 //!    `workers + 4`, whatever the number of tasks or monitor rounds (monitors resolve host
