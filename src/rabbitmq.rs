@@ -43,6 +43,8 @@ pub struct Incoming {
     pub body: Vec<u8>,
     /// The broker handed it out before (to a consumer whose channel closed unacked).
     pub redelivered: bool,
+    /// Its number on the channel that brought it (they grow in delivery order).
+    pub delivery_tag: u64,
     acker: lapin::Acker,
 }
 
@@ -388,6 +390,30 @@ impl Broker {
         })
     }
 
+    /// Acknowledges every message of this channel up to delivery tag `tag` in one frame
+    /// (AMQP's `multiple`), then makes the confirming round trip (`sync`). Returns whether
+    /// the ack was sent, and the round trip's result. Every message up to `tag` that is
+    /// still unacknowledged is acknowledged: the caller makes sure those are all it means.
+    pub fn ack_up_to_and_sync(&self, tag: u64, prefetch: u16) -> (bool, Result<(), String>) {
+        // Both methods' frames are queued at their first poll, the ack's first (`zip` polls
+        // in order), so the broker answers the second after it has taken the first; one
+        // wait instead of two.
+        let ack = self
+            .channel
+            .basic_ack(tag, BasicAckOptions { multiple: true });
+        let sync = self
+            .channel
+            .basic_qos(prefetch, BasicQosOptions { global: false });
+        let (acked, synced) = async_global_executor::block_on(futures_lite::future::zip(ack, sync));
+        match acked {
+            Err(e) => (false, Err(format!("cannot acknowledge messages: {e}"))),
+            Ok(()) => (
+                true,
+                synced.map_err(|e| format!("the broker did not answer: {e}")),
+            ),
+        }
+    }
+
     /// A round trip on the channel: when it returns, the broker has processed every method
     /// sent before it on this channel (acks have no reply of their own). Sets the prefetch
     /// to `prefetch` again, which changes nothing.
@@ -572,6 +598,7 @@ fn incoming(delivery: lapin::message::Delivery) -> Incoming {
         routing_key: delivery.routing_key.to_string(),
         body: delivery.data,
         redelivered: delivery.redelivered,
+        delivery_tag: delivery.delivery_tag,
         acker: delivery.acker,
     }
 }

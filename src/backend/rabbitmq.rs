@@ -665,7 +665,23 @@ impl QueueBackend for RabbitQueue {
             match self.link.as_ref().filter(|l| l.generation == generation) {
                 Some(link) => {
                     let messages: Vec<&Incoming> = at_most_once.iter().map(|(_, m)| m).collect();
-                    let (acks, synced) = link.broker.ack_all_and_sync(&messages, prefetch);
+                    // Deliveries come in tag order and claims take the oldest, so one ack
+                    // of every tag up to the batch's highest acknowledges exactly this
+                    // batch, unless a lease held unacknowledged has a lower tag. One frame
+                    // sent with the confirming method, instead of a wait per message:
+                    // 5,100 → 8,200–9,200 noops a second (BENCHMARKS.md).
+                    let top = messages.iter().map(|m| m.delivery_tag).max().unwrap_or(0);
+                    let leases_below = leased.iter().any(|(_, i, _)| i.delivery_tag <= top)
+                        || self
+                            .held
+                            .values()
+                            .any(|h| h.generation == generation && h.incoming.delivery_tag <= top);
+                    let (acks, synced) = if leases_below {
+                        link.broker.ack_all_and_sync(&messages, prefetch)
+                    } else {
+                        let (sent, synced) = link.broker.ack_up_to_and_sync(top, prefetch);
+                        (vec![sent; messages.len()], synced)
+                    };
                     for ((id, _), ok) in at_most_once.iter().zip(acks) {
                         if ok {
                             sent.push(*id);
