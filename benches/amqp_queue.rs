@@ -388,11 +388,13 @@ fn peer_drain(python: &Path, url: &str, scratch: &Path, peer: Peer) -> (f64, f64
     // SAFETY: kill(2) on the worker this function started and still owns.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
-    // Dramatiq declares a delay queue and a dead-letter queue beside it.
+    // Dramatiq declares a delay queue and a dead-letter queue beside it; Celery an exchange
+    // of the queue's name.
     let broker = Broker::connect(url).unwrap();
     for suffix in [".DQ", ".XQ"] {
         let _ = broker.delete(Some(&format!("{}{suffix}", queue.name)), None);
     }
+    let _ = broker.delete(None, Some(&queue.name));
     broker.close();
     (rate, peak_kib as f64 / 1024.0)
 }

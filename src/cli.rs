@@ -529,6 +529,14 @@ pub fn execute(cli: Cli) -> Result<()> {
     if let QueueTarget::RabbitMq { url, name } = &queue {
         match &cli.command {
             Command::Enqueue(args) => return enqueue_rabbitmq(&paths, url, name, args),
+            Command::Retry { .. } => {
+                return Err(crate::backend::unsupported(
+                    "rabbitmq",
+                    "retry a task by its id yet (a retry writes the task back into the \
+                     database's queue)",
+                    "enqueue it again with `snapq --queue … enqueue`",
+                ));
+            }
             Command::Cancel { .. } => {
                 return Err(crate::backend::unsupported(
                     "rabbitmq",

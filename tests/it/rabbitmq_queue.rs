@@ -117,6 +117,9 @@ fn enqueue_run_show_and_what_rabbitmq_cannot_do() {
     let out = enqueuer.snapq(&with(&queue, &["cancel", &id.to_string()]));
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("the rabbitmq queue cannot"));
+    let out = worker.snapq(&with(&queue, &["retry", &id.to_string()]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the rabbitmq queue cannot retry"));
     let out = enqueuer.snapq(&["--queue", "redis://x", "enqueue", "noop"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a queue URL"));
