@@ -87,7 +87,7 @@
 //! 10. **At least once, where asked.** A task type with a retry policy (`retry_policies`)
 //!     is claimed by the same statement and transaction as any other, but its record
 //!     carries `max_attempts`: the record, naming this foreman, is the lease. The loop
-//!     keeps the policy of each running lease in `leases`; its end goes to
+//!     keeps the policy of each running lease beside it in `running`; its end goes to
 //!     `records::settle_lease` in the next claim or settle transaction, which writes the
 //!     queue row back (same id, next attempt, due after the backoff) or records it `dead`.
 //!     Nothing between the claim and that commit can drop the task: a `kill -9` leaves the
@@ -399,7 +399,6 @@ pub fn run_with_sink(
         done_rx,
         running: HashMap::with_capacity(config.workers),
         retry_policies,
-        leases: HashMap::new(),
         maybe_due: true,
         next_due: None,
         last_read: Instant::now(),
@@ -500,14 +499,12 @@ struct Foreman<'a> {
     wake_rx: Receiver<()>,
     signal_rx: Receiver<i32>,
     done_rx: Receiver<Done>,
-    /// Jobs handed to workers and not yet reported: key → (name, start). Its length is
-    /// the number of busy slots.
-    running: HashMap<JobKey, (String, Instant)>,
+    /// Jobs handed to workers and not yet reported: key → (name, start, and the policy a
+    /// lease was claimed under, for its end: invariant 10). Its length is the number of
+    /// busy slots.
+    running: HashMap<JobKey, (String, Instant, Option<RetryPolicy>)>,
     /// The task types run at least once, by name (the registry's, again at each SIGHUP).
     retry_policies: HashMap<String, RetryPolicy>,
-    /// The running tasks claimed as leases (invariant 10), with the policy they were
-    /// claimed under: their ends go to `records` with it.
-    leases: HashMap<i64, RetryPolicy>,
     /// False only after a claim came back short (no more due rows) and nothing since
     /// suggested new ones: then completions need no claim query.
     maybe_due: bool,
@@ -924,12 +921,9 @@ impl Foreman<'_> {
         let short = claimed.len() < asked;
         pool.set_backlog(!short && self.typical_task < SHORT_TASK);
         for Lease { task, retry } in claimed {
-            if let Some(policy) = retry {
-                self.leases.insert(task.id, policy);
-            }
             self.running.insert(
                 JobKey::Task(task.id),
-                (task.task_name.clone(), Instant::now()),
+                (task.task_name.clone(), Instant::now(), retry),
             );
             pool.submit(Job::Task(task))?;
         }
@@ -945,7 +939,10 @@ impl Foreman<'_> {
     }
 
     fn finished(&mut self, done: Done) {
-        self.running.remove(&done.key);
+        let lease = self
+            .running
+            .remove(&done.key)
+            .and_then(|(_, _, retry)| retry);
         // An average over about the last eight tasks (monitor rounds, HTTP calls of
         // milliseconds, would stop the polling that a drain of short tasks needs).
         if matches!(done.key, JobKey::Task(_)) {
@@ -1000,7 +997,7 @@ impl Foreman<'_> {
                     error,
                     at: now_micros(),
                     command: done.command,
-                    retry: self.leases.remove(&id),
+                    retry: lease,
                 });
             }
             (JobKey::Round(..), _) => {}
@@ -1078,7 +1075,7 @@ impl Foreman<'_> {
             };
             self.running.insert(
                 JobKey::Round(row.name.clone(), row.version),
-                (format!("monitor:{}", row.name), Instant::now()),
+                (format!("monitor:{}", row.name), Instant::now(), None),
             );
             let Some(pool) = self.pool.as_ref() else {
                 return Err(Error::Runtime("the worker pool is gone".into()));
@@ -1404,7 +1401,7 @@ impl Foreman<'_> {
     }
 
     fn abandon(&mut self, why: &str) -> Stopped {
-        for (key, (name, started)) in &self.running {
+        for (key, (name, started, lease)) in &self.running {
             let running_ms = round_ms(started.elapsed());
             match key {
                 JobKey::Task(id) => {
@@ -1420,7 +1417,7 @@ impl Foreman<'_> {
                         error: Some(format!("{why}: the foreman exited while it ran")),
                         at: now_micros(),
                         command: None,
-                        retry: self.leases.remove(id),
+                        retry: *lease,
                     });
                 }
                 JobKey::Round(monitor, version) => tracing::warn!(

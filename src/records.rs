@@ -439,17 +439,7 @@ pub fn mark_lost(conn: &Connection, alive: &[u32]) -> Result<Vec<Orphan>> {
                  WHERE {orphaned} RETURNING id, task_name, state"
             ))
             .map_err(Error::sqlite("finding lost tasks"))?;
-        let rows = stmt
-            .query_map([now], |r| {
-                Ok(Orphan {
-                    id: r.get(0)?,
-                    task: r.get(1)?,
-                    state: r.get(2)?,
-                })
-            })
-            .map_err(Error::sqlite("finding lost tasks"))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(Error::sqlite("finding lost tasks"))
+        orphans_of(&mut stmt, now)
     })
 }
 
@@ -470,8 +460,13 @@ pub fn mark_lost_of_broker(conn: &Connection, alive: &[u32]) -> Result<Vec<Orpha
              WHERE {orphaned} RETURNING id, task_name, state"
         ))
         .map_err(Error::sqlite("finding lost tasks"))?;
+    orphans_of(&mut stmt, now_micros())
+}
+
+/// Runs an `UPDATE … RETURNING id, task_name, state` of orphaned records at `now`.
+fn orphans_of(stmt: &mut rusqlite::Statement<'_>, now: i64) -> Result<Vec<Orphan>> {
     let rows = stmt
-        .query_map([now_micros()], |r| {
+        .query_map([now], |r| {
             Ok(Orphan {
                 id: r.get(0)?,
                 task: r.get(1)?,

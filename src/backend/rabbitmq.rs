@@ -412,9 +412,7 @@ impl RabbitQueue {
     }
 
     fn books(&self) -> Result<&Connection> {
-        self.books.as_ref().ok_or_else(|| {
-            Error::Runtime("this RabbitMQ queue handle keeps no records (an enqueuer's)".into())
-        })
+        books_of(&self.books)
     }
 
     /// Takes up to `limit` deliveries, starting the consumer on the first call.
@@ -451,6 +449,14 @@ impl Drop for RabbitQueue {
     fn drop(&mut self) {
         self.drop_link();
     }
+}
+
+/// The records' connection of a consumer; an enqueuer's handle has none. (A function of
+/// the field, not of `self`, so that `self.finished` can be borrowed beside it.)
+fn books_of(books: &Option<Connection>) -> Result<&Connection> {
+    books.as_ref().ok_or_else(|| {
+        Error::Runtime("this RabbitMQ queue handle keeps no records (an enqueuer's)".into())
+    })
 }
 
 /// The routing key that spells `seconds` in binary, `LEVELS` bits, most significant first.
@@ -643,9 +649,7 @@ impl QueueBackend for RabbitQueue {
         // The records first: a foreman that dies after this and before the acks leaves
         // `running` records of tasks the broker hands out again (then `lost` here, run
         // elsewhere), never a task gone without a record.
-        let books = self.books.as_ref().ok_or_else(|| {
-            Error::Runtime("this RabbitMQ queue handle keeps no records (an enqueuer's)".into())
-        })?;
+        let books = books_of(&self.books)?;
         let mut claimed = records::claim(
             books,
             &mut self.finished,
@@ -750,9 +754,7 @@ impl QueueBackend for RabbitQueue {
 
     fn flush(&mut self) -> Result<Option<i64>> {
         let requeued = self.settle_leases()?;
-        let books = self.books.as_ref().ok_or_else(|| {
-            Error::Runtime("this RabbitMQ queue handle keeps no records (an enqueuer's)".into())
-        })?;
+        let books = books_of(&self.books)?;
         records::settle(books, &mut self.finished)?;
         // The retry waits in the broker's ladder and comes as a delivery; the time only
         // tells the foreman when to look.
@@ -762,7 +764,6 @@ impl QueueBackend for RabbitQueue {
     fn release(&mut self, leases: Vec<Lease>) -> Result<()> {
         // Each goes back as it was: published again (confirmed), then its delivery, if
         // unacknowledged, acked. A nack would mark it redelivered, which counts an attempt.
-        let now = now_micros();
         let mut messages = Vec::new();
         let mut held = Vec::new();
         for Lease { task, .. } in &leases {
@@ -785,7 +786,6 @@ impl QueueBackend for RabbitQueue {
             };
             messages.push((String::new(), self.name.clone(), message));
         }
-        let _ = now;
         self.publish(&messages)?;
         let generation = self.generation;
         if let Ok(link) = self.link() {

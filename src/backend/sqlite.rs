@@ -79,12 +79,6 @@ impl SqliteQueue {
             sweep_undated: true,
         })
     }
-
-    /// The connection, for the foreman's work on the same file that is not the queue's
-    /// (firing schedules: their tasks are inserted in the transaction that moves them).
-    pub fn conn(&self) -> &Connection {
-        &self.conn
-    }
 }
 
 impl QueueBackend for SqliteQueue {
