@@ -412,7 +412,6 @@ pub fn run_with_sink(
         busy_since: None,
         stop_deadline: None,
         totals: Totals::default(),
-        // Monitors run in a long-lived foreman only; `--burst` is for tasks.
         // Monitors run and schedules fire in a long-lived foreman only; `--burst` is for
         // tasks.
         rounds: Due::new(!config.burst, ROUND_SLACK),

@@ -14,12 +14,13 @@
 //! them never carries its password (`redact`).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Once;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
-use futures_lite::StreamExt;
+use futures_lite::{Stream, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeBindOptions,
@@ -46,6 +47,70 @@ pub struct Incoming {
     /// Its number on the channel that brought it (they grow in delivery order).
     pub delivery_tag: u64,
     acker: lapin::Acker,
+}
+
+/// Which deliveries of the channel `Broker::ack_and_confirm` acknowledges.
+pub enum Acks<'a> {
+    /// Every one still unacknowledged up to delivery tag `tag`, in one frame (AMQP's
+    /// `multiple`): `count` deliveries, which the caller knows are all it means.
+    UpTo { tag: u64, count: usize },
+    /// These, one frame each.
+    Each(&'a [&'a Incoming]),
+}
+
+/// What became of acks sent by `Broker::ack_and_confirm`: per message, whether its ack
+/// was sent, and the round trip's result (Ok: the broker has taken every ack sent).
+#[derive(Debug)]
+pub struct Confirmed {
+    pub sent: Vec<bool>,
+    pub synced: Result<(), String>,
+}
+
+/// The deliveries of one consumer (`Broker::consume`), oldest first.
+pub struct Deliveries {
+    consumer: lapin::Consumer,
+    tag: String,
+    /// Taken from the stream by `any` and not handed out yet.
+    waiting: std::collections::VecDeque<Incoming>,
+    /// The stream ended (the consumer was cancelled or its channel closed).
+    ended: bool,
+}
+
+impl Deliveries {
+    /// The consumer's tag (for `Broker::cancel`).
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// Up to `limit` deliveries received by now. When it finds none left, `cx`'s waker is
+    /// woken by lapin's I/O loop at the next one.
+    pub fn take(&mut self, limit: usize, cx: &mut Context<'_>) -> Vec<Incoming> {
+        let mut got: Vec<Incoming> = Vec::new();
+        while got.len() < limit {
+            match self.waiting.pop_front() {
+                Some(incoming) => got.push(incoming),
+                None => break,
+            }
+        }
+        while got.len() < limit && !self.ended {
+            match Pin::new(&mut self.consumer).poll_next(cx) {
+                Poll::Ready(Some(Ok(delivery))) => got.push(incoming(delivery)),
+                // An error of the channel reaches the connection's error watch too.
+                Poll::Ready(Some(Err(_)) | None) => self.ended = true,
+                Poll::Pending => break,
+            }
+        }
+        got
+    }
+
+    /// Whether a delivery has been received and not taken.
+    pub fn any(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.waiting.is_empty() {
+            let more = self.take(1, cx);
+            self.waiting.extend(more);
+        }
+        !self.waiting.is_empty()
+    }
 }
 
 /// One connection with one channel in confirm mode.
@@ -298,17 +363,10 @@ impl Broker {
         })
     }
 
-    /// Consumes queue `name` with acknowledgements, at most `prefetch` unacknowledged at
-    /// once (per consumer: quorum queues refuse a global prefetch). Each delivery goes to
-    /// `tx` and a token to `wake` (capacity one: a token says "look"). Returns the
-    /// consumer's tag, for `cancel`.
-    pub fn consume(
-        &self,
-        name: &str,
-        prefetch: u16,
-        tx: Sender<Incoming>,
-        wake: Sender<()>,
-    ) -> Result<String, String> {
+    /// Consumes queue `name` with a prefetch of `prefetch` unacknowledged messages. The
+    /// deliveries are taken from the caller's thread (`Deliveries::take`), with no hop
+    /// through lapin's executor: lapin's I/O loop wakes the caller's waker when one comes.
+    pub fn consume(&self, name: &str, prefetch: u16) -> Result<Deliveries, String> {
         async_global_executor::block_on(async {
             self.channel
                 .basic_qos(prefetch, BasicQosOptions { global: false })
@@ -324,19 +382,12 @@ impl Broker {
                 )
                 .await
                 .map_err(|e| format!("cannot consume {name}: {e}"))?;
-            let tag = consumer.tag().to_string();
-            let mut consumer = consumer;
-            async_global_executor::spawn(async move {
-                while let Some(Ok(delivery)) = consumer.next().await {
-                    // The channel holds up to the prefetch: a send never waits long.
-                    if tx.send(incoming(delivery)).is_err() {
-                        return;
-                    }
-                    let _ = wake.try_send(());
-                }
+            Ok(Deliveries {
+                tag: consumer.tag().to_string(),
+                consumer,
+                waiting: std::collections::VecDeque::new(),
+                ended: false,
             })
-            .detach();
-            Ok(tag)
         })
     }
 
@@ -360,58 +411,55 @@ impl Broker {
         .map_err(|e| format!("cannot give a message back: {e}"))
     }
 
-    /// Acknowledges `messages`, then makes a round trip on the channel (`sync`): when it
-    /// returns Ok, the broker has processed every ack. All in one wait on lapin's executor
-    /// (one hop, not one per message). Per message, whether its ack was sent; the round
-    /// trip's result beside.
-    pub fn ack_all_and_sync(
-        &self,
-        messages: &[&Incoming],
-        prefetch: u16,
-    ) -> (Vec<bool>, Result<(), String>) {
-        async_global_executor::block_on(async {
-            let mut sent = Vec::with_capacity(messages.len());
-            for m in messages {
-                // An ack is written to lapin's I/O loop and resolves without a reply.
-                sent.push(matches!(
-                    m.acker.ack(BasicAckOptions::default()).await,
-                    Ok(true)
-                ));
+    /// Acknowledges deliveries of this channel and makes a round trip behind the acks (a
+    /// `basic.qos` that sets the prefetch to `prefetch` again, which changes nothing): when
+    /// the broker answers it, it has processed every ack (acks have no reply of their own).
+    /// One wait on lapin's executor for all of it.
+    pub fn ack_and_confirm(&self, acks: Acks<'_>, prefetch: u16) -> Confirmed {
+        let channel = &self.channel;
+        let qos = BasicQosOptions { global: false };
+        async_global_executor::block_on(async move {
+            match acks {
+                Acks::UpTo { tag, count } => {
+                    // Both methods' frames are queued at the first poll, the ack's first
+                    // (`zip` polls in order), so the broker answers the second after it has
+                    // taken the first: one round trip for the batch.
+                    let ack = channel.basic_ack(tag, BasicAckOptions { multiple: true });
+                    let sync = channel.basic_qos(prefetch, qos);
+                    let (acked, synced) = futures_lite::future::zip(ack, sync).await;
+                    match acked {
+                        Err(e) => Confirmed {
+                            sent: vec![false; count],
+                            synced: Err(format!("cannot acknowledge messages: {e}")),
+                        },
+                        Ok(()) => Confirmed {
+                            sent: vec![true; count],
+                            synced: synced.map_err(|e| format!("the broker did not answer: {e}")),
+                        },
+                    }
+                }
+                Acks::Each(messages) => {
+                    let mut sent = Vec::with_capacity(messages.len());
+                    for m in messages {
+                        // An ack goes through lapin's I/O loop and resolves once written,
+                        // without a reply; the round trip is sent after the last.
+                        sent.push(matches!(
+                            m.acker.ack(BasicAckOptions::default()).await,
+                            Ok(true)
+                        ));
+                    }
+                    let synced = if sent.iter().any(|&s| s) {
+                        channel
+                            .basic_qos(prefetch, qos)
+                            .await
+                            .map_err(|e| format!("the broker did not answer: {e}"))
+                    } else {
+                        Ok(())
+                    };
+                    Confirmed { sent, synced }
+                }
             }
-            let synced = if sent.iter().any(|&s| s) {
-                self.channel
-                    .basic_qos(prefetch, BasicQosOptions { global: false })
-                    .await
-                    .map_err(|e| format!("the broker did not answer: {e}"))
-            } else {
-                Ok(())
-            };
-            (sent, synced)
         })
-    }
-
-    /// Acknowledges every message of this channel up to delivery tag `tag` in one frame
-    /// (AMQP's `multiple`), then makes the confirming round trip (`sync`). Returns whether
-    /// the ack was sent, and the round trip's result. Every message up to `tag` that is
-    /// still unacknowledged is acknowledged: the caller makes sure those are all it means.
-    pub fn ack_up_to_and_sync(&self, tag: u64, prefetch: u16) -> (bool, Result<(), String>) {
-        // Both methods' frames are queued at their first poll, the ack's first (`zip` polls
-        // in order), so the broker answers the second after it has taken the first; one
-        // wait instead of two.
-        let ack = self
-            .channel
-            .basic_ack(tag, BasicAckOptions { multiple: true });
-        let sync = self
-            .channel
-            .basic_qos(prefetch, BasicQosOptions { global: false });
-        let (acked, synced) = async_global_executor::block_on(futures_lite::future::zip(ack, sync));
-        match acked {
-            Err(e) => (false, Err(format!("cannot acknowledge messages: {e}"))),
-            Ok(()) => (
-                true,
-                synced.map_err(|e| format!("the broker did not answer: {e}")),
-            ),
-        }
     }
 
     /// A round trip on the channel: when it returns, the broker has processed every method

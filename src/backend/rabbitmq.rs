@@ -28,6 +28,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
+use std::task::{Context, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -40,7 +42,9 @@ use crate::clock::now_micros;
 use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
 use crate::queue::{Claimed, Counts, NewTask, When};
-use crate::rabbitmq::{ArgValue, Backoff, Broker, Incoming, args, redact};
+use crate::rabbitmq::{
+    Acks, ArgValue, Backoff, Broker, Confirmed, Deliveries, Incoming, args, redact,
+};
 use crate::records::{self, Cancelled, Claimer, Finish, LeaseEnd, Orphan, Record};
 use crate::registry::RetryPolicy;
 
@@ -103,12 +107,21 @@ fn first() -> i64 {
 struct Link {
     broker: Broker,
     /// Deliveries of our consumer, once it consumes, and its tag.
-    deliveries: Option<Receiver<Incoming>>,
-    consumer_tag: Option<String>,
+    deliveries: Option<Deliveries>,
     /// Which connection of this handle it is: a delivery is acknowledged only on the
     /// connection that brought it.
     generation: u64,
     ladder_declared: bool,
+}
+
+/// Wakes the foreman's loop (a token on the wake-up channel, capacity one) when lapin's
+/// I/O loop receives a delivery for our consumer.
+struct WakeLoop(Sender<()>);
+
+impl Wake for WakeLoop {
+    fn wake(self: Arc<Self>) {
+        let _ = self.0.try_send(());
+    }
 }
 
 /// An at-least-once task running under this foreman: its delivery is its lease.
@@ -136,6 +149,9 @@ pub struct RabbitQueue {
     claimer: Claimer,
     finished: Vec<Finish>,
     held: HashMap<i64, Held>,
+    /// Polls the consumer's deliveries on behalf of the loop: wakes it with a token on
+    /// `wake_tx`.
+    waker: Waker,
 }
 
 impl RabbitQueue {
@@ -166,6 +182,7 @@ impl RabbitQueue {
 
     fn new(url: &str, name: &str, prefetch: Option<u16>) -> RabbitQueue {
         let (wake_tx, wake_rx) = bounded(1);
+        let waker = Waker::from(Arc::new(WakeLoop(wake_tx.clone())));
         RabbitQueue {
             url: url.to_owned(),
             name: name.to_owned(),
@@ -180,6 +197,7 @@ impl RabbitQueue {
             claimer: Claimer::this_process(),
             finished: Vec::new(),
             held: HashMap::new(),
+            waker,
         }
     }
 
@@ -217,7 +235,6 @@ impl RabbitQueue {
         let mut link = Link {
             broker,
             deliveries: None,
-            consumer_tag: None,
             generation: self.generation,
             ladder_declared: false,
         };
@@ -415,33 +432,70 @@ impl RabbitQueue {
         books_of(&self.books)
     }
 
-    /// Takes up to `limit` deliveries, starting the consumer on the first call.
+    /// Takes up to `limit` deliveries, starting the consumer on the first call. When none
+    /// are left, the next one wakes the loop.
     fn deliveries(&mut self, limit: usize) -> Result<Vec<Incoming>> {
         let prefetch = self
             .prefetch
             .ok_or_else(|| Error::Runtime("an enqueuer's RabbitMQ handle cannot claim".into()))?;
         let name = self.name.clone();
-        let wake = self.wake_tx.clone();
+        let waker = self.waker.clone();
         let link = self.link()?;
         if link.deliveries.is_none() {
-            let (tx, rx) = bounded(usize::from(prefetch));
-            let tag = link
+            let deliveries = link
                 .broker
-                .consume(&name, prefetch, tx, wake)
+                .consume(&name, prefetch)
                 .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
-            link.deliveries = Some(rx);
-            link.consumer_tag = Some(tag);
+            link.deliveries = Some(deliveries);
         }
-        let mut got = Vec::new();
-        if let Some(rx) = &link.deliveries {
-            while got.len() < limit {
-                match rx.try_recv() {
-                    Ok(incoming) => got.push(incoming),
-                    Err(_) => break,
-                }
+        Ok(link
+            .deliveries
+            .as_mut()
+            .map(|d| d.take(limit, &mut Context::from_waker(&waker)))
+            .unwrap_or_default())
+    }
+
+    /// What a claim's answer means for its tasks: those whose ack was confirmed run. A
+    /// message whose ack could not be sent goes back to the queue by itself: its record
+    /// goes, it is not run. One whose ack went out but whose round trip failed may or may
+    /// not be off the queue: not run either, and recorded `lost`.
+    fn settle_acks(&mut self, mut tasks: Vec<Claimed>, answer: Confirmed) -> Result<Vec<Claimed>> {
+        let (mut sent, mut unsent) = (Vec::new(), Vec::new());
+        for (task, ok) in tasks
+            .iter()
+            .zip(answer.sent.iter().chain(std::iter::repeat(&false)))
+        {
+            if *ok {
+                sent.push(task.id);
+            } else {
+                unsent.push(task.id);
             }
         }
-        Ok(got)
+        let books = self.books()?;
+        records::forget_running(books, &unsent)?;
+        let mut dropped: HashSet<i64> = unsent.into_iter().collect();
+        if let Err(e) = &answer.synced {
+            records::set_state(
+                books,
+                &sent,
+                "lost",
+                "the connection to RabbitMQ failed while this task was acknowledged: not run \
+                 (it may have been taken off the queue, or be handed out again)",
+            )?;
+            dropped.extend(sent);
+            tracing::debug!(queue = %self.name, "RabbitMQ: acks unconfirmed: {e}");
+        }
+        if !dropped.is_empty() {
+            tracing::warn!(
+                queue = %self.name,
+                tasks = dropped.len(),
+                "RabbitMQ: tasks not acknowledged on their connection are not run (the \
+                 broker hands them out again, or they are recorded lost)"
+            );
+            self.drop_link();
+            tasks.retain(|t| !dropped.contains(&t.id));
+        }
+        Ok(tasks)
     }
 }
 
@@ -659,14 +713,13 @@ impl QueueBackend for RabbitQueue {
         )?;
         if !at_most_once.is_empty() {
             // Acked on the connection that brought them, and confirmed by a round trip
-            // on it: only then may they run (at most once). A message whose ack could not
-            // be sent goes back to the queue by itself: its record goes, it is not run.
-            // One whose ack went out but whose round trip failed may or may not be off
-            // the queue: not run either, and recorded `lost`.
+            // on it: only then may they run (at most once). The claim waits for the
+            // answer: letting claims overlap, each with fewer tasks, was slower (more
+            // round trips for the broker to answer; BENCHMARKS.md).
+            let ids: HashSet<i64> = at_most_once.iter().map(|(id, _)| *id).collect();
+            let tasks: Vec<Claimed> = claimed.extract_if(.., |t| ids.contains(&t.id)).collect();
             let prefetch = self.prefetch.unwrap_or(1);
-            let (mut sent, mut unsent) = (Vec::new(), Vec::new());
-            let mut confirmed = true;
-            match self.link.as_ref().filter(|l| l.generation == generation) {
+            let answer = match self.link.as_ref().filter(|l| l.generation == generation) {
                 Some(link) => {
                     let messages: Vec<&Incoming> = at_most_once.iter().map(|(_, m)| m).collect();
                     // Deliveries come in tag order and claims take the oldest, so one ack
@@ -680,46 +733,22 @@ impl QueueBackend for RabbitQueue {
                             .held
                             .values()
                             .any(|h| h.generation == generation && h.incoming.delivery_tag <= top);
-                    let (acks, synced) = if leases_below {
-                        link.broker.ack_all_and_sync(&messages, prefetch)
+                    let acks = if leases_below {
+                        Acks::Each(&messages)
                     } else {
-                        let (sent, synced) = link.broker.ack_up_to_and_sync(top, prefetch);
-                        (vec![sent; messages.len()], synced)
-                    };
-                    for ((id, _), ok) in at_most_once.iter().zip(acks) {
-                        if ok {
-                            sent.push(*id);
-                        } else {
-                            unsent.push(*id);
+                        Acks::UpTo {
+                            tag: top,
+                            count: messages.len(),
                         }
-                    }
-                    confirmed = synced.is_ok();
+                    };
+                    link.broker.ack_and_confirm(acks, prefetch)
                 }
-                None => unsent.extend(at_most_once.iter().map(|(id, _)| *id)),
-            }
-            let books = self.books()?;
-            records::forget_running(books, &unsent)?;
-            let mut dropped: HashSet<i64> = unsent.into_iter().collect();
-            if !confirmed {
-                records::set_state(
-                    books,
-                    &sent,
-                    "lost",
-                    "the connection to RabbitMQ failed while this task was acknowledged: \
-                     not run (it may have been taken off the queue, or be handed out again)",
-                )?;
-                dropped.extend(sent);
-            }
-            if !dropped.is_empty() {
-                tracing::warn!(
-                    queue = %self.name,
-                    tasks = dropped.len(),
-                    "RabbitMQ: tasks not acknowledged on their connection are not run (the \
-                     broker hands them out again, or they are recorded lost)"
-                );
-                self.drop_link();
-                claimed.retain(|t| !dropped.contains(&t.id));
-            }
+                None => Confirmed {
+                    sent: vec![false; tasks.len()],
+                    synced: Err("the connection that brought them is gone".into()),
+                },
+            };
+            claimed.extend(self.settle_acks(tasks, answer)?);
         }
         for (id, incoming, message) in leased {
             self.held.insert(
@@ -807,13 +836,14 @@ impl QueueBackend for RabbitQueue {
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
-        let (Some(tag), Some(rx)) = (link.consumer_tag.take(), link.deliveries.take()) else {
+        let Some(mut deliveries) = link.deliveries.take() else {
             return Ok(());
         };
         link.broker
-            .cancel(&tag)
+            .cancel(deliveries.tag())
             .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
-        let unclaimed: Vec<Incoming> = rx.try_iter().collect();
+        // The broker sends nothing after its answer to the cancel: what came is here.
+        let unclaimed = deliveries.take(usize::MAX, &mut Context::from_waker(Waker::noop()));
         if unclaimed.is_empty() {
             return Ok(());
         }
@@ -864,16 +894,20 @@ impl QueueBackend for RabbitQueue {
     fn drained(&mut self) -> Result<bool> {
         let name = self.name.clone();
         let prefetch = self.prefetch.unwrap_or(1);
+        let waker = self.waker.clone();
         let link = self.link()?;
-        // A round trip first: deliveries the broker sent before its answer have reached
-        // lapin by then (one channel keeps its order); the task that moves them into our
-        // channel runs on lapin's executor, so it is given a moment. A delivery that comes
-        // later still is not lost: the connection's close at exit returns it.
+        // A round trip first: deliveries the broker sent before its answer are in the
+        // consumer's buffer by then (one channel keeps its order, and lapin's I/O loop
+        // handles the frames in order). A delivery that comes later still is not lost: the
+        // connection's close at exit returns it.
         link.broker
             .sync(prefetch)
             .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
-        std::thread::sleep(Duration::from_millis(5));
-        if link.deliveries.as_ref().is_some_and(|rx| !rx.is_empty()) {
+        if link
+            .deliveries
+            .as_mut()
+            .is_some_and(|d| d.any(&mut Context::from_waker(&waker)))
+        {
             return Ok(false);
         }
         let ready = link
