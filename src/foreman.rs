@@ -51,8 +51,8 @@
 //!    I/O loop while connected (src/rabbitmq.rs); reconnecting replaces the last, it does
 //!    not add one. With `--queue amqp://…` the queue's connection (src/backend/rabbitmq.rs)
 //!    shares that executor and reactor and adds its own I/O loop thread: at most four more
-//!    (the deliveries come to the loop through a channel; the loop itself acks and
-//!    publishes). With `--mqtt-url`, two more: the publisher (`snapq-mqtt`) and the
+//!    (the loop polls the consumer's deliveries itself, woken by lapin's I/O loop through
+//!    the wake-up channel; it acks and publishes itself). With `--mqtt-url`, two more: the publisher (`snapq-mqtt`) and the
 //!    socket's reader (`snapq-mqtt-io`, src/brokers/mqtt.rs). With `--panic-configs`, two more: the configuration consumer
 //!    (`snapq-panic-configs`, src/panic_configs.rs) and its own connection's I/O loop. With
 //!    `--http`, two more (the live view's hub and acceptor) and one a connection while it
