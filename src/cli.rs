@@ -529,14 +529,7 @@ pub fn execute(cli: Cli) -> Result<()> {
     if let QueueTarget::RabbitMq { url, name } = &queue {
         match &cli.command {
             Command::Enqueue(args) => return enqueue_rabbitmq(&paths, url, name, args),
-            Command::Retry { .. } => {
-                return Err(crate::backend::unsupported(
-                    "rabbitmq",
-                    "retry a task by its id yet (a retry writes the task back into the \
-                     database's queue)",
-                    "enqueue it again with `snapq --queue … enqueue`",
-                ));
-            }
+            Command::Retry { id } => return retry_rabbitmq(&paths, g.synchronous, url, name, *id),
             Command::Cancel { .. } => {
                 return Err(crate::backend::unsupported(
                     "rabbitmq",
@@ -1312,15 +1305,48 @@ fn cancel(paths: &Paths, synchronous: Synchronous, ids: &[i64]) -> Result<()> {
 }
 
 fn retry(paths: &Paths, synchronous: Synchronous, id: i64) -> Result<()> {
-    use crate::records::{RETRYABLE, Retried};
     if !paths.db.exists() {
         return Err(no_task(id));
     }
     let wake = WakeDir::prepare(&paths.wakeup_dir)?;
     let conn = db::open(&paths.db, synchronous)?;
-    match crate::records::retry(&conn, id)? {
+    let done = crate::records::retry(&conn, id)?;
+    if matches!(done, crate::records::Retried::Queued { .. }) {
+        wake.wake_after_commit("the task is");
+    }
+    retried(id, done)
+}
+
+/// `retry --queue amqp://…`: a task this machine's foreman ran, published again.
+fn retry_rabbitmq(
+    paths: &Paths,
+    synchronous: Synchronous,
+    url: &str,
+    name: &str,
+    id: i64,
+) -> Result<()> {
+    let elsewhere = |e: Error| match e {
+        Error::NotThere(message) => Error::NotThere(format!(
+            "{message}; with the queue on RabbitMQ each machine knows only the tasks its \
+             foreman ran: retry it on the machine whose `snapq show` knows it"
+        )),
+        other => other,
+    };
+    if !paths.db.exists() {
+        return Err(elsewhere(no_task(id)));
+    }
+    let conn = db::open(&paths.db, synchronous)?;
+    // Connected (and the queue declared) before the retry's transaction takes the write
+    // lock: inside it only the publish and its confirm wait.
+    let mut queue = crate::backend::RabbitQueue::producer(url, name)?;
+    retried(id, queue.retry(&conn, id)?).map_err(elsewhere)
+}
+
+/// What `retry` says of what it did.
+fn retried(id: i64, retried: crate::records::Retried) -> Result<()> {
+    use crate::records::{RETRYABLE, Retried};
+    match retried {
         Retried::Queued { attempt } => {
-            wake.wake_after_commit("the task is");
             print(&format!("task {id} queued again (attempt {attempt})\n"))
         }
         Retried::Refused(state) => Err(Error::NotThere(format!(

@@ -779,21 +779,61 @@ pub enum Retried {
     Unknown,
 }
 
-/// Puts task `id` back in the queue, due now, under its own id with its next attempt, if
-/// its record says it ended `failed`, `dead`, `lost`, `abandoned` or `timed_out`; the
-/// record says `queued` until a foreman claims it. One transaction. The caller wakes the
-/// foreman.
+/// A task `retry` puts back: its record's task and arguments under its id, with its next
+/// attempt, due now.
+#[derive(Debug, Clone)]
+pub struct Again {
+    pub id: i64,
+    pub task_name: String,
+    pub args: String,
+    pub kwargs: String,
+    pub attempt: i64,
+    pub due: i64,
+}
+
+/// Puts task `id` back in the database's queue, due now, under its own id with its next
+/// attempt, if its record says it ended `failed`, `dead`, `lost`, `abandoned` or
+/// `timed_out`; the record says `queued` until a foreman claims it. One transaction. The
+/// caller wakes the foreman after it.
 pub fn retry(conn: &Connection, id: i64) -> Result<Retried> {
+    retry_into(conn, id, None, |conn, again| {
+        conn.execute(
+            "INSERT INTO tasks (id, task_name, args, kwargs, created_at, run_at, attempt) \
+             VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6)",
+            params![
+                again.id,
+                again.task_name,
+                again.args,
+                again.kwargs,
+                again.due,
+                again.attempt
+            ],
+        )
+        .map_err(Error::sqlite("putting the task back in the queue"))?;
+        Ok(())
+    })
+}
+
+/// `retry` with the queue elsewhere: `put_back` sends the task to it (a broker's confirmed
+/// publish) inside the transaction that marks the record `queued`, with `note` as its
+/// error text, so a task that could not be put back leaves its record as it was.
+pub fn retry_into(
+    conn: &Connection,
+    id: i64,
+    note: Option<&str>,
+    put_back: impl FnOnce(&Connection, &Again) -> Result<()>,
+) -> Result<Retried> {
     db::immediate(conn, "the retry", || {
-        let record: Option<(String, i64)> = conn
+        let record: Option<(String, i64, String, String, String)> = conn
             .query_row(
-                "SELECT state, attempt FROM task_records WHERE id = ?1",
+                "SELECT state, attempt, task_name, args, kwargs FROM task_records \
+                 WHERE id = ?1",
                 [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .map_err(Error::sqlite("reading the task's record"))?;
-        let Some((state, attempt)) = record else {
+        let Some((state, attempt, task_name, args, kwargs)) = record else {
             let queued = conn
                 .query_row("SELECT 1 FROM tasks WHERE id = ?1", [id], |_| Ok(()))
                 .optional()
@@ -806,22 +846,23 @@ pub fn retry(conn: &Connection, id: i64) -> Result<Retried> {
         if !RETRYABLE.contains(&state.as_str()) {
             return Ok(Retried::Refused(state));
         }
-        let now = now_micros();
+        let again = Again {
+            id,
+            task_name,
+            args,
+            kwargs,
+            attempt: attempt + 1,
+            due: now_micros(),
+        };
+        put_back(conn, &again)?;
         conn.execute(
-            "INSERT INTO tasks (id, task_name, args, kwargs, created_at, run_at, attempt) \
-             SELECT id, task_name, args, kwargs, ?2, NULL, attempt + 1 \
-             FROM task_records WHERE id = ?1",
-            params![id, now],
-        )
-        .map_err(Error::sqlite("putting the task back in the queue"))?;
-        conn.execute(
-            "UPDATE task_records SET state = 'queued', attempt = attempt + 1, due_at = ?2, \
-             started_at = NULL, finished_at = NULL WHERE id = ?1",
-            params![id, now],
+            "UPDATE task_records SET state = 'queued', attempt = ?2, due_at = ?3, \
+             started_at = NULL, finished_at = NULL, error = coalesce(?4, error) WHERE id = ?1",
+            params![id, again.attempt, again.due, note],
         )
         .map_err(Error::sqlite("recording the retry"))?;
         Ok(Retried::Queued {
-            attempt: attempt + 1,
+            attempt: again.attempt,
         })
     })
 }

@@ -91,6 +91,29 @@ struct Message {
     error: Option<String>,
 }
 
+impl Message {
+    /// A task as a row of the database holds it (its arguments as JSON text), to travel:
+    /// the pair of times is when it was enqueued and when it is due (Unix µs).
+    fn of_row(
+        id: i64,
+        task: &str,
+        (args, kwargs): (&str, &str),
+        (enqueued_at, due_at): (i64, i64),
+        attempt: i64,
+    ) -> Message {
+        Message {
+            id,
+            task: task.to_owned(),
+            args: serde_json::from_str(args).unwrap_or_else(|_| empty_array()),
+            kwargs: serde_json::from_str(kwargs).unwrap_or_else(|_| empty_object()),
+            enqueued_at,
+            due_at,
+            attempt,
+            error: None,
+        }
+    }
+}
+
 fn empty_array() -> Value {
     Value::Array(Vec::new())
 }
@@ -499,6 +522,59 @@ impl RabbitQueue {
     }
 }
 
+impl RabbitQueue {
+    /// `snapq retry ID` with the queue here: the record of a task this machine's foreman
+    /// ran (in `books`, the home's database) is published again under its id with its next
+    /// attempt, due now, confirmed by the broker inside the transaction that marks the
+    /// record `queued` (a publish that fails changes nothing). The foreman that runs it,
+    /// on whichever machine, records how it ends.
+    pub fn retry(&mut self, books: &Connection, id: i64) -> Result<records::Retried> {
+        let name = self.name.clone();
+        let note = format!(
+            "published again to the RabbitMQ queue {name}: the machine whose foreman runs it \
+             records how it ends"
+        );
+        let mut published = false;
+        let retried = records::retry_into(books, id, Some(&note), |_, again| {
+            let message = Message::of_row(
+                again.id,
+                &again.task_name,
+                (&again.args, &again.kwargs),
+                (again.due, again.due),
+                again.attempt,
+            );
+            self.publish(&[(String::new(), name.clone(), message)])?;
+            published = true;
+            Ok(())
+        });
+        match retried {
+            // Published, but the record's update did not commit: the task is queued all
+            // the same, and must not be reported as not queued.
+            Err(e) if published => {
+                tracing::warn!(
+                    "task {id} is queued again, but its record here was not updated: {e}"
+                );
+                self.published_attempt(books, id)
+            }
+            other => other,
+        }
+    }
+
+    /// The attempt a task was published with when its record could not say so.
+    fn published_attempt(&self, books: &Connection, id: i64) -> Result<records::Retried> {
+        let attempt: i64 = books
+            .query_row(
+                "SELECT attempt FROM task_records WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap_or(0);
+        Ok(records::Retried::Queued {
+            attempt: attempt + 1,
+        })
+    }
+}
+
 impl Drop for RabbitQueue {
     fn drop(&mut self) {
         self.drop_link();
@@ -802,16 +878,13 @@ impl QueueBackend for RabbitQueue {
                     held.push(h);
                     m
                 }
-                None => Message {
-                    id: task.id,
-                    task: task.task_name.clone(),
-                    args: serde_json::from_str(&task.args).unwrap_or_else(|_| empty_array()),
-                    kwargs: serde_json::from_str(&task.kwargs).unwrap_or_else(|_| empty_object()),
-                    enqueued_at: task.created_at,
-                    due_at: task.due,
-                    attempt: task.attempt,
-                    error: None,
-                },
+                None => Message::of_row(
+                    task.id,
+                    &task.task_name,
+                    (&task.args, &task.kwargs),
+                    (task.created_at, task.due),
+                    task.attempt,
+                ),
             };
             messages.push((String::new(), self.name.clone(), message));
         }

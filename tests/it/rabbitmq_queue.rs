@@ -117,9 +117,14 @@ fn enqueue_run_show_and_what_rabbitmq_cannot_do() {
     let out = enqueuer.snapq(&with(&queue, &["cancel", &id.to_string()]));
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("the rabbitmq queue cannot"));
+    // A retry takes only a task that ended badly, and only where it was recorded.
     let out = worker.snapq(&with(&queue, &["retry", &id.to_string()]));
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("the rabbitmq queue cannot retry"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is succeeded"));
+    let out = enqueuer.snapq(&with(&queue, &["retry", &id.to_string()]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("each machine knows only"));
+    assert_eq!(queue.waiting(""), 0);
     let out = enqueuer.snapq(&["--queue", "redis://x", "enqueue", "noop"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a queue URL"));
@@ -311,7 +316,7 @@ fn delays_run_within_a_second_of_due() {
 
 /// A task that fails every attempt ends in the dead queue, with its error.
 #[test]
-fn a_task_out_of_attempts_lands_in_the_dead_queue() {
+fn a_task_out_of_attempts_lands_in_the_dead_queue_and_retry_runs_it_again() {
     let queue = Queue::new("dead");
     let home = Home::new();
     let tasks = home.file("tasks.toml");
@@ -327,17 +332,26 @@ fn a_task_out_of_attempts_lands_in_the_dead_queue() {
         .trim()
         .parse()
         .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(15), || queue.waiting(".dead") == 1),
-        "{}",
-        show(&home, id)
-    );
-    let record = show(&home, id);
-    assert_eq!(
-        (record["state"].as_str(), record["attempt"].as_i64()),
-        (Some("dead"), Some(2))
-    );
+    let dead_after = |tasks_in_dead_queue: u32, attempt: i64| {
+        assert!(
+            wait_until(Duration::from_secs(15), || queue.waiting(".dead")
+                == tasks_in_dead_queue),
+            "{}",
+            show(&home, id)
+        );
+        let record = show(&home, id);
+        assert_eq!(
+            (record["state"].as_str(), record["attempt"].as_i64()),
+            (Some("dead"), Some(attempt))
+        );
+    };
+    dead_after(1, 2);
     assert_eq!(queue.waiting(""), 0);
+    // `snapq retry` publishes it again for one more attempt; out of attempts still, it
+    // goes to the dead queue again after that run.
+    let said = home.ok(&with(&queue, &["retry", &id.to_string()]));
+    assert_eq!(said.trim(), format!("task {id} queued again (attempt 3)"));
+    dead_after(2, 3);
 }
 
 /// The local port of `pid`'s connection to the broker, from `ss`.
