@@ -415,12 +415,7 @@ pub fn run_with_sink(
         // Monitors run and schedules fire in a long-lived foreman only; `--burst` is for
         // tasks.
         rounds: Due::new(!config.burst, ROUND_SLACK),
-        // Schedules insert their ticks' tasks into the database's queue, in the
-        // transaction that moves them on: only a foreman of that queue fires them.
-        ticks: Due::new(
-            !config.burst && config.queue == QueueTarget::Sqlite,
-            Duration::ZERO,
-        ),
+        ticks: Due::new(!config.burst, Duration::ZERO),
         wake: crate::wakeup::WakeDir::prepare(&config.wakeup_dir)?,
         probes: HashMap::new(),
         sink,
@@ -428,14 +423,6 @@ pub fn run_with_sink(
         telemetry: telemetry.as_ref().map(|t| Arc::clone(t.telemetry())),
         live: live.as_ref().map(Live::publisher),
     };
-    if config.queue != QueueTarget::Sqlite
-        && crate::schedules::counts(&foreman.books).is_ok_and(|c| c.total > 0)
-    {
-        tracing::warn!(
-            "this database has schedules, and they do not fire while the queue is on \
-             RabbitMQ: run a foreman without --queue on this home for them"
-        );
-    }
     let status = foreman.status_line();
     foreman.notifier.ready(&status);
     foreman.publish_queue_figures();
@@ -738,7 +725,17 @@ impl Foreman<'_> {
                 return;
             }
         }
-        match crate::schedules::fire_due(&self.books, now) {
+        let fired = if self.config.queue == QueueTarget::Sqlite {
+            crate::schedules::fire_due(&self.books, now)
+        } else {
+            // A broker's queue: the ticks' tasks are published (and confirmed) inside the
+            // transaction that moves the schedules on.
+            let queue = &mut self.queue;
+            crate::schedules::fire_due_into(&self.books, now, |_, ticks| {
+                queue.enqueue(&crate::schedules::as_new_tasks(ticks)?)
+            })
+        };
+        match fired {
             Ok(fired) => {
                 self.db_free();
                 for (schedule, tick, id) in &fired.tasks {
@@ -756,7 +753,7 @@ impl Foreman<'_> {
                         "schedule ticks skipped (passed while no foreman ran; see its --catch-up)"
                     );
                 }
-                if !fired.tasks.is_empty() {
+                if !fired.tasks.is_empty() && self.config.queue == QueueTarget::Sqlite {
                     self.maybe_due = true;
                     // Other foremen on this database learn of the tasks at once too.
                     self.wake.wake_after_commit("the scheduled tasks are");

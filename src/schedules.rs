@@ -9,6 +9,11 @@
 //! restart instead. Ticks that passed while no foreman ran are handled by the schedule's
 //! catch-up rule (`CatchUp`).
 //!
+//! With the queue on RabbitMQ the home's foreman fires the home's schedules, publishing the
+//! ticks' tasks (confirmed by the broker) inside that transaction (`fire_due_into`): a
+//! publish that fails leaves the schedule due, to fire at the next try; a crash between
+//! the broker's confirm and the commit fires that tick again after the restart.
+//!
 //! Cron expressions have 5 fields (minute, hour, day of month, month, day of week) or a
 //! name (`@hourly`, `@daily`, …) and are read by croner, in an IANA time zone through
 //! jiff. Around daylight saving changes croner does what Vixie cron does: a time of day
@@ -487,9 +492,80 @@ pub struct Fired {
     pub skipped: Vec<(String, u64)>,
 }
 
+/// A schedule's tick as the task it enqueues.
+#[derive(Debug, Clone)]
+pub struct Tick {
+    pub task: String,
+    /// A JSON array, as text.
+    pub args: String,
+    /// A JSON object, as text.
+    pub kwargs: String,
+    /// When it fired (Unix µs): the task's enqueue time.
+    pub created_at: i64,
+    /// A later run time from the schedule's jitter.
+    pub run_at: Option<i64>,
+}
+
 /// In one transaction: for every schedule due at `now`, enqueues its tick's task (a run
-/// time delayed by a random part of its jitter) and moves its `next_fire` past `now`.
+/// time delayed by a random part of its jitter) into the database's queue and moves its
+/// `next_fire` past `now`.
 pub fn fire_due(conn: &Connection, now: i64) -> Result<Fired> {
+    fire_due_into(conn, now, into_database)
+}
+
+/// The database's queue, for `fire_due_into`: one row per tick, their ids.
+pub fn into_database(conn: &Connection, ticks: &[Tick]) -> Result<Vec<i64>> {
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO tasks (task_name, args, kwargs, created_at, run_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(Error::sqlite("enqueueing a schedule's task"))?;
+    ticks
+        .iter()
+        .map(|t| {
+            insert
+                .insert(params![t.task, t.args, t.kwargs, t.created_at, t.run_at])
+                .map_err(Error::sqlite("enqueueing a schedule's task"))
+        })
+        .collect()
+}
+
+/// Ticks as tasks for a queue backend's `enqueue` (a broker's): their arguments parsed
+/// again (they were checked when the schedule was added or updated).
+pub fn as_new_tasks(ticks: &[Tick]) -> Result<Vec<crate::queue::NewTask>> {
+    ticks
+        .iter()
+        .map(|t| {
+            let parse = |text: &str| {
+                serde_json::from_str(text).map_err(|e| {
+                    Error::Runtime(format!(
+                        "a schedule of task {} holds arguments that are not JSON ({e}); \
+                         mend it with `snapq schedule update`",
+                        t.task
+                    ))
+                })
+            };
+            Ok(crate::queue::NewTask {
+                task: t.task.clone(),
+                args: parse(&t.args)?,
+                kwargs: parse(&t.kwargs)?,
+                when: t
+                    .run_at
+                    .map_or(crate::queue::When::Now, crate::queue::When::At),
+            })
+        })
+        .collect()
+}
+
+/// `fire_due` with the ticks' tasks given to `put` (which returns their ids, in order):
+/// inside the transaction that moves the schedules on, so ticks that could not be
+/// enqueued leave their schedules as they were, due again.
+pub fn fire_due_into(
+    conn: &Connection,
+    now: i64,
+    put: impl FnOnce(&Connection, &[Tick]) -> Result<Vec<i64>>,
+) -> Result<Fired> {
     crate::db::immediate(conn, "firing schedules", || {
         let due: Vec<_> = {
             let mut stmt = conn
@@ -504,6 +580,10 @@ pub fn fire_due(conn: &Connection, now: i64) -> Result<Fired> {
                 .map_err(Error::sqlite("reading due schedules"))?
         };
         let mut fired = Fired::default();
+        // Per schedule: its name, its next fire and its ticks (schedule, tick time).
+        let mut moves: Vec<(String, Option<i64>)> = Vec::new();
+        let mut fired_ticks: Vec<(String, i64)> = Vec::new();
+        let mut tasks: Vec<Tick> = Vec::new();
         for schedule in due {
             let s = match schedule {
                 Ok(s) => s,
@@ -524,24 +604,36 @@ pub fn fire_due(conn: &Connection, now: i64) -> Result<Fired> {
                     Duration::ZERO => None,
                     jitter => Some(now + fastrand::i64(0..=micros_of(jitter))),
                 };
-                conn.prepare_cached(
-                    "INSERT INTO tasks (task_name, args, kwargs, created_at, run_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .and_then(|mut i| i.execute(params![s.task, s.args, s.kwargs, now, run_at]))
-                .map_err(Error::sqlite("enqueueing a schedule's task"))?;
-                fired
-                    .tasks
-                    .push((s.name.clone(), *tick, conn.last_insert_rowid()));
+                tasks.push(Tick {
+                    task: s.task.clone(),
+                    args: s.args.clone(),
+                    kwargs: s.kwargs.clone(),
+                    created_at: now,
+                    run_at,
+                });
+                fired_ticks.push((s.name.clone(), *tick));
             }
             if ticks.skipped > 0 {
                 fired.skipped.push((s.name.clone(), ticks.skipped));
             }
+            moves.push((s.name, ticks.next));
+        }
+        let ids = if tasks.is_empty() {
+            Vec::new()
+        } else {
+            put(conn, &tasks)?
+        };
+        fired.tasks = fired_ticks
+            .into_iter()
+            .zip(ids)
+            .map(|((name, tick), id)| (name, tick, id))
+            .collect();
+        for (name, next) in moves {
             let last = fired
                 .tasks
                 .iter()
                 .rev()
-                .find(|(name, ..)| *name == s.name)
+                .find(|(fired_name, ..)| *fired_name == name)
                 .map(|(_, tick, id)| (*tick, *id));
             // A cron expression that never matches again is paused where it stands.
             conn.prepare_cached(
@@ -550,14 +642,7 @@ pub fn fire_due(conn: &Connection, now: i64) -> Result<Fired> {
                  last_fire = coalesce(?3, last_fire), last_task_id = coalesce(?4, last_task_id) \
                  WHERE name = ?1",
             )
-            .and_then(|mut u| {
-                u.execute(params![
-                    s.name,
-                    ticks.next,
-                    last.map(|l| l.0),
-                    last.map(|l| l.1)
-                ])
-            })
+            .and_then(|mut u| u.execute(params![name, next, last.map(|l| l.0), last.map(|l| l.1)]))
             .map_err(Error::sqlite("moving a schedule on"))?;
         }
         Ok(fired)

@@ -279,6 +279,44 @@ fn sigterm_of_one_foreman_loses_nothing_and_repeats_nothing() {
     assert_eq!(unique.len(), total, "tasks were lost");
 }
 
+/// A home's schedules fire from its foreman into the RabbitMQ queue: each tick's task is
+/// published once and runs once, on whichever foreman of the queue takes it.
+#[test]
+fn schedules_fire_into_the_rabbitmq_queue_once_a_tick() {
+    let queue = Queue::new("schedules");
+    let (scheduler, other) = (Home::new(), Home::new());
+    let out = scheduler.file("out.txt");
+    let kwargs = serde_json::json!({"path": out, "line": "tick"}).to_string();
+    scheduler.ok(&[
+        "schedule", "add", "tick", "append", "--every", "1", "--kwargs", &kwargs,
+    ]);
+    let foreman = start(&scheduler, &queue, &[]);
+    let _other = start(&other, &queue, &[]);
+    std::thread::sleep(Duration::from_secs(6));
+    scheduler.ok(&["schedule", "pause", "tick"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let fired = foreman.events("schedule fired").len();
+    assert!((4..=8).contains(&fired), "{fired} ticks in 6 s");
+    assert!(
+        wait_until(Duration::from_secs(5), || read_lines(&out).len() == fired),
+        "{} tasks ran for {fired} ticks",
+        read_lines(&out).len()
+    );
+    // Through the broker: each run is recorded by the foreman that took it.
+    let succeeded = |home: &Home| -> i64 {
+        home.conn()
+            .query_row(
+                "SELECT count(*) FROM task_records WHERE task_name = 'append' \
+                 AND state = 'succeeded'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(succeeded(&scheduler) + succeeded(&other), fired as i64);
+    assert_eq!(queue.waiting(""), 0);
+}
+
 /// Delays of 1 to 5 s start within a second of their due time, never before it.
 #[test]
 fn delays_run_within_a_second_of_due() {
