@@ -542,13 +542,9 @@ pub fn execute(cli: Cli) -> Result<()> {
                 return status_rabbitmq(&paths, g.synchronous, url, name, *json);
             }
             Command::Show { id, json } => {
-                return show_task(&paths, g.synchronous, *id, *json).map_err(|e| match e {
-                    Error::NotThere(message) => Error::NotThere(format!(
-                        "{message}; with the queue on RabbitMQ each machine knows only the \
-                         tasks its foreman ran: ask `snapq show` on the others (the broker \
-                         keeps no per-task state)"
-                    )),
-                    other => other,
+                return show_task(&paths, g.synchronous, *id, *json).or_else(|e| match e {
+                    Error::NotThere(message) => show_elsewhere(url, name, *id, *json, &message),
+                    other => Err(other),
                 });
             }
             _ => {}
@@ -1153,21 +1149,36 @@ fn show_task(paths: &Paths, synchronous: Synchronous, id: i64, json: bool) -> Re
     }
     let conn = db::open(&paths.db, synchronous)?;
     let record = crate::records::show(&conn, id)?.ok_or_else(|| no_task(id))?;
+    print_record(&record, json)
+}
+
+/// `show`'s output: the record as JSON, or as lines for a person.
+fn print_record(record: &crate::records::Record, json: bool) -> Result<()> {
     if json {
-        return print_json(&record);
+        return print_json(record);
     }
-    let r = &record;
+    let r = record;
     let mut out = format!(
         "task {} ({}): {}, attempt {}\n",
         r.id, r.task, r.state, r.attempt
     );
     out.push_str(&format!("  args {}  kwargs {}\n", r.args, r.kwargs));
     let at = |t: &Option<String>| t.clone().unwrap_or_else(|| "–".into());
-    out.push_str(&format!(
-        "  enqueued {}, due {}\n",
-        at(&r.enqueued_at),
-        at(&r.due_at)
-    ));
+    if let Some(host) = &r.recorded_on {
+        out = format!(
+            "task {} ({}): {}, attempt {}\n",
+            r.id, r.task, r.state, r.attempt
+        );
+        out.push_str(&format!(
+            "  ran on {host} (its `snapq show` has the arguments and the output)\n"
+        ));
+    } else {
+        out.push_str(&format!(
+            "  enqueued {}, due {}\n",
+            at(&r.enqueued_at),
+            at(&r.due_at)
+        ));
+    }
     if r.started_at.is_some() {
         out.push_str(&format!("  started {}", at(&r.started_at)));
         if let Some(pid) = r.foreman_pid.filter(|_| r.state == "running") {
@@ -1315,6 +1326,20 @@ fn retry(paths: &Paths, synchronous: Synchronous, id: i64) -> Result<()> {
         wake.wake_after_commit("the task is");
     }
     retried(id, done)
+}
+
+/// `show --queue amqp://…` of a task this machine did not run: the outcome its foreman
+/// published on the queue's events stream.
+fn show_elsewhere(url: &str, name: &str, id: i64, json: bool, message: &str) -> Result<()> {
+    let mut queue = crate::backend::RabbitQueue::producer(url, name)?;
+    match queue.recorded_elsewhere(id)? {
+        Some(record) => print_record(&record, json),
+        None => Err(Error::NotThere(format!(
+            "{message}; and no foreman of the RabbitMQ queue {name} published an end of it \
+             on {name}.events in the last 7 days: it may wait in the queue or be running \
+             (the broker keeps no per-task state), or it ended earlier"
+        ))),
+    }
 }
 
 /// `retry --queue amqp://…`: a task this machine's foreman ran, published again.

@@ -368,6 +368,16 @@ impl Broker {
     /// deliveries are taken from the caller's thread (`Deliveries::take`), with no hop
     /// through lapin's executor: lapin's I/O loop wakes the caller's waker when one comes.
     pub fn consume(&self, name: &str, prefetch: u16) -> Result<Deliveries, String> {
+        self.consume_with(name, prefetch, FieldTable::default())
+    }
+
+    /// `consume` with consumer `arguments` (see `args`; a stream's `x-stream-offset`).
+    pub fn consume_with(
+        &self,
+        name: &str,
+        prefetch: u16,
+        arguments: FieldTable,
+    ) -> Result<Deliveries, String> {
         async_global_executor::block_on(async {
             self.channel
                 .basic_qos(prefetch, BasicQosOptions { global: false })
@@ -379,7 +389,7 @@ impl Broker {
                     name.into(),
                     "".into(),
                     BasicConsumeOptions::default(),
-                    FieldTable::default(),
+                    arguments,
                 )
                 .await
                 .map_err(|e| format!("cannot consume {name}: {e}"))?;
@@ -567,6 +577,29 @@ impl Broker {
         async_global_executor::block_on(futures_lite::future::or(work, late))
     }
 
+    /// Publishes `body` (persistent JSON) to `exchange` with routing key `key` and waits
+    /// for nothing: its frames are handed to lapin's I/O loop, which writes them with this
+    /// channel's next frames, and the broker's confirm is not awaited. For what may be lost
+    /// with the connection: the task queue's outcome events, which add no wait to a claim.
+    pub fn publish_and_go(&self, exchange: &str, key: &str, body: &[u8]) {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        let publish = self.channel.basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        );
+        // The first poll queues the frames (lapin's `send_method_frame_with_body`); what is
+        // left to wait for is the broker's confirm.
+        let mut publish = std::pin::pin!(publish);
+        let _ = publish
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()));
+    }
+
     /// Closes the connection (politely; errors do not matter then).
     pub fn close(self) {
         let _ = async_global_executor::block_on(self.connection.close(200, "bye".into()));
@@ -659,6 +692,7 @@ pub fn args(pairs: &[(&str, ArgValue<'_>)]) -> FieldTable {
         let value = match value {
             ArgValue::Text(t) => AMQPValue::LongString((*t).into()),
             ArgValue::Number(n) => AMQPValue::LongLongInt(*n),
+            ArgValue::Timestamp(t) => AMQPValue::Timestamp(*t),
         };
         table.insert((*name).into(), value);
     }
@@ -670,6 +704,8 @@ pub fn args(pairs: &[(&str, ArgValue<'_>)]) -> FieldTable {
 pub enum ArgValue<'a> {
     Text(&'a str),
     Number(i64),
+    /// Unix seconds (a stream consumer's `x-stream-offset`).
+    Timestamp(u64),
 }
 
 /// Posts the connection's errors to `tx` as text, from a task on lapin's executor.

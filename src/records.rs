@@ -548,6 +548,11 @@ pub struct Record {
     /// The foreman that ran (or runs) it, while it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub foreman_pid: Option<i64>,
+    /// The host whose foreman ran it, when the record came from another machine (with the
+    /// queue on RabbitMQ, from the outcome that foreman published): that host's own
+    /// records have the arguments and the output.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recorded_on: Option<String>,
 }
 
 const RECORD_COLUMNS: &str = "id, task_name, args, kwargs, state, attempt, enqueued_at, due_at, \
@@ -578,6 +583,7 @@ fn record_of(r: &rusqlite::Row) -> rusqlite::Result<Record> {
         output: bytes_of(r.get_ref(13)?).map(|b| String::from_utf8_lossy(b).into_owned()),
         foreman_pid: r.get(14)?,
         output_truncated: r.get::<_, Option<bool>>(15)?.unwrap_or(false),
+        recorded_on: None,
     })
 }
 
@@ -654,6 +660,7 @@ pub fn show(conn: &Connection, id: i64) -> Result<Option<Record>> {
                     output: None,
                     output_truncated: false,
                     foreman_pid: None,
+                    recorded_on: None,
                 })
             },
         )

@@ -23,8 +23,13 @@
 //! its leases to the broker, which hands them out again: a redelivered message counts as
 //! its next attempt.
 //!
+//! - `N.events`: a topic exchange on which each foreman publishes the ends of the tasks it
+//!   ran (one message per claim or flush, not awaited), and a stream queue of the same name
+//!   that keeps them for `EVENTS_KEPT`.
+//!
 //! Each foreman keeps the records of the tasks it ran in its home's database, as with
-//! SQLite: `show` and `history` answer for this machine.
+//! SQLite: `show` and `history` answer for this machine, and `show` of a task another
+//! machine ran reads its end from the stream (`recorded_elsewhere`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -114,6 +119,46 @@ impl Message {
     }
 }
 
+/// Ends of tasks as one foreman published them on the events exchange `N.events` (the ends
+/// one claim or flush wrote into its records, in one message), so that `show` can answer
+/// on any machine. The stream queue `N.events` keeps them `EVENTS_KEPT`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Outcomes {
+    host: String,
+    pid: u32,
+    outcomes: Vec<Outcome>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Outcome {
+    id: i64,
+    task: String,
+    state: String,
+    attempt: i64,
+    /// Unix µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    started_at: Option<i64>,
+    /// Unix µs.
+    finished_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signal: Option<String>,
+}
+
+/// How long the stream `N.events` keeps outcomes (its `x-max-age`): as long as the
+/// records' default retention.
+const EVENTS_KEPT: &str = "7D";
+
+/// Outcomes a busy foreman publishes in one message at most, and how often (`tell`).
+const TELL_BATCH: usize = 1024;
+const TELL_EVERY: Duration = Duration::from_millis(250);
+
+/// How long `show` waits for more of the stream before it takes it as read to its end.
+const STREAM_IDLE: Duration = Duration::from_millis(500);
+
 fn empty_array() -> Value {
     Value::Array(Vec::new())
 }
@@ -175,6 +220,13 @@ pub struct RabbitQueue {
     /// Polls the consumer's deliveries on behalf of the loop: wakes it with a token on
     /// `wake_tx`.
     waker: Waker,
+    /// Tasks claimed and not ended: task name, attempt and start (Unix µs), for their
+    /// outcome events.
+    started: HashMap<i64, (String, i64, i64)>,
+    /// Ends written into the records and not yet published (`tell`), and when outcomes
+    /// were last published.
+    outcomes: Vec<Outcome>,
+    told_at: Instant,
 }
 
 impl RabbitQueue {
@@ -221,6 +273,9 @@ impl RabbitQueue {
             finished: Vec::new(),
             held: HashMap::new(),
             waker,
+            started: HashMap::new(),
+            outcomes: Vec::new(),
+            told_at: Instant::now(),
         }
     }
 
@@ -254,6 +309,9 @@ impl RabbitQueue {
                 ]),
             )
             .map_err(|e| self.broken(e))?;
+        if self.prefetch.is_some() {
+            declare_events(&broker, &self.name).map_err(|e| self.broken(e))?;
+        }
         self.generation += 1;
         let mut link = Link {
             broker,
@@ -436,11 +494,13 @@ impl RabbitQueue {
                 Some(LeaseEnd::Again { due, why }) => {
                     records::record_waiting(books, id, due, &why, f.command.as_deref())?;
                     self.finished.remove(i);
+                    self.ended(&f, "queued", Some(&why));
                     requeued = Some(requeued.map_or(due, |r| r.min(due)));
                 }
                 Some(LeaseEnd::Dead { why }) => {
                     records::record_dead(books, &f, &why)?;
                     self.finished.remove(i);
+                    self.ended(&f, "dead", Some(&why));
                 }
                 None => {
                     self.finished[i].retry = None;
@@ -453,6 +513,84 @@ impl RabbitQueue {
 
     fn books(&self) -> Result<&Connection> {
         books_of(&self.books)
+    }
+
+    /// Keeps the outcome of an end written into the records as `state`, to publish.
+    fn ended(&mut self, f: &Finish, state: &str, error: Option<&str>) {
+        let (task, attempt, started_at) = self
+            .started
+            .remove(&f.id)
+            .map_or((String::new(), 0, None), |(t, a, s)| (t, a, Some(s)));
+        self.outcomes.push(Outcome {
+            id: f.id,
+            task,
+            state: state.to_owned(),
+            attempt,
+            started_at,
+            finished_at: f.at,
+            error: error.map(str::to_owned),
+            exit_code: f.command.as_ref().and_then(|c| c.exit_code),
+            signal: f.command.as_ref().and_then(|c| c.signal.clone()),
+        });
+    }
+
+    /// The outcomes of ends about to be written by `records::claim` or `records::settle`
+    /// (kept with `written` once they are).
+    fn outcomes_of(&self, finished: &[Finish]) -> Vec<Outcome> {
+        finished
+            .iter()
+            .map(|f| {
+                let (task, attempt, started_at) = self
+                    .started
+                    .get(&f.id)
+                    .map_or((String::new(), 0, None), |(t, a, s)| {
+                        (t.clone(), *a, Some(*s))
+                    });
+                Outcome {
+                    id: f.id,
+                    task,
+                    state: f.state.to_owned(),
+                    attempt,
+                    started_at,
+                    finished_at: f.at,
+                    error: f.error.clone(),
+                    exit_code: f.command.as_ref().and_then(|c| c.exit_code),
+                    signal: f.command.as_ref().and_then(|c| c.signal.clone()),
+                }
+            })
+            .collect()
+    }
+
+    /// Ends are in the records: their outcomes go out with the next `tell`.
+    fn written(&mut self, outcomes: Vec<Outcome>) {
+        for o in &outcomes {
+            self.started.remove(&o.id);
+        }
+        self.outcomes.extend(outcomes);
+    }
+
+    /// Publishes the outcomes kept since the last call, in one message, without waiting:
+    /// they are this machine's records already, and a connection that drops takes them
+    /// along (`show` elsewhere then does not find them). Unless `now`, only once
+    /// `TELL_BATCH` are kept or the oldest has waited `TELL_EVERY`: a message a claim
+    /// halved a drain's rate (the broker writes each to the stream), so a busy foreman
+    /// sends a few a second; an idle one's `flush` sends what is left.
+    fn tell(&mut self, now: bool) {
+        if self.outcomes.is_empty()
+            || !now && self.outcomes.len() < TELL_BATCH && self.told_at.elapsed() < TELL_EVERY
+        {
+            return;
+        }
+        self.told_at = Instant::now();
+        let message = Outcomes {
+            host: self.claimer.host.clone(),
+            pid: self.claimer.pid,
+            outcomes: std::mem::take(&mut self.outcomes),
+        };
+        let exchange = format!("{}.events", self.name);
+        if let (Some(link), Ok(body)) = (&self.link, serde_json::to_vec(&message)) {
+            link.broker.publish_and_go(&exchange, "outcomes", &body);
+        }
     }
 
     /// Takes up to `limit` deliveries, starting the consumer on the first call. When none
@@ -505,6 +643,22 @@ impl RabbitQueue {
                 "the connection to RabbitMQ failed while this task was acknowledged: not run \
                  (it may have been taken off the queue, or be handed out again)",
             )?;
+            let now = now_micros();
+            for task in tasks.iter().filter(|t| sent.contains(&t.id)) {
+                self.outcomes.push(Outcome {
+                    id: task.id,
+                    task: task.task_name.clone(),
+                    state: "lost".into(),
+                    attempt: task.attempt,
+                    started_at: None,
+                    finished_at: now,
+                    error: Some(
+                        "the connection to RabbitMQ failed while it was acknowledged".into(),
+                    ),
+                    exit_code: None,
+                    signal: None,
+                });
+            }
             dropped.extend(sent);
             tracing::debug!(queue = %self.name, "RabbitMQ: acks unconfirmed: {e}");
         }
@@ -560,6 +714,73 @@ impl RabbitQueue {
         }
     }
 
+    /// `show ID` of a task another machine's foreman ran: the last outcome published for
+    /// it on `N.events` since shortly before it was enqueued (its id says when). None if no
+    /// foreman published one: still queued or running, ended longer ago than the stream
+    /// keeps, or ended by a foreman whose connection dropped before the outcome went out.
+    pub fn recorded_elsewhere(&mut self, id: i64) -> Result<Option<Record>> {
+        let events = format!("{}.events", self.name);
+        let link = self.link()?;
+        // Passive: a queue no foreman has consumed yet has no stream (and the failed check
+        // closes this channel: the handle is not used after it).
+        if link
+            .broker
+            .declare_queue(&events, true, Default::default())
+            .is_err()
+        {
+            return Ok(None);
+        }
+        const BATCH: u16 = 500;
+        let mut deliveries = link
+            .broker
+            .consume_with(
+                &events,
+                BATCH,
+                args(&[("x-stream-offset", ArgValue::Timestamp(enqueued_about(id)))]),
+            )
+            .map_err(|e| Error::Runtime(format!("RabbitMQ: reading {events}: {e}")))?;
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut found: Option<Record> = None;
+        let until = Instant::now() + CONFIRM_TIMEOUT;
+        // The stream is read to its end: a task retried has several outcomes, the last
+        // one counts. Its end is when nothing more comes for `STREAM_IDLE`.
+        let mut idle_since = Instant::now();
+        while Instant::now() < until && idle_since.elapsed() < STREAM_IDLE {
+            let got = deliveries.take(usize::from(BATCH), &mut cx);
+            let Some(last) = got.last() else {
+                std::thread::park_timeout(STREAM_IDLE / 5);
+                continue;
+            };
+            idle_since = Instant::now();
+            for incoming in &got {
+                let Ok(batch) = serde_json::from_slice::<Outcomes>(&incoming.body) else {
+                    continue;
+                };
+                let Outcomes {
+                    host,
+                    pid,
+                    outcomes,
+                } = batch;
+                if let Some(o) = outcomes.into_iter().rev().find(|o| o.id == id) {
+                    found = Some(record_of_outcome(o, host, pid));
+                }
+            }
+            // A stream hands out more only as what it handed out is acknowledged.
+            let answer = link.broker.ack_and_confirm(
+                Acks::UpTo {
+                    tag: last.delivery_tag,
+                    count: got.len(),
+                },
+                BATCH,
+            );
+            answer
+                .synced
+                .map_err(|e| Error::Runtime(format!("RabbitMQ: reading {events}: {e}")))?;
+        }
+        Ok(found)
+    }
+
     /// The attempt a task was published with when its record could not say so.
     fn published_attempt(&self, books: &Connection, id: i64) -> Result<records::Retried> {
         let attempt: i64 = books
@@ -577,6 +798,7 @@ impl RabbitQueue {
 
 impl Drop for RabbitQueue {
     fn drop(&mut self) {
+        self.tell(true);
         self.drop_link();
     }
 }
@@ -640,11 +862,73 @@ fn declare_ladder(broker: &Broker, name: &str) -> std::result::Result<(), String
     Ok(())
 }
 
+/// The events exchange `N.events` (topic; the outcomes' routing key is `outcomes`) and the
+/// stream queue of the same name bound to all of it, which keeps what it gets for
+/// `EVENTS_KEPT`. An operator may bind queues of their own to the exchange too.
+fn declare_events(broker: &Broker, name: &str) -> std::result::Result<(), String> {
+    let events = format!("{name}.events");
+    broker.declare_topic_exchange(&events)?;
+    broker.declare_queue(
+        &events,
+        false,
+        args(&[
+            ("x-queue-type", ArgValue::Text("stream")),
+            ("x-max-age", ArgValue::Text(EVENTS_KEPT)),
+        ]),
+    )?;
+    broker.bind_queue(&events, &events, "#")
+}
+
+/// Wakes a thread parked waiting for a stream's deliveries.
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Unix seconds of when task `id` was enqueued (`new_ids`), a minute early for clocks that
+/// differ between machines.
+fn enqueued_about(id: i64) -> u64 {
+    const EPOCH_2026_MS: i64 = 1_767_225_600_000;
+    let ms = (id >> 12).saturating_add(EPOCH_2026_MS);
+    u64::try_from(ms / 1000 - 60).unwrap_or(0)
+}
+
+/// The record `show` gives of an outcome read from `N.events`.
+fn record_of_outcome(o: Outcome, host: String, pid: u32) -> Record {
+    Record {
+        id: o.id,
+        task: o.task,
+        args: Value::Null,
+        kwargs: Value::Null,
+        state: o.state,
+        attempt: o.attempt,
+        enqueued_at: None,
+        due_at: None,
+        started_at: o.started_at.map(crate::clock::format_micros),
+        finished_at: Some(crate::clock::format_micros(o.finished_at)),
+        duration_seconds: o
+            .started_at
+            .map(|s| (o.finished_at - s).max(0) as f64 / 1e6),
+        error: o.error,
+        exit_code: o.exit_code.map(i64::from),
+        signal: o.signal,
+        output: None,
+        output_truncated: false,
+        foreman_pid: Some(i64::from(pid)),
+        recorded_on: Some(host),
+    }
+}
+
 /// Deletes queue `name`, its dead queue and its ladder (tests clean up with it).
 pub fn delete_topology(url: &str, name: &str) -> std::result::Result<(), String> {
     let broker = Broker::connect(url)?;
     broker.delete(Some(name), None)?;
     broker.delete(Some(&format!("{name}.dead")), None)?;
+    let events = format!("{name}.events");
+    broker.delete(Some(&events), Some(&events))?;
     for bit in 0..LEVELS {
         let rung = format!("{name}.delay.{bit}");
         broker.delete(Some(&rung), Some(&rung))?;
@@ -779,6 +1063,7 @@ impl QueueBackend for RabbitQueue {
         // The records first: a foreman that dies after this and before the acks leaves
         // `running` records of tasks the broker hands out again (then `lost` here, run
         // elsewhere), never a task gone without a record.
+        let ends = self.outcomes_of(&self.finished);
         let books = books_of(&self.books)?;
         let mut claimed = records::claim(
             books,
@@ -787,6 +1072,7 @@ impl QueueBackend for RabbitQueue {
             |name| policy(name).map(|p| p.max_attempts()),
             |_| Ok(claimed),
         )?;
+        self.written(ends);
         if !at_most_once.is_empty() {
             // Acked on the connection that brought them, and confirmed by a round trip
             // on it: only then may they run (at most once). The claim waits for the
@@ -836,6 +1122,12 @@ impl QueueBackend for RabbitQueue {
                 },
             );
         }
+        let now = now_micros();
+        for task in &claimed {
+            self.started
+                .insert(task.id, (task.task_name.clone(), task.attempt, now));
+        }
+        self.tell(false);
         Ok(claimed
             .into_iter()
             .map(|task| Lease {
@@ -853,14 +1145,18 @@ impl QueueBackend for RabbitQueue {
         self.finished.push(end);
     }
 
+    /// Ends not written yet, and outcomes not published yet (`flush` does both).
     fn unsettled(&self) -> usize {
-        self.finished.len()
+        self.finished.len() + self.outcomes.len()
     }
 
     fn flush(&mut self) -> Result<Option<i64>> {
         let requeued = self.settle_leases()?;
+        let ends = self.outcomes_of(&self.finished);
         let books = books_of(&self.books)?;
         records::settle(books, &mut self.finished)?;
+        self.written(ends);
+        self.tell(true);
         // The retry waits in the broker's ladder and comes as a delivery; the time only
         // tells the foreman when to look.
         Ok(requeued)

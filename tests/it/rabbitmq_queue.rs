@@ -109,10 +109,28 @@ fn enqueue_run_show_and_what_rabbitmq_cannot_do() {
         Duration::from_secs(5),
         || show(&worker, id)["state"] == "succeeded"
     ));
-    // The enqueuer's machine never ran it: it says where to ask.
-    let out = enqueuer.snapq(&with(&queue, &["show", &id.to_string()]));
+    // The enqueuer's machine never ran it: the end the worker's foreman published on the
+    // queue's events stream answers, naming the host that has the whole record.
+    let mut shown = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let out = enqueuer.snapq(&with(&queue, &["show", &id.to_string(), "--json"]));
+            shown = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            shown["state"] == "succeeded"
+        }),
+        "{shown}"
+    );
+    assert_eq!(shown["task"], "append");
+    assert!(shown["recorded_on"].is_string(), "{shown}");
+    let said = enqueuer.ok(&with(&queue, &["show", &id.to_string()]));
+    assert!(
+        said.contains("succeeded") && said.contains("ran on "),
+        "{said}"
+    );
+    // An id no foreman ran: exit 1, saying where it may be.
+    let out = enqueuer.snapq(&with(&queue, &["show", &(id + 1).to_string()]));
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("each machine knows only"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("may wait in the queue"));
     // What a broker cannot do, and a bad URL: exit 2, naming the problem.
     let out = enqueuer.snapq(&with(&queue, &["cancel", &id.to_string()]));
     assert_eq!(out.status.code(), Some(2));
