@@ -1162,22 +1162,19 @@ fn print_record(record: &crate::records::Record, json: bool) -> Result<()> {
         "task {} ({}): {}, attempt {}\n",
         r.id, r.task, r.state, r.attempt
     );
-    out.push_str(&format!("  args {}  kwargs {}\n", r.args, r.kwargs));
     let at = |t: &Option<String>| t.clone().unwrap_or_else(|| "–".into());
-    if let Some(host) = &r.recorded_on {
-        out = format!(
-            "task {} ({}): {}, attempt {}\n",
-            r.id, r.task, r.state, r.attempt
-        );
-        out.push_str(&format!(
+    match &r.recorded_on {
+        Some(host) => out.push_str(&format!(
             "  ran on {host} (its `snapq show` has the arguments and the output)\n"
-        ));
-    } else {
-        out.push_str(&format!(
-            "  enqueued {}, due {}\n",
-            at(&r.enqueued_at),
-            at(&r.due_at)
-        ));
+        )),
+        None => {
+            out.push_str(&format!("  args {}  kwargs {}\n", r.args, r.kwargs));
+            out.push_str(&format!(
+                "  enqueued {}, due {}\n",
+                at(&r.enqueued_at),
+                at(&r.due_at)
+            ));
+        }
     }
     if r.started_at.is_some() {
         out.push_str(&format!("  started {}", at(&r.started_at)));

@@ -46,17 +46,19 @@
 //!    `workers + 4`, whatever the number of tasks or monitor rounds (monitors resolve host
 //!    names on the worker itself, src/monitor/http_fetch.rs, not on a thread per lookup;
 //!    a command task's worker polls its pipes and waits for it itself, src/command.rs).
-//!    With `--amqp-url`, five more at most: the publisher (`snapq-amqp`, src/outbox.rs), lapin's executor
-//!    (`snapq-amqp-io`), async-io's reactor, one thread of the `blocking` pool, and lapin's
-//!    I/O loop while connected (src/rabbitmq.rs); reconnecting replaces the last, it does
-//!    not add one. With `--queue amqp://…` the queue's connection (src/backend/rabbitmq.rs)
-//!    shares that executor and reactor and adds its own I/O loop thread: at most four more
-//!    (the loop polls the consumer's deliveries itself, woken by lapin's I/O loop through
-//!    the wake-up channel; it acks and publishes itself). With `--mqtt-url`, two more: the publisher (`snapq-mqtt`) and the
-//!    socket's reader (`snapq-mqtt-io`, src/brokers/mqtt.rs). With `--panic-configs`, two more: the configuration consumer
-//!    (`snapq-panic-configs`, src/panic_configs.rs) and its own connection's I/O loop. With
-//!    `--http`, two more (the live view's hub and acceptor) and one a connection while it
-//!    is served, at most `--http-max-connections` (src/live/mod.rs).
+//!    With `--amqp-url`, five more at most: the publisher (`snapq-amqp`, src/outbox.rs),
+//!    lapin's executor (`snapq-amqp-io`), async-io's reactor, one thread of the `blocking`
+//!    pool, and lapin's I/O loop while connected (src/rabbitmq.rs); reconnecting replaces
+//!    the last, it does not add one. With `--queue amqp://…` the queue's connection
+//!    (src/backend/rabbitmq.rs) shares that executor and reactor and adds its own I/O loop
+//!    thread: at most four more (the loop polls the consumer's deliveries itself, woken by
+//!    lapin's I/O loop through the wake-up channel; it acks and publishes itself). With
+//!    `--mqtt-url`, two more: the publisher (`snapq-mqtt`) and the socket's reader
+//!    (`snapq-mqtt-io`, src/brokers/mqtt.rs). With `--panic-configs`, two more: the
+//!    configuration consumer (`snapq-panic-configs`, src/panic_configs.rs) and its own
+//!    connection's I/O loop. With `--http`, two more (the live view's hub and acceptor) and
+//!    one a connection while it is served, at most `--http-max-connections`
+//!    (src/live/mod.rs).
 //!    The live view never holds up this loop or a worker: they hand it events with a
 //!    non-blocking `try_send` and it drops (and counts) what it cannot take.
 //! 7. **Failures are contained.** Workers run tasks under `catch_unwind` and a guard that

@@ -5,10 +5,10 @@
 //! lapin is asynchronous; snapq's threads are not. Each call here drives lapin's futures to
 //! completion with `block_on` on the calling thread, so a caller is a plain thread that
 //! blocks in it, like any other I/O; a consumer's deliveries (`Deliveries`) are polled by
-//! the thread that takes them, with a waker of its own. lapin itself runs on async-global-executor (no tokio):
-//! one executor thread (`snapq-amqp-io`, set up once by `connect`), async-io's reactor
-//! thread, and lapin's own I/O loop thread per connection. lapin's automatic recovery is
-//! not used: snapq reconnects itself (src/outbox.rs, `publish_loop`) and resends from its
+//! the thread that takes them, with a waker of its own. lapin itself runs on
+//! async-global-executor (no tokio): one executor thread (`snapq-amqp-io`, set up once by
+//! `connect`), async-io's reactor thread, and lapin's own I/O loop thread per connection.
+//! lapin's automatic recovery is not used: snapq reconnects itself (src/outbox.rs, `publish_loop`) and resends from its
 //! outbox, because a recovered channel does not replay unconfirmed publishes.
 //!
 //! Errors come back as text naming what failed, for the log and `snapq status`; the URL in

@@ -24,8 +24,8 @@
 //! its next attempt.
 //!
 //! - `N.events`: a topic exchange on which each foreman publishes the ends of the tasks it
-//!   ran (one message per claim or flush, not awaited), and a stream queue of the same name
-//!   that keeps them for `EVENTS_KEPT`.
+//!   ran (batched, not awaited: `tell`), and a stream queue of the same name that keeps
+//!   them for `EVENTS_KEPT`.
 //!
 //! Each foreman keeps the records of the tasks it ran in its home's database, as with
 //! SQLite: `show` and `history` answer for this machine, and `show` of a task another
@@ -129,6 +129,7 @@ struct Outcomes {
     outcomes: Vec<Outcome>,
 }
 
+/// One task's end, as its record says it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Outcome {
     id: i64,
@@ -494,13 +495,13 @@ impl RabbitQueue {
                 Some(LeaseEnd::Again { due, why }) => {
                     records::record_waiting(books, id, due, &why, f.command.as_deref())?;
                     self.finished.remove(i);
-                    self.ended(&f, "queued", Some(&why));
+                    self.ended(&f, "queued", &why);
                     requeued = Some(requeued.map_or(due, |r| r.min(due)));
                 }
                 Some(LeaseEnd::Dead { why }) => {
                     records::record_dead(books, &f, &why)?;
                     self.finished.remove(i);
-                    self.ended(&f, "dead", Some(&why));
+                    self.ended(&f, "dead", &why);
                 }
                 None => {
                     self.finished[i].retry = None;
@@ -515,23 +516,31 @@ impl RabbitQueue {
         books_of(&self.books)
     }
 
-    /// Keeps the outcome of an end written into the records as `state`, to publish.
-    fn ended(&mut self, f: &Finish, state: &str, error: Option<&str>) {
+    /// The outcome of end `f`, recorded as `state` with `error`.
+    fn outcome(&self, f: &Finish, state: &str, error: Option<String>) -> Outcome {
         let (task, attempt, started_at) = self
             .started
-            .remove(&f.id)
-            .map_or((String::new(), 0, None), |(t, a, s)| (t, a, Some(s)));
-        self.outcomes.push(Outcome {
+            .get(&f.id)
+            .map_or((String::new(), 0, None), |(t, a, s)| {
+                (t.clone(), *a, Some(*s))
+            });
+        Outcome {
             id: f.id,
             task,
             state: state.to_owned(),
             attempt,
             started_at,
             finished_at: f.at,
-            error: error.map(str::to_owned),
+            error,
             exit_code: f.command.as_ref().and_then(|c| c.exit_code),
             signal: f.command.as_ref().and_then(|c| c.signal.clone()),
-        });
+        }
+    }
+
+    /// Keeps the outcome of an end written into the records as `state`, to publish.
+    fn ended(&mut self, f: &Finish, state: &str, error: &str) {
+        let outcome = self.outcome(f, state, Some(error.to_owned()));
+        self.written(vec![outcome]);
     }
 
     /// The outcomes of ends about to be written by `records::claim` or `records::settle`
@@ -539,25 +548,7 @@ impl RabbitQueue {
     fn outcomes_of(&self, finished: &[Finish]) -> Vec<Outcome> {
         finished
             .iter()
-            .map(|f| {
-                let (task, attempt, started_at) = self
-                    .started
-                    .get(&f.id)
-                    .map_or((String::new(), 0, None), |(t, a, s)| {
-                        (t.clone(), *a, Some(*s))
-                    });
-                Outcome {
-                    id: f.id,
-                    task,
-                    state: f.state.to_owned(),
-                    attempt,
-                    started_at,
-                    finished_at: f.at,
-                    error: f.error.clone(),
-                    exit_code: f.command.as_ref().and_then(|c| c.exit_code),
-                    signal: f.command.as_ref().and_then(|c| c.signal.clone()),
-                }
-            })
+            .map(|f| self.outcome(f, f.state, f.error.clone()))
             .collect()
     }
 
@@ -572,9 +563,9 @@ impl RabbitQueue {
     /// Publishes the outcomes kept since the last call, in one message, without waiting:
     /// they are this machine's records already, and a connection that drops takes them
     /// along (`show` elsewhere then does not find them). Unless `now`, only once
-    /// `TELL_BATCH` are kept or the oldest has waited `TELL_EVERY`: a message a claim
-    /// halved a drain's rate (the broker writes each to the stream), so a busy foreman
-    /// sends a few a second; an idle one's `flush` sends what is left.
+    /// `TELL_BATCH` are kept or `TELL_EVERY` has passed since the last message: one message
+    /// a claim halved a drain's rate (the broker writes each to the stream), so a busy
+    /// foreman sends a few a second; an idle one's `flush` sends what is left.
     fn tell(&mut self, now: bool) {
         if self.outcomes.is_empty()
             || !now && self.outcomes.len() < TELL_BATCH && self.told_at.elapsed() < TELL_EVERY
@@ -891,7 +882,6 @@ impl Wake for Unpark {
 /// Unix seconds of when task `id` was enqueued (`new_ids`), a minute early for clocks that
 /// differ between machines.
 fn enqueued_about(id: i64) -> u64 {
-    const EPOCH_2026_MS: i64 = 1_767_225_600_000;
     let ms = (id >> 12).saturating_add(EPOCH_2026_MS);
     u64::try_from(ms / 1000 - 60).unwrap_or(0)
 }
@@ -937,6 +927,9 @@ pub fn delete_topology(url: &str, name: &str) -> std::result::Result<(), String>
     Ok(())
 }
 
+/// 2026-01-01 in Unix milliseconds: where task ids on RabbitMQ count from (`new_ids`).
+const EPOCH_2026_MS: i64 = 1_767_225_600_000;
+
 /// Task ids on RabbitMQ, where no table hands them out: the milliseconds since 2026 in the
 /// high bits and 12 low bits, from a random start for each batch, one a task. They grow
 /// with time (`history` lists newest first by id) and stay below 2^53 (exact as JSON
@@ -944,7 +937,6 @@ pub fn delete_topology(url: &str, name: &str) -> std::result::Result<(), String>
 /// overlapping ranges: unlikely (a batch of n collides with another with chance about n in
 /// 4,096), not impossible.
 fn new_ids(count: usize) -> Vec<i64> {
-    const EPOCH_2026_MS: i64 = 1_767_225_600_000;
     let ms = (now_micros() / 1000 - EPOCH_2026_MS).max(0);
     let base = (ms << 12) + fastrand::i64(0..4096);
     (0..count as i64).map(|i| base + i).collect()
@@ -1352,5 +1344,16 @@ mod tests {
         assert_eq!(a[1], a[0] + 1);
         assert!(b[0] > a[0], "{a:?} {b:?}");
         assert!(b[0] < 1 << 53);
+    }
+
+    /// `show` reads the events stream from a minute before the id was made.
+    #[test]
+    fn an_id_says_when_it_was_made() {
+        let now = u64::try_from(now_micros() / 1_000_000).unwrap();
+        let about = enqueued_about(new_ids(1)[0]);
+        assert!(
+            (now - 61..=now - 59).contains(&about),
+            "{about} against {now}"
+        );
     }
 }
