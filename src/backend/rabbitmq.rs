@@ -14,7 +14,8 @@
 //!   messages of one TTL: per-message TTLs would expire only at the head of the queue.
 //!   (kombu's native delayed delivery works this way.)
 //!
-//! Delivery: the foreman consumes `N` with a prefetch of its worker count. An at-most-once
+//! Delivery: the foreman consumes `N` with a prefetch of 8 deliveries a worker, or one
+//! more than its workers while its tasks take long (`prefetch_for`). An at-most-once
 //! task is acknowledged, and the broker has answered a method sent after the acks (an ack
 //! has no reply of its own), before it runs: a foreman that dies later loses it. An
 //! at-least-once task stays unacknowledged while it runs (its lease); success acks it; a
@@ -65,10 +66,28 @@ pub const DELIVERY_LIMIT: i64 = 50;
 /// workers; the rest wait unacknowledged in the foreman (the broker hands them to another
 /// foreman if this one dies, and `stop_taking` gives them back at SIGTERM). With only the
 /// free slots' worth, each claim waited for the broker to send the next deliveries: 820
-/// noops a second against 6,500 with 8 a worker (BENCHMARKS.md). The price: a foreman
-/// busy with long tasks holds up to this many waiting ones that an idle foreman could
-/// have run.
+/// noops a second against 6,500 with 8 a worker (BENCHMARKS.md). The price would be that a
+/// foreman busy with long tasks holds up to this many waiting ones that an idle foreman
+/// could run: so a foreman whose tasks take `LONG_TASK` or more lately holds only one
+/// more than its workers (`prefetch_for`), and goes back to this below `SHORT_TASK`.
 pub const PREFETCH_PER_WORKER: u16 = 8;
+
+/// A typical task (a moving average of the last few) this long makes the prefetch small.
+const LONG_TASK: Duration = Duration::from_millis(100);
+
+/// A typical task shorter than this makes it large again (between the two it stays).
+const SHORT_TASK: Duration = Duration::from_millis(20);
+
+/// The prefetch of a consumer of `workers` workers, for long tasks or short ones. With long
+/// ones, one delivery beside a delivery a worker: at-least-once leases stay unacknowledged
+/// while they run and count against it, and a worker that frees up finds a task at once.
+fn prefetch_for(workers: u16, long: bool) -> u16 {
+    if long {
+        workers.saturating_add(1)
+    } else {
+        workers.saturating_mul(PREFETCH_PER_WORKER)
+    }
+}
 
 /// How long a publish may wait for the broker's confirms.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -208,8 +227,12 @@ pub struct RabbitQueue {
     /// When a lost connection may be tried again.
     retry_at: Instant,
     backoff: Backoff,
-    /// A consumer's prefetch (its worker count); None for a producer.
+    /// A consumer's prefetch (`prefetch_for`); None for a producer.
     prefetch: Option<u16>,
+    /// A consumer's workers, and how long its tasks take lately (a moving average of the
+    /// last few, None before the first), which sets the prefetch (`adapt_prefetch`).
+    workers: u16,
+    typical_task: Option<Duration>,
     /// A token per delivery and per connection error (capacity one: "look").
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
@@ -231,18 +254,20 @@ pub struct RabbitQueue {
 }
 
 impl RabbitQueue {
-    /// The foreman's handle on queue `name` at `url`, for `prefetch` workers (it holds
-    /// `PREFETCH_PER_WORKER` deliveries a worker at most), its records in the database at `books_db`. Connects now: a broker that cannot
-    /// be reached is an error (the foreman reconnects by itself later on).
+    /// The foreman's handle on queue `name` at `url`, for `workers` workers (it holds
+    /// `PREFETCH_PER_WORKER` deliveries a worker at most, fewer with long tasks), its
+    /// records in the database at `books_db`. Connects now: a broker that cannot be reached
+    /// is an error (the foreman reconnects by itself later on).
     pub fn consumer(
         url: &str,
         name: &str,
         books_db: &Path,
         synchronous: Synchronous,
-        prefetch: u16,
+        workers: u16,
     ) -> Result<RabbitQueue> {
-        let prefetch = prefetch.max(1).saturating_mul(PREFETCH_PER_WORKER);
-        let mut q = RabbitQueue::new(url, name, Some(prefetch));
+        let workers = workers.max(1);
+        let mut q = RabbitQueue::new(url, name, Some(prefetch_for(workers, false)));
+        q.workers = workers;
         q.books = Some(db::open(books_db, synchronous)?);
         q.connect()?;
         Ok(q)
@@ -267,6 +292,8 @@ impl RabbitQueue {
             retry_at: Instant::now(),
             backoff: Backoff::new(),
             prefetch,
+            workers: 0,
+            typical_task: None,
             wake_tx,
             wake_rx,
             books: None,
@@ -605,6 +632,83 @@ impl RabbitQueue {
             .as_mut()
             .map(|d| d.take(limit, &mut Context::from_waker(&waker)))
             .unwrap_or_default())
+    }
+
+    /// Cancels the consumer and gives back what it received and nobody claimed: published
+    /// again to the queue, then acknowledged (a nack would mark it redelivered, which counts
+    /// an attempt). The next claim consumes again.
+    fn give_back_unclaimed(&mut self) -> Result<()> {
+        let Some(link) = self.link.as_mut() else {
+            return Ok(());
+        };
+        let Some(mut deliveries) = link.deliveries.take() else {
+            return Ok(());
+        };
+        link.broker
+            .cancel(deliveries.tag())
+            .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+        // The broker sends nothing after its answer to the cancel: what came is here.
+        let unclaimed = deliveries.take(usize::MAX, &mut Context::from_waker(Waker::noop()));
+        if unclaimed.is_empty() {
+            return Ok(());
+        }
+        let name = self.name.clone();
+        let bodies: Vec<String> = unclaimed
+            .iter()
+            .map(|i| String::from_utf8_lossy(&i.body).into_owned())
+            .collect();
+        let outgoing: Vec<(&str, &str, &str)> = bodies
+            .iter()
+            .map(|b| ("", name.as_str(), b.as_str()))
+            .collect();
+        link.broker
+            .publish_confirmed(&outgoing, CONFIRM_TIMEOUT)
+            .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+        for incoming in &unclaimed {
+            link.broker
+                .ack(incoming)
+                .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+        }
+        tracing::info!(
+            queue = %self.name,
+            tasks = unclaimed.len(),
+            "gave the tasks received and not started back to the queue"
+        );
+        Ok(())
+    }
+
+    /// Long tasks lately and a large prefetch, or short ones and a small prefetch: the
+    /// prefetch changes, which takes a new consumer (a prefetch applies to the consumers
+    /// started after it); what the old one holds unclaimed goes back to the queue, for any
+    /// foreman.
+    fn adapt_prefetch(&mut self) -> Result<()> {
+        let (Some(prefetch), Some(typical)) = (self.prefetch, self.typical_task) else {
+            return Ok(());
+        };
+        let long = if typical >= LONG_TASK {
+            true
+        } else if typical < SHORT_TASK {
+            false
+        } else {
+            return Ok(());
+        };
+        let want = prefetch_for(self.workers, long);
+        if want == prefetch {
+            return Ok(());
+        }
+        self.prefetch = Some(want);
+        tracing::info!(
+            queue = %self.name,
+            prefetch = want,
+            typical_task_ms = typical.as_millis() as u64,
+            "RabbitMQ: tasks take {} lately: holding up to {want} deliveries",
+            if long { "long" } else { "little time" }
+        );
+        self.give_back_unclaimed().inspect_err(|_| {
+            // Deliveries taken off the old consumer and not given back must not stay
+            // unacknowledged on a connection that goes on: closing it returns them.
+            self.drop_link();
+        })
     }
 
     /// What a claim's answer means for its tasks: those whose ack was confirmed run. A
@@ -994,6 +1098,7 @@ impl QueueBackend for RabbitQueue {
         policy: &dyn Fn(&str) -> Option<RetryPolicy>,
     ) -> Result<Vec<Lease>> {
         self.settle_leases()?;
+        self.adapt_prefetch()?;
         let deliveries = self.deliveries(limit)?;
         let generation = self.generation;
         let mut claimed = Vec::with_capacity(deliveries.len());
@@ -1134,6 +1239,10 @@ impl QueueBackend for RabbitQueue {
     }
 
     fn settle(&mut self, end: Finish) {
+        if let Some((_, _, started)) = self.started.get(&end.id) {
+            let took = Duration::from_micros(u64::try_from(end.at - started).unwrap_or(0));
+            self.typical_task = Some(self.typical_task.map_or(took, |t| (t * 3 + took) / 4));
+        }
         self.finished.push(end);
     }
 
@@ -1194,43 +1303,7 @@ impl QueueBackend for RabbitQueue {
     /// what came and was not claimed back to the queue and acks it: given back with a nack,
     /// it would come again marked redelivered, which counts an attempt.
     fn stop_taking(&mut self) -> Result<()> {
-        let Some(link) = self.link.as_mut() else {
-            return Ok(());
-        };
-        let Some(mut deliveries) = link.deliveries.take() else {
-            return Ok(());
-        };
-        link.broker
-            .cancel(deliveries.tag())
-            .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
-        // The broker sends nothing after its answer to the cancel: what came is here.
-        let unclaimed = deliveries.take(usize::MAX, &mut Context::from_waker(Waker::noop()));
-        if unclaimed.is_empty() {
-            return Ok(());
-        }
-        let name = self.name.clone();
-        let bodies: Vec<String> = unclaimed
-            .iter()
-            .map(|i| String::from_utf8_lossy(&i.body).into_owned())
-            .collect();
-        let outgoing: Vec<(&str, &str, &str)> = bodies
-            .iter()
-            .map(|b| ("", name.as_str(), b.as_str()))
-            .collect();
-        link.broker
-            .publish_confirmed(&outgoing, CONFIRM_TIMEOUT)
-            .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
-        for incoming in &unclaimed {
-            link.broker
-                .ack(incoming)
-                .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
-        }
-        tracing::info!(
-            queue = %self.name,
-            tasks = unclaimed.len(),
-            "stopping: gave the tasks received and not started back to the queue"
-        );
-        Ok(())
+        self.give_back_unclaimed()
     }
 
     fn wake_ups(&self) -> Receiver<()> {

@@ -74,6 +74,17 @@ fn lines_in_state(home: &Home, state: &str) -> HashSet<String> {
         .collect()
 }
 
+/// How many tasks of type `task` the foreman of `home` ran to success.
+fn succeeded(home: &Home, task: &str) -> i64 {
+    home.conn()
+        .query_row(
+            "SELECT count(*) FROM task_records WHERE task_name = ?1 AND state = 'succeeded'",
+            [task],
+            |r| r.get(0),
+        )
+        .unwrap_or(0)
+}
+
 /// Waits until the queue is empty and `out` stopped growing for a second.
 fn drained(queue: &Queue, out: &std::path::Path, within: Duration) -> bool {
     let mut last = usize::MAX;
@@ -321,18 +332,59 @@ fn schedules_fire_into_the_rabbitmq_queue_once_a_tick() {
         read_lines(&out).len()
     );
     // Through the broker: each run is recorded by the foreman that took it.
-    let succeeded = |home: &Home| -> i64 {
-        home.conn()
-            .query_row(
-                "SELECT count(*) FROM task_records WHERE task_name = 'append' \
-                 AND state = 'succeeded'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap()
-    };
-    assert_eq!(succeeded(&scheduler) + succeeded(&other), fired as i64);
+    assert_eq!(
+        succeeded(&scheduler, "append") + succeeded(&other, "append"),
+        fired as i64
+    );
     assert_eq!(queue.waiting(""), 0);
+}
+
+/// A foreman whose tasks take long holds few deliveries (one beside each worker's): of
+/// twelve 1-second tasks enqueued while it is busy it takes five (two running, three
+/// waiting), and a second foreman started a moment later runs the rest. With the 8 a
+/// worker kept for short tasks, the first one would hold all twelve.
+#[test]
+fn a_foreman_busy_with_long_tasks_leaves_the_waiting_ones_to_another() {
+    let queue = Queue::new("prefetch");
+    let (first, second) = (Home::new(), Home::new());
+    let sleeps_done = |home: &Home| succeeded(home, "sleep");
+    let busy = start(&first, &queue, &["--workers", "2"]);
+    // One long task: the foreman learns what its tasks take.
+    first.ok(&with(
+        &queue,
+        &["enqueue", "sleep", "--kwargs", r#"{"seconds": 0.3}"#],
+    ));
+    assert!(wait_until(Duration::from_secs(10), || sleeps_done(&first) == 1));
+    let jobs = first.file("jobs.jsonl");
+    std::fs::write(
+        &jobs,
+        "{\"task\": \"sleep\", \"kwargs\": {\"seconds\": 1.0}}\n".repeat(12),
+    )
+    .unwrap();
+    first.ok(&with(
+        &queue,
+        &["enqueue", "--file", jobs.to_str().unwrap()],
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    let _other = start(&second, &queue, &["--workers", "2"]);
+    assert!(
+        wait_until(Duration::from_secs(15), || sleeps_done(&first)
+            + sleeps_done(&second)
+            == 13),
+        "{} + {} of 13",
+        sleeps_done(&first),
+        sleeps_done(&second)
+    );
+    let ran_second = sleeps_done(&second);
+    assert!(
+        ran_second >= 4,
+        "{ran_second} of 12 ran on the second foreman"
+    );
+    assert!(
+        !busy
+            .events("RabbitMQ: tasks take long lately: holding up to 3 deliveries")
+            .is_empty()
+    );
 }
 
 /// Delays of 1 to 5 s start within a second of their due time, never before it.
