@@ -251,6 +251,8 @@ pub struct RabbitQueue {
     /// were last published.
     outcomes: Vec<Outcome>,
     told_at: Instant,
+    /// Whether the events stream could be declared (a consumer's, at its first connect).
+    events: bool,
 }
 
 impl RabbitQueue {
@@ -304,6 +306,7 @@ impl RabbitQueue {
             started: HashMap::new(),
             outcomes: Vec::new(),
             told_at: Instant::now(),
+            events: true,
         }
     }
 
@@ -316,11 +319,31 @@ impl RabbitQueue {
         ))
     }
 
-    /// Connects and declares the queue, its dead queue and, for a consumer, the ladder
-    /// (retries go through it).
+    /// Connects and declares the queue, its dead queue and, for a consumer, the events
+    /// stream and the ladder (retries go through it).
     fn connect(&mut self) -> Result<()> {
-        let broker = Broker::connect_alarmed(&self.url, Some(self.wake_tx.clone()))
+        let mut broker = Broker::connect_alarmed(&self.url, Some(self.wake_tx.clone()))
             .map_err(|e| self.broken(e))?;
+        if self.prefetch.is_some()
+            && self.events
+            && let Err(e) = declare_events(&broker, &self.name)
+        {
+            // A broker without streams (before RabbitMQ 3.9), or a queue of that name made
+            // otherwise: the tasks run all the same, their ends stay here. The failed
+            // declaration closed the channel: a new connection goes on.
+            tracing::warn!(
+                queue = %self.name,
+                "RabbitMQ: cannot keep the events stream {}.events ({e}): tasks' ends are \
+                 not published, so `snapq show` on other machines does not find them \
+                 (streams need RabbitMQ 3.9 or later; a queue of that name must be a \
+                 stream)",
+                self.name
+            );
+            self.events = false;
+            broker.close();
+            broker = Broker::connect_alarmed(&self.url, Some(self.wake_tx.clone()))
+                .map_err(|e| self.broken(e))?;
+        }
         let dead = format!("{}.dead", self.name);
         broker
             .declare_queue(&dead, false, Default::default())
@@ -337,9 +360,6 @@ impl RabbitQueue {
                 ]),
             )
             .map_err(|e| self.broken(e))?;
-        if self.prefetch.is_some() {
-            declare_events(&broker, &self.name).map_err(|e| self.broken(e))?;
-        }
         self.generation += 1;
         let mut link = Link {
             broker,
@@ -594,6 +614,10 @@ impl RabbitQueue {
     /// a claim halved a drain's rate (the broker writes each to the stream), so a busy
     /// foreman sends a few a second; an idle one's `flush` sends what is left.
     fn tell(&mut self, now: bool) {
+        if !self.events {
+            self.outcomes.clear();
+            return;
+        }
         if self.outcomes.is_empty()
             || !now && self.outcomes.len() < TELL_BATCH && self.told_at.elapsed() < TELL_EVERY
         {

@@ -387,6 +387,25 @@ fn a_foreman_busy_with_long_tasks_leaves_the_waiting_ones_to_another() {
     );
 }
 
+/// A queue of the events stream's name that is not a stream (as on a broker without
+/// streams): the foreman says its tasks' ends stay on its machine, and runs them.
+#[test]
+fn without_the_events_stream_the_tasks_run_all_the_same() {
+    let queue = Queue::new("noevents");
+    let broker = snapq::rabbitmq::Broker::connect(BROKER).unwrap();
+    broker
+        .declare_queue(&format!("{}.events", queue.0), false, Default::default())
+        .unwrap();
+    broker.close();
+    let home = Home::new();
+    let out = home.file("out.txt");
+    let foreman = start(&home, &queue, &[]);
+    let kwargs = format!(r#"{{"path": {:?}, "line": "hello"}}"#, out.display());
+    home.ok(&with(&queue, &["enqueue", "append", "--kwargs", &kwargs]));
+    assert!(wait_until(Duration::from_secs(10), || read_lines(&out) == ["hello"]));
+    assert!(foreman.has_log("cannot keep the events stream"));
+}
+
 /// Delays of 1 to 5 s start within a second of their due time, never before it.
 #[test]
 fn delays_run_within_a_second_of_due() {
