@@ -133,7 +133,8 @@ pub enum Command {
     #[command(subcommand)]
     Schedule(ScheduleCommand),
     /// Show one task wherever it is: queued (due when), running (since when, on which
-    /// foreman), or how it ended; exit 1 if there is no such task
+    /// foreman), or how it ended (with --queue amqp://…, also a task another machine ran,
+    /// from the ends foremen publish); exit 1 if there is no such task
     Show {
         /// The id `enqueue` printed
         id: i64,
