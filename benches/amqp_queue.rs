@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use snapq::backend::rabbitmq::delete_topology;
@@ -246,20 +245,12 @@ fn bare_consumer(url: &str) -> f64 {
     let prefetch = WORKERS * snapq::backend::rabbitmq::PREFETCH_PER_WORKER;
     // Deliveries are taken as the foreman takes them: polled from this thread, which
     // lapin's I/O loop wakes when more come.
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
     let started = Instant::now();
     let mut deliveries = broker.consume(&queue.name, prefetch).unwrap();
     let mut acked = 0;
     while acked < TASKS {
-        let got = deliveries.take(usize::from(prefetch), &mut cx);
-        if got.is_empty() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "deliveries stopped"
-            );
-            std::thread::park_timeout(Duration::from_secs(1));
-        }
+        let got = deliveries.take_waiting(usize::from(prefetch), Duration::from_secs(30));
+        assert!(!got.is_empty(), "deliveries stopped");
         for delivery in got {
             broker.ack(&delivery).unwrap();
             acked += 1;
@@ -268,15 +259,6 @@ fn bare_consumer(url: &str) -> f64 {
     let rate = TASKS as f64 / started.elapsed().as_secs_f64();
     broker.close();
     rate
-}
-
-/// Wakes a thread parked waiting for deliveries.
-struct Unpark(std::thread::Thread);
-
-impl Wake for Unpark {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
 }
 
 #[derive(Clone, Copy)]

@@ -16,17 +16,17 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::Once;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use futures_lite::{Stream, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeBindOptions,
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{
@@ -67,6 +67,15 @@ pub struct Confirmed {
     pub synced: Result<(), String>,
 }
 
+/// Wakes a thread parked in `Deliveries::take_waiting`.
+struct Unpark(std::thread::Thread);
+
+impl std::task::Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
 /// The deliveries of one consumer (`Broker::consume`), oldest first.
 pub struct Deliveries {
     consumer: lapin::Consumer,
@@ -102,6 +111,23 @@ impl Deliveries {
             }
         }
         got
+    }
+
+    /// Up to `limit` deliveries, waiting up to `within` for the first if none has come:
+    /// for a thread of its own that does nothing else meanwhile (it parks, and lapin's I/O
+    /// loop unparks it). Empty if none came in time.
+    pub fn take_waiting(&mut self, limit: usize, within: Duration) -> Vec<Incoming> {
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let until = std::time::Instant::now() + within;
+        loop {
+            let got = self.take(limit, &mut cx);
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if !got.is_empty() || left.is_zero() {
+                return got;
+            }
+            std::thread::park_timeout(left);
+        }
     }
 
     /// Whether a delivery has been received and not taken.
@@ -409,17 +435,6 @@ impl Broker {
                 .basic_cancel(tag.into(), BasicCancelOptions::default()),
         )
         .map_err(|e| format!("cannot cancel the consumer: {e}"))
-    }
-
-    /// Gives a message of `consume` back to the queue, unacknowledged: the broker hands it
-    /// out again.
-    pub fn requeue(&self, incoming: &Incoming) -> Result<(), String> {
-        async_global_executor::block_on(incoming.acker.nack(BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        }))
-        .map(|_| ())
-        .map_err(|e| format!("cannot give a message back: {e}"))
     }
 
     /// Acknowledges deliveries of this channel and makes a round trip behind the acks (a

@@ -206,19 +206,26 @@ fn settle_lease(conn: &Connection, f: &Finish, policy: &RetryPolicy) -> Result<O
             Ok(None)
         }
         LeaseEnd::Again { due, why } => {
-            // OR IGNORE: an id never repeats in the queue, and a row somehow there already
-            // must not fail the transaction that carries every other task's end.
-            conn.prepare_cached(
-                "INSERT OR IGNORE INTO tasks (id, task_name, args, kwargs, created_at, \
-                 run_at, attempt) SELECT id, task_name, args, kwargs, enqueued_at, ?2, \
-                 attempt + 1 FROM task_records WHERE id = ?1",
-            )
-            .and_then(|mut s| s.execute(params![f.id, due]))
-            .map_err(Error::sqlite("putting a task back in the queue"))?;
+            back_in_queue(conn, f.id, due)?;
             record_waiting(conn, f.id, due, &why, f.command.as_deref())?;
             Ok(Some(due))
         }
     }
+}
+
+/// Puts the task of record `id` back in the database's queue under its id, with its
+/// next attempt, due at `due` (Unix µs). OR IGNORE: an id never repeats in the queue, and
+/// a row somehow there already must not fail the transaction that carries other tasks'
+/// ends.
+fn back_in_queue(conn: &Connection, id: i64, due: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO tasks (id, task_name, args, kwargs, created_at, run_at, \
+         attempt) SELECT id, task_name, args, kwargs, enqueued_at, ?2, attempt + 1 \
+         FROM task_records WHERE id = ?1",
+    )
+    .and_then(|mut s| s.execute(params![id, due]))
+    .map_err(Error::sqlite("putting a task back in the queue"))?;
+    Ok(())
 }
 
 /// What the end of a leased task's attempt means (invariant 10), whatever queue holds it.
@@ -804,20 +811,7 @@ pub struct Again {
 /// caller wakes the foreman after it.
 pub fn retry(conn: &Connection, id: i64) -> Result<Retried> {
     retry_into(conn, id, None, |conn, again| {
-        conn.execute(
-            "INSERT INTO tasks (id, task_name, args, kwargs, created_at, run_at, attempt) \
-             VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6)",
-            params![
-                again.id,
-                again.task_name,
-                again.args,
-                again.kwargs,
-                again.due,
-                again.attempt
-            ],
-        )
-        .map_err(Error::sqlite("putting the task back in the queue"))?;
-        Ok(())
+        back_in_queue(conn, again.id, again.due)
     })
 }
 

@@ -858,20 +858,15 @@ impl RabbitQueue {
                 args(&[("x-stream-offset", ArgValue::Timestamp(enqueued_about(id)))]),
             )
             .map_err(|e| Error::Runtime(format!("RabbitMQ: reading {events}: {e}")))?;
-        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-        let mut cx = Context::from_waker(&waker);
         let mut found: Option<Record> = None;
         let until = Instant::now() + CONFIRM_TIMEOUT;
         // The stream is read to its end: a task retried has several outcomes, the last
         // one counts. Its end is when nothing more comes for `STREAM_IDLE`.
-        let mut idle_since = Instant::now();
-        while Instant::now() < until && idle_since.elapsed() < STREAM_IDLE {
-            let got = deliveries.take(usize::from(BATCH), &mut cx);
+        while Instant::now() < until {
+            let got = deliveries.take_waiting(usize::from(BATCH), STREAM_IDLE);
             let Some(last) = got.last() else {
-                std::thread::park_timeout(STREAM_IDLE / 5);
-                continue;
+                break;
             };
-            idle_since = Instant::now();
             for incoming in &got {
                 let Ok(batch) = serde_json::from_slice::<Outcomes>(&incoming.body) else {
                     continue;
@@ -996,15 +991,6 @@ fn declare_events(broker: &Broker, name: &str) -> std::result::Result<(), String
         ]),
     )?;
     broker.bind_queue(&events, &events, "#")
-}
-
-/// Wakes a thread parked waiting for a stream's deliveries.
-struct Unpark(std::thread::Thread);
-
-impl Wake for Unpark {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
 }
 
 /// Unix seconds of when task `id` was enqueued (`new_ids`), a minute early for clocks that
