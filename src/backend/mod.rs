@@ -136,7 +136,8 @@ pub trait QueueBackend {
     fn sweep(&mut self) {}
 
     /// Whether nothing due waits for this consumer, after a claim came back short (`run
-    /// --burst` ends then). A short claim of the SQLite queue says so by itself.
+    /// --burst` ends then): nothing ready, and nothing on its way to it that a broker
+    /// already handed it. A short claim of the SQLite queue says so by itself.
     fn drained(&mut self) -> Result<bool> {
         Ok(true)
     }
