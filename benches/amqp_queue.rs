@@ -9,6 +9,9 @@
 //!   peak RSS;
 //! - the limit: a bare consumer of the same queue in this process (lapin through
 //!   snapq's connection code, a foreman's prefetch, an ack per delivery, nothing else);
+//! - what at most once allows one foreman of 4 workers: the same consumer taking at most
+//!   4 deliveries at a time, acking them and waiting for the broker's confirming round
+//!   trip before it takes more; and that round trip's time on an idle channel;
 //! - Celery 5 (`--pool threads -c 4`, its default ack before the task runs) and Dramatiq
 //!   (`--processes 1 --threads 4`) on the same broker, each with a task of its own that
 //!   appends a byte to a file (how the benchmark counts their completions), installed from
@@ -106,6 +109,16 @@ fn main() {
         "bare consumer (lapin, the foreman's prefetch of {}, an ack per delivery): {bare:.0} deliveries/s",
         WORKERS * snapq::backend::rabbitmq::PREFETCH_PER_WORKER
     );
+    // What bounds one foreman: at most once, each batch of at most WORKERS tasks waits for
+    // a round trip before it runs.
+    let round_trip = round_trip_us(&url);
+    let confirmed = consume_all(&url, Acking::ConfirmedBatches);
+    println!(
+        "the broker's round trip (basic.qos answered, idle channel): {round_trip:.0} µs median; \
+         at-most-once limit (the same consumer, at most {WORKERS} deliveries acked and confirmed \
+         by a round trip at a time, nothing else): {confirmed:.0} deliveries/s, {:.0}% of the bare consumer",
+        100.0 * confirmed / bare
+    );
     let best = |n: usize| {
         drains
             .iter()
@@ -126,7 +139,8 @@ fn main() {
             best(n),
             if n == 1 {
                 format!(
-                    "{:.0}% of the bare consumer {}",
+                    "{:.0}% of the at-most-once limit, {:.0}% of the bare consumer {}",
+                    100.0 * best(n) / confirmed,
                     100.0 * best(n) / bare,
                     verdict(100.0 * best(n) / bare, 70.0, true, "%")
                 )
@@ -233,6 +247,23 @@ fn succeeded(home: &Path) -> i64 {
 /// Publishes TASKS messages to a queue of its own, then consumes them with an ack each
 /// and nothing else: deliveries a second.
 fn bare_consumer(url: &str) -> f64 {
+    consume_all(url, Acking::EachAtOnce)
+}
+
+/// How `consume_all` acknowledges.
+#[derive(Clone, Copy, PartialEq)]
+enum Acking {
+    /// An ack per delivery, sent without waiting: the bare consumer.
+    EachAtOnce,
+    /// At most WORKERS deliveries at a time, acknowledged by one ack and confirmed by a
+    /// round trip before the next are taken: what at most once asks of a foreman with
+    /// WORKERS workers whose tasks take no time.
+    ConfirmedBatches,
+}
+
+/// Drains TASKS noop tasks from a queue of its own with a consumer of the foreman's
+/// prefetch in this process; deliveries per second.
+fn consume_all(url: &str, acking: Acking) -> f64 {
     let queue = QueueName::new(url);
     let mut producer = snapq::backend::RabbitQueue::producer(url, &queue.name).unwrap();
     use snapq::backend::QueueBackend;
@@ -249,16 +280,51 @@ fn bare_consumer(url: &str) -> f64 {
     let mut deliveries = broker.consume(&queue.name, prefetch).unwrap();
     let mut acked = 0;
     while acked < TASKS {
-        let got = deliveries.take_waiting(usize::from(prefetch), Duration::from_secs(30));
+        let limit = match acking {
+            Acking::EachAtOnce => usize::from(prefetch),
+            Acking::ConfirmedBatches => usize::from(WORKERS),
+        };
+        let got = deliveries.take_waiting(limit, Duration::from_secs(30));
         assert!(!got.is_empty(), "deliveries stopped");
-        for delivery in got {
-            broker.ack(&delivery).unwrap();
-            acked += 1;
+        match acking {
+            Acking::EachAtOnce => {
+                for delivery in &got {
+                    broker.ack(delivery).unwrap();
+                }
+            }
+            Acking::ConfirmedBatches => {
+                let tag = got.iter().map(|d| d.delivery_tag).max().unwrap();
+                let answer = broker.ack_and_confirm(
+                    snapq::rabbitmq::Acks::UpTo {
+                        tag,
+                        count: got.len(),
+                    },
+                    prefetch,
+                );
+                answer.synced.unwrap();
+            }
         }
+        acked += got.len();
     }
     let rate = TASKS as f64 / started.elapsed().as_secs_f64();
     broker.close();
     rate
+}
+
+/// The median time the broker takes to answer a method that does nothing (`basic.qos`
+/// with the prefetch it already has) on a channel with no traffic, in µs.
+fn round_trip_us(url: &str) -> f64 {
+    let broker = Broker::connect(url).unwrap();
+    let mut times: Vec<f64> = (0..2_000)
+        .map(|_| {
+            let started = Instant::now();
+            broker.sync(1).unwrap();
+            started.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    broker.close();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 #[derive(Clone, Copy)]
