@@ -1368,7 +1368,15 @@ impl QueueBackend for RabbitQueue {
         // The cancel's answer comes after the last of it; whatever came goes back to the
         // queue, for this foreman's next claim (which consumes again: the wake-up) or
         // another's (the conformance suite's `drained_only_once_every_due_task_was_claimed`).
-        if self.give_back_unclaimed()? > 0 {
+        let gave_back = self.give_back_unclaimed().inspect_err(|_| {
+            // What came and could not be given back must not stay unacknowledged on a
+            // connection that goes on (the foreman would leave later and return it then):
+            // closing the connection now returns it, and the next claim (woken now)
+            // connects again.
+            self.drop_link();
+            self.waker.wake_by_ref();
+        })?;
+        if gave_back > 0 {
             self.waker.wake_by_ref();
             return Ok(false);
         }
