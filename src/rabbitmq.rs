@@ -8,8 +8,9 @@
 //! the thread that takes them, with a waker of its own. lapin itself runs on
 //! async-global-executor (no tokio): one executor thread (`snapq-amqp-io`, set up once by
 //! `connect`), async-io's reactor thread, and lapin's own I/O loop thread per connection.
-//! lapin's automatic recovery is not used: snapq reconnects itself (src/outbox.rs, `publish_loop`) and resends from its
-//! outbox, because a recovered channel does not replay unconfirmed publishes.
+//! lapin's automatic recovery is not used: snapq reconnects itself (src/outbox.rs,
+//! `publish_loop`) and resends from its outbox, because a recovered channel does not
+//! replay unconfirmed publishes.
 //!
 //! Errors come back as text naming what failed, for the log and `snapq status`; the URL in
 //! them never carries its password (`redact`).

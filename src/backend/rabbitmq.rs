@@ -1337,27 +1337,20 @@ impl QueueBackend for RabbitQueue {
     /// (delayed tasks wait in the ladder and do not count: `--burst` runs what is due).
     fn drained(&mut self) -> Result<bool> {
         let name = self.name.clone();
-        let prefetch = self.prefetch.unwrap_or(1);
         let waker = self.waker.clone();
         let link = self.link()?;
-        // A round trip first: deliveries the channel sent before its answer are in the
-        // consumer's buffer by then (one channel keeps its order, and lapin's I/O loop
-        // handles the frames in order).
-        link.broker
-            .sync(prefetch)
-            .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
-        if link
-            .deliveries
-            .as_mut()
-            .is_some_and(|d| d.any(&mut Context::from_waker(&waker)))
-        {
-            return Ok(false);
-        }
+        // The count is a round trip on the consumer's channel: deliveries the channel sent
+        // before its answer are in the consumer's buffer by then (one channel keeps its
+        // order, and lapin's I/O loop handles the frames in order).
         let ready = link
             .broker
             .declare_queue(&name, true, Default::default())
             .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
-        if ready > 0 {
+        let in_hand = link
+            .deliveries
+            .as_mut()
+            .is_some_and(|d| d.any(&mut Context::from_waker(&waker)));
+        if ready > 0 || in_hand {
             return Ok(false);
         }
         // The queue counts what it has handed this consumer as taken even while it is on
