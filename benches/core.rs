@@ -536,8 +536,9 @@ fn raw_claim_once(scratch: &Path, sync: Synchronous, batch: usize) -> f64 {
     let now = snapq::clock::now_micros();
     let started = Instant::now();
     let mut claimed = 0;
+    let mut cursor = snapq::queue::Cursor::default();
     while claimed < TASKS {
-        let got = snapq::queue::claim(&conn, now, batch).unwrap();
+        let got = snapq::queue::claim(&conn, now, batch, &mut cursor).unwrap();
         assert!(!got.is_empty());
         claimed += got.len();
     }

@@ -47,6 +47,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0010_retries",
         include_str!("../migrations/0010_retries.sql"),
     ),
+    (
+        "0011_claim_by_id",
+        include_str!("../migrations/0011_claim_by_id.sql"),
+    ),
 ];
 
 /// The schema version this build writes and understands.

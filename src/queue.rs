@@ -3,6 +3,13 @@
 //! Enqueueing validates everything first, writes in one transaction, then wakes the foreman
 //! (src/wakeup.rs). Claiming is a single `DELETE … RETURNING` statement: the rows are gone
 //! in the same transaction that hands them out (invariant 1).
+//!
+//! Where a claim looks (migrations/0011): a row with `run_at` NULL is due now and waits in
+//! the table's id order, which is the order rows were stored in; a delayed row waits in
+//! the `tasks_delayed` index, by due time. A claim merges the two by due time (a row due
+//! now counts as due when it was stored). Walking the table by id, rather than keeping an
+//! index of every row's due time, spares every claim the write of an index page; a
+//! `Cursor` keeps the walk from passing the same delayed rows again on every claim.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -19,9 +26,6 @@ use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
 use crate::registry::{Registry, TaskSpec};
 use crate::wakeup::WakeDir;
-
-/// The due time of a row, exactly as the `tasks_due` index spells it.
-const DUE: &str = "coalesce(run_at, created_at)";
 
 /// When a new task becomes due.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -390,6 +394,23 @@ pub struct Claimed {
     pub unreadable: Option<String>,
 }
 
+/// Where a claim's walk of the rows due now starts: no row at a lower id has `run_at`
+/// NULL, unless a program wrote it there with an id of its own choosing (ids given by
+/// SQLite only grow: AUTOINCREMENT) or cleared a delayed row's `run_at` afterwards. Rows
+/// snapq puts back under their old id carry a `run_at` (migrations/0011). The foreman
+/// starts from 0 and goes back to 0 at each safety re-read, which finds such rows too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor {
+    from: i64,
+}
+
+impl Cursor {
+    /// Walk from the table's start again at the next claim.
+    pub fn rewind(&mut self) {
+        self.from = 0;
+    }
+}
+
 /// Claims up to `limit` due tasks, oldest due first, deleting them in the same statement
 /// (one statement in autocommit mode is one transaction). The rows are committed as gone
 /// when this returns, before any of them runs (invariant 1). Public for the benchmark that
@@ -400,14 +421,49 @@ pub struct Claimed {
 /// is a time, a BLOB holding UTF-8 is text. A row that cannot be read still comes back,
 /// with `unreadable` saying why, so that it is rejected on its own: the statement deleted
 /// every row it returns at its first step, so a row that failed the whole claim would take
-/// the good rows of its batch with it. Rows whose due time is text or a BLOB never compare
+/// the good rows of its batch with it. Rows whose `run_at` is text or a BLOB never compare
 /// as due: `claim_undated` takes those.
 #[doc(hidden)]
-pub fn claim(conn: &Connection, now: i64, limit: usize) -> Result<Vec<Claimed>> {
-    // MEASUREMENTS.md: the `id = (SELECT …)` form claims one row ~4x faster than the
-    // `id IN (SELECT … LIMIT ?)` form; batches amortise either.
-    let sql = if limit == 1 { CLAIM_ONE } else { CLAIM_MANY };
-    claim_with(conn, sql, params![now, limit as i64])
+pub fn claim(
+    conn: &Connection,
+    now: i64,
+    limit: usize,
+    cursor: &mut Cursor,
+) -> Result<Vec<Claimed>> {
+    let mut stmt = conn
+        .prepare_cached(CLAIM)
+        .map_err(Error::sqlite("preparing the claim"))?;
+    let rows = stmt
+        .query_map(params![now, limit as i64, cursor.from], |r| {
+            Ok((read_claimed(r)?, r.get_ref(5)? == ValueRef::Null))
+        })
+        .map_err(Error::sqlite("claiming tasks"))?;
+    // Collecting steps the statement to its end, which commits it. `read_claimed` fails
+    // only if SQLite does, never on a row's contents.
+    let claimed = rows
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(Error::sqlite("claiming tasks"))?;
+    if claimed.len() < limit {
+        // Fewer than asked: the walk reached the table's end and every row due now it met
+        // is claimed, so every row left is delayed.
+        let last: Option<i64> = conn
+            .prepare_cached("SELECT max(id) FROM tasks")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(Error::sqlite("reading the queue's last id"))?;
+        if let Some(last) = last {
+            cursor.from = cursor.from.max(last + 1);
+        }
+    } else if let Some(top) = claimed
+        .iter()
+        .filter(|(_, now)| *now)
+        .map(|(t, _)| t.id)
+        .max()
+    {
+        // The rows due now that a claim takes are the first of the walk (they share one
+        // order key, so the id decides among them): none is left below `top`.
+        cursor.from = cursor.from.max(top + 1);
+    }
+    Ok(claimed.into_iter().map(|(task, _)| task).collect())
 }
 
 /// Claims up to `limit` rows whose due time is text or a BLOB (a writer's mistake: they
@@ -434,13 +490,11 @@ fn claim_with(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Re
         .map_err(Error::sqlite("claiming tasks"))
 }
 
-/// Whether any row has a due time that is not a number (text or a BLOB sorts after every
-/// number, so this is one seek at the end of the `tasks_due` index).
+/// Whether any row has a `run_at` that is not a number (text or a BLOB sorts after every
+/// number, so this is one seek at the end of the `tasks_delayed` index).
 fn has_undated(conn: &Connection) -> Result<bool> {
     let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT EXISTS (SELECT 1 FROM tasks WHERE {DUE} >= '')"
-        ))
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM tasks WHERE run_at >= '')")
         .map_err(Error::sqlite("preparing the undated-row check"))?;
     stmt.query_row([], |r| r.get(0)).map_err(Error::sqlite(
         "looking for rows with a due time that is not a number",
@@ -525,29 +579,43 @@ fn read_time(value: ValueRef, column: &str, problems: &mut Vec<String>) -> Optio
     }
 }
 
-const CLAIM_ONE: &str = "DELETE FROM tasks WHERE id = (SELECT id FROM tasks \
-     WHERE coalesce(run_at, created_at) <= ?1 \
-     ORDER BY coalesce(run_at, created_at), id LIMIT ?2) \
+/// The claim (see `claim` and `Cursor`): the delayed rows due by ?1 in due order, and the
+/// first rows due now from id ?3 on, merged by due time; at most ?2 of them. The rows due
+/// now all take the time the first of them was stored, so the merge takes the first rows
+/// of the walk whatever their own `created_at` (concurrent enqueuers can commit in another
+/// order than they read the clock): that is what lets the cursor move past them. So a
+/// delayed row goes before every row due now that was stored after it came due, give or
+/// take the rows of one claim, which start together anyway.
+const CLAIM: &str = "DELETE FROM tasks WHERE id IN (SELECT id FROM (\
+     SELECT id, due FROM (SELECT id, run_at AS due FROM tasks \
+         WHERE run_at <= ?1 ORDER BY run_at, id LIMIT ?2) \
+     UNION ALL \
+     SELECT id, (SELECT created_at FROM tasks WHERE id >= ?3 AND run_at IS NULL \
+             ORDER BY id LIMIT 1) \
+         FROM (SELECT id FROM tasks WHERE id >= ?3 AND run_at IS NULL ORDER BY id LIMIT ?2) \
+     ORDER BY 2, 1 LIMIT ?2)) \
      RETURNING id, task_name, args, kwargs, created_at, run_at, attempt";
 
-const CLAIM_MANY: &str = "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks \
-     WHERE coalesce(run_at, created_at) <= ?1 \
-     ORDER BY coalesce(run_at, created_at), id LIMIT ?2) \
-     RETURNING id, task_name, args, kwargs, created_at, run_at, attempt";
-
-/// Rows whose due time is text or a BLOB (see `has_undated`).
+/// Rows whose `run_at` is text or a BLOB (see `has_undated`).
 const CLAIM_UNDATED: &str = "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks \
-     WHERE coalesce(run_at, created_at) >= '' \
-     ORDER BY coalesce(run_at, created_at), id LIMIT ?1) \
+     WHERE run_at >= '' ORDER BY run_at, id LIMIT ?1) \
      RETURNING id, task_name, args, kwargs, created_at, run_at, attempt";
 
-/// The due time of the next task, if any (Unix microseconds). Rows whose due time is not a
-/// number sort last and give `None`: the foreman's sweep (`claim_undated`) takes them.
-pub(crate) fn next_due(conn: &Connection) -> Result<Option<i64>> {
+/// When the next task is due (Unix microseconds): now if a row due now is left from
+/// `cursor` on, else the earliest delayed row's time. Rows whose `run_at` is not a number
+/// sort last and give `None`: the foreman's sweep (`claim_undated`) takes them.
+pub(crate) fn next_due(conn: &Connection, cursor: &Cursor) -> Result<Option<i64>> {
+    let waiting: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM tasks WHERE id >= ?1 AND run_at IS NULL)")
+        .and_then(|mut s| s.query_row([cursor.from], |r| r.get(0)))
+        .map_err(Error::sqlite("reading the next due time"))?;
+    if waiting {
+        return Ok(Some(now_micros()));
+    }
     let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {DUE} FROM tasks ORDER BY {DUE}, id LIMIT 1"
-        ))
+        .prepare_cached(
+            "SELECT run_at FROM tasks WHERE run_at IS NOT NULL ORDER BY run_at, id LIMIT 1",
+        )
         .map_err(Error::sqlite("preparing the next-due query"))?;
     stmt.query_row([], |r| Ok(due_time(r.get_ref(0)?)))
         .optional()
@@ -568,9 +636,10 @@ fn due_time(value: ValueRef) -> Option<i64> {
 /// Tasks due now, counted up to `cap` rows (a bounded cost for periodic samples).
 pub fn count_due_capped(conn: &Connection, now: i64, cap: i64) -> Result<i64> {
     let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE {DUE} <= ?1 LIMIT ?2)"
-        ))
+        .prepare_cached(
+            "SELECT min(?2, (SELECT count(*) FROM (SELECT 1 FROM tasks WHERE run_at <= ?1 LIMIT ?2)) \
+             + (SELECT count(*) FROM (SELECT 1 FROM tasks WHERE run_at IS NULL LIMIT ?2)))",
+        )
         .map_err(Error::sqlite("preparing the due count"))?;
     stmt.query_row(params![now, cap], |r| r.get(0))
         .map_err(Error::sqlite("counting due tasks"))
@@ -587,21 +656,26 @@ pub struct Counts {
     pub next_delayed: Option<i64>,
 }
 
-/// Rows whose due time is not a number count as due: the foreman's next sweep (at start,
-/// then at most a safety interval away) takes them.
+/// Rows whose `run_at` is not a number count as due: the foreman's next sweep (at start,
+/// then at most a safety interval away) takes them. A row due now became due when it was
+/// stored (`created_at`, or now if that is later or not a number).
 pub fn counts(conn: &Connection, now: i64) -> Result<Counts> {
-    let q = format!(
-        "SELECT (SELECT count(*) FROM tasks WHERE {DUE} <= ?1) \
-                + (SELECT count(*) FROM tasks WHERE {DUE} >= ''), \
-                (SELECT count(*) FROM tasks WHERE {DUE} > ?1 AND {DUE} < ''), \
-                (SELECT {DUE} FROM tasks ORDER BY {DUE}, id LIMIT 1), \
-                (SELECT {DUE} FROM tasks WHERE {DUE} > ?1 AND {DUE} < '' ORDER BY {DUE}, id LIMIT 1)"
-    );
-    conn.query_row(&q, [now], |r| {
+    let q = "SELECT (SELECT count(*) FROM tasks WHERE run_at IS NULL) \
+                + (SELECT count(*) FROM tasks WHERE run_at <= ?1) \
+                + (SELECT count(*) FROM tasks WHERE run_at >= ''), \
+                (SELECT count(*) FROM tasks WHERE run_at > ?1 AND run_at < ''), \
+                (SELECT run_at FROM tasks WHERE run_at IS NOT NULL ORDER BY run_at, id LIMIT 1), \
+                (SELECT run_at FROM tasks WHERE run_at > ?1 AND run_at < '' ORDER BY run_at, id LIMIT 1), \
+                EXISTS (SELECT 1 FROM tasks WHERE run_at IS NULL), \
+                (SELECT min(created_at) FROM tasks WHERE run_at IS NULL)";
+    conn.query_row(q, [now], |r| {
+        let delayed_first = due_time(r.get_ref(2)?).filter(|&t| t <= now);
+        let stored_first = due_time(r.get_ref(5)?).map_or(now, |t| t.min(now));
+        let now_first = r.get::<_, bool>(4)?.then_some(stored_first);
         Ok(Counts {
             due: r.get(0)?,
             delayed: r.get(1)?,
-            oldest_due: due_time(r.get_ref(2)?).filter(|&t| t <= now),
+            oldest_due: [delayed_first, now_first].into_iter().flatten().min(),
             next_delayed: due_time(r.get_ref(3)?),
         })
     })
@@ -699,14 +773,92 @@ mod tests {
         let now = now_micros();
         let c = counts(&conn, now).unwrap();
         assert_eq!((c.due, c.delayed), (2, 1));
-        let got = claim(&conn, now, 1).unwrap();
+        let mut cursor = Cursor::default();
+        let got = claim(&conn, now, 1, &mut cursor).unwrap();
         assert_eq!(got.iter().map(|c| c.id).collect::<Vec<_>>(), vec![first]);
-        let got = claim(&conn, now, 10).unwrap();
+        let got = claim(&conn, now, 10, &mut cursor).unwrap();
         assert_eq!(got.iter().map(|c| c.id).collect::<Vec<_>>(), vec![second]);
-        assert!(claim(&conn, now, 10).unwrap().is_empty());
-        assert!(next_due(&conn).unwrap().unwrap() > now);
-        let got = claim(&conn, now + 3_601_000_000, 10).unwrap();
+        assert!(claim(&conn, now, 10, &mut cursor).unwrap().is_empty());
+        assert!(next_due(&conn, &cursor).unwrap().unwrap() > now);
+        let got = claim(&conn, now + 3_601_000_000, 10, &mut cursor).unwrap();
         assert_eq!(got[0].id, later);
+    }
+
+    fn insert(conn: &Connection, id: i64, created_at: i64, run_at: Option<i64>) {
+        conn.execute(
+            "INSERT INTO tasks (id, task_name, created_at, run_at) VALUES (?1, 'noop', ?2, ?3)",
+            params![id, created_at, run_at],
+        )
+        .unwrap();
+    }
+
+    fn ids(claimed: &[Claimed]) -> Vec<i64> {
+        claimed.iter().map(|c| c.id).collect()
+    }
+
+    /// Two enqueuers can commit in another order than they read the clock: a row due now
+    /// with an earlier `created_at` than the row before it, and a delayed row due between
+    /// them. Nothing is left behind the cursor, and due order holds where it can.
+    #[test]
+    fn rows_stored_out_of_clock_order_are_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(&dir.path().join("q.sqlite3"), Synchronous::Normal).unwrap();
+        insert(&conn, 1, 200, None);
+        insert(&conn, 2, 100, None);
+        insert(&conn, 3, 0, Some(150));
+        let mut cursor = Cursor::default();
+        // Within a claim the order is the DELETE's (they all start at once).
+        let mut got = ids(&claim(&conn, 1_000, 2, &mut cursor).unwrap());
+        got.sort_unstable();
+        assert_eq!(got, [1, 3]);
+        got = ids(&claim(&conn, 1_000, 2, &mut cursor).unwrap());
+        assert_eq!(got, [2]);
+        let c = counts(&conn, 1_000).unwrap();
+        assert_eq!((c.due, c.delayed), (0, 0));
+    }
+
+    /// Delayed rows below the rows due now are walked past once, not by every claim: with
+    /// 20,000 of them first, the first claim runs more VM steps than that, the next ones a
+    /// few hundred each.
+    #[test]
+    fn claims_do_not_walk_past_the_same_delayed_rows_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(&dir.path().join("q.sqlite3"), Synchronous::Normal).unwrap();
+        conn.execute_batch("BEGIN").unwrap();
+        for id in 1..=20_000 {
+            insert(&conn, id, 1, Some(1_000_000_000));
+        }
+        for id in 20_001..=20_040 {
+            insert(&conn, id, 2, None);
+        }
+        conn.execute_batch("COMMIT").unwrap();
+        let mut cursor = Cursor::default();
+        let mut got = ids(&claim(&conn, 1_000, 4, &mut cursor).unwrap());
+        let stmt = conn.prepare_cached(CLAIM).unwrap();
+        let first = stmt.get_status(rusqlite::StatementStatus::VmStep);
+        assert!(first > 20_000, "the first claim ran {first} steps");
+        stmt.reset_status(rusqlite::StatementStatus::VmStep);
+        drop(stmt);
+        for _ in 0..9 {
+            got.extend(ids(&claim(&conn, 1_000, 4, &mut cursor).unwrap()));
+        }
+        assert_eq!(got, (20_001..=20_040).collect::<Vec<_>>());
+        let steps = conn
+            .prepare_cached(CLAIM)
+            .unwrap()
+            .get_status(rusqlite::StatementStatus::VmStep);
+        assert!(steps < 9 * 1_000, "nine claims ran {steps} VM steps");
+        // A short claim moves past the delayed rows at the end as well.
+        insert(&conn, 30_000, 1, Some(1_000_000_000));
+        assert!(claim(&conn, 1_000, 4, &mut cursor).unwrap().is_empty());
+        assert_eq!(next_due(&conn, &cursor).unwrap(), Some(1_000_000_000));
+        // A row a program stores below the cursor is found once the walk starts over.
+        insert(&conn, 40_000, 3, None);
+        insert(&conn, 0, 3, None);
+        assert_eq!(ids(&claim(&conn, 1_000, 4, &mut cursor).unwrap()), [40_000]);
+        assert!(claim(&conn, 1_000, 4, &mut cursor).unwrap().is_empty());
+        cursor.rewind();
+        assert_eq!(ids(&claim(&conn, 1_000, 4, &mut cursor).unwrap()), [0]);
     }
 
     #[test]
@@ -756,10 +908,11 @@ mod plan_tests {
             )
             .unwrap();
         }
+        let mut cursor = Cursor::default();
         for n in 0..20 {
-            assert_eq!(claim(&conn, 1_000 + n, 4).unwrap().len(), 4);
+            assert_eq!(claim(&conn, 1_000 + n, 4, &mut cursor).unwrap().len(), 4);
         }
-        let stmt = conn.prepare_cached(CLAIM_MANY).unwrap();
+        let stmt = conn.prepare_cached(CLAIM).unwrap();
         assert_eq!(stmt.get_status(rusqlite::StatementStatus::Run), 20);
         assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
     }

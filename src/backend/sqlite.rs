@@ -17,7 +17,7 @@ use super::{Capabilities, Lease, QueueBackend};
 use crate::clock::now_micros;
 use crate::db::{self, Synchronous};
 use crate::error::{Error, Result};
-use crate::queue::{self, Counts, NewTask, Row};
+use crate::queue::{self, Counts, Cursor, NewTask, Row};
 use crate::records::{self, Cancelled, Claimer, Finish, Orphan, Record};
 use crate::registry::RetryPolicy;
 use crate::wakeup::{WakeDir, Watch};
@@ -44,6 +44,9 @@ pub struct SqliteQueue {
     /// Whether the next short claim also takes rows whose due time is not a number
     /// (`queue::claim_undated`).
     sweep_undated: bool,
+    /// Where the next claim's walk of the rows due now starts; moved only by a claim
+    /// transaction that committed.
+    cursor: Cursor,
 }
 
 impl SqliteQueue {
@@ -63,6 +66,7 @@ impl SqliteQueue {
             claimer: Claimer::this_process(),
             finished: Vec::new(),
             sweep_undated: true,
+            cursor: Cursor::default(),
         })
     }
 
@@ -77,6 +81,7 @@ impl SqliteQueue {
             claimer: Claimer::this_process(),
             finished: Vec::new(),
             sweep_undated: true,
+            cursor: Cursor::default(),
         })
     }
 }
@@ -119,6 +124,7 @@ impl QueueBackend for SqliteQueue {
         policy: &dyn Fn(&str) -> Option<RetryPolicy>,
     ) -> Result<Vec<Lease>> {
         let mut sweep = self.sweep_undated;
+        let mut cursor = self.cursor;
         // One transaction: the ends settled since, the claim, the claimed tasks' records
         // (invariants 1, 9 and 10).
         let claimed = records::claim(
@@ -127,7 +133,7 @@ impl QueueBackend for SqliteQueue {
             &self.claimer,
             |name| policy(name).map(|p| p.max_attempts()),
             |conn| {
-                let mut claimed = queue::claim(conn, now_micros(), limit)?;
+                let mut claimed = queue::claim(conn, now_micros(), limit, &mut cursor)?;
                 if sweep && claimed.len() < limit {
                     let room = limit - claimed.len();
                     let undated = queue::claim_undated(conn, room)?;
@@ -139,6 +145,7 @@ impl QueueBackend for SqliteQueue {
             },
         )?;
         self.sweep_undated = sweep;
+        self.cursor = cursor;
         Ok(claimed
             .into_iter()
             .map(|task| Lease {
@@ -223,11 +230,14 @@ impl QueueBackend for SqliteQueue {
     }
 
     fn next_due(&mut self) -> Result<Option<i64>> {
-        queue::next_due(&self.conn)
+        queue::next_due(&self.conn, &self.cursor)
     }
 
+    /// Also walks the rows due now from the table's start again at the next claim, which
+    /// finds a row that a program stored below the cursor (`queue::Cursor`).
     fn sweep(&mut self) {
         self.sweep_undated = true;
+        self.cursor.rewind();
     }
 
     fn counts(&mut self, now: i64) -> Result<Counts> {
