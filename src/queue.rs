@@ -415,10 +415,10 @@ impl Cursor {
 
 /// Claims up to `limit` due tasks, oldest due first, deleting them in the statement that
 /// returns them (one statement in autocommit mode is one transaction; when a delayed row
-/// is due, a first statement takes nothing and a second claims). The rows are committed as gone
-/// when this returns, before any of them runs (invariant 1). Public for the benchmark that
-/// measures the raw claim rate; in a running system only the foreman loop claims
-/// (invariant 8).
+/// is due, a first statement takes nothing and a second claims). The rows are committed
+/// as gone when this returns, before any of them runs (invariant 1). Public for the
+/// benchmark that measures the raw claim rate; in a running system only the foreman loop
+/// claims (invariant 8).
 ///
 /// Rows written by other programs are read as SQLite's type affinity allows: a REAL time
 /// is a time, a BLOB holding UTF-8 is text. A row that cannot be read still comes back,
@@ -433,6 +433,9 @@ pub fn claim(
     limit: usize,
     cursor: &mut Cursor,
 ) -> Result<Vec<Claimed>> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
     // Most claims find no delayed row due: then the rows due now are one range of ids,
     // deleted without the merge (whose temporary tables cost more than the rest of the
     // statement). It takes nothing when a delayed row is due, and the merge runs.
