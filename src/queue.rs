@@ -401,7 +401,7 @@ pub struct Claimed {
 /// SQLite only grow: AUTOINCREMENT) or cleared a delayed row's `run_at` afterwards. Rows
 /// snapq puts back under their old id carry a `run_at` (migrations/0011). The foreman
 /// starts from 0 and goes back to 0 at each safety re-read, which finds such rows too.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Cursor {
     from: i64,
 }
@@ -486,28 +486,16 @@ fn run_claim(
         .map_err(Error::sqlite("claiming tasks"))
 }
 
-/// Claims up to `limit` rows whose due time is text or a BLOB (a writer's mistake: they
+/// Claims up to `limit` rows whose `run_at` is text or a BLOB (a writer's mistake: they
 /// never compare as due), each flagged unreadable, to be rejected. The foreman sweeps for
 /// them at start and at each safety re-read, not on every claim: they are rare, and the
-/// wake-up path stays one statement.
+/// wake-up path need not look for them.
 pub(crate) fn claim_undated(conn: &Connection, limit: usize) -> Result<Vec<Claimed>> {
     if !has_undated(conn)? {
         return Ok(Vec::new());
     }
-    claim_with(conn, CLAIM_UNDATED, params![limit as i64])
-}
-
-fn claim_with(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<Claimed>> {
-    let mut stmt = conn
-        .prepare_cached(sql)
-        .map_err(Error::sqlite("preparing the claim"))?;
-    let rows = stmt
-        .query_map(params, read_claimed)
-        .map_err(Error::sqlite("claiming tasks"))?;
-    // Collecting steps the statement to its end, which commits it. `read_claimed` fails
-    // only if SQLite does, never on a row's contents.
-    rows.collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(Error::sqlite("claiming tasks"))
+    let claimed = run_claim(conn, CLAIM_UNDATED, params![limit as i64])?;
+    Ok(claimed.into_iter().map(|(task, _)| task).collect())
 }
 
 /// Whether any row has a `run_at` that is not a number (text or a BLOB sorts after every
