@@ -728,10 +728,17 @@ impl RabbitQueue {
             "RabbitMQ: tasks take {} lately: holding up to {want} deliveries",
             if long { "long" } else { "little time" }
         );
-        self.give_back_unclaimed().map(drop).inspect_err(|_| {
-            // Deliveries taken off the old consumer and not given back must not stay
-            // unacknowledged on a connection that goes on: closing it returns them.
+        self.give_back_or_close().map(drop)
+    }
+
+    /// `give_back_unclaimed`, for a consumer that goes on: what came and could not be given
+    /// back must not stay unacknowledged on a connection that goes on (the foreman would
+    /// return it only when it leaves), so a failure closes the connection, which returns
+    /// it, and wakes the loop, whose next claim connects again.
+    fn give_back_or_close(&mut self) -> Result<usize> {
+        self.give_back_unclaimed().inspect_err(|_| {
             self.drop_link();
+            self.waker.wake_by_ref();
         })
     }
 
@@ -1361,15 +1368,7 @@ impl QueueBackend for RabbitQueue {
         // The cancel's answer comes after the last of it; whatever came goes back to the
         // queue, for this foreman's next claim (which consumes again: the wake-up) or
         // another's (the conformance suite's `drained_only_once_every_due_task_was_claimed`).
-        let gave_back = self.give_back_unclaimed().inspect_err(|_| {
-            // What came and could not be given back must not stay unacknowledged on a
-            // connection that goes on (the foreman would leave later and return it then):
-            // closing the connection now returns it, and the next claim (woken now)
-            // connects again.
-            self.drop_link();
-            self.waker.wake_by_ref();
-        })?;
-        if gave_back > 0 {
+        if self.give_back_or_close()? > 0 {
             self.waker.wake_by_ref();
             return Ok(false);
         }
