@@ -320,7 +320,9 @@ impl RabbitQueue {
     }
 
     /// Connects and declares the queue, its dead queue and, for a consumer, the events
-    /// stream and the ladder (retries go through it).
+    /// stream. The ladder is declared by the first publish that goes through it (`publish`),
+    /// producer's or consumer's: declaring its 50 queues and exchanges on a new queue name
+    /// took 105 ms, which a foreman paid before its first task (BENCHMARKS.md).
     fn connect(&mut self) -> Result<()> {
         let mut broker = Broker::connect_alarmed(&self.url, Some(self.wake_tx.clone()))
             .map_err(|e| self.broken(e))?;
@@ -361,17 +363,12 @@ impl RabbitQueue {
             )
             .map_err(|e| self.broken(e))?;
         self.generation += 1;
-        let mut link = Link {
+        self.link = Some(Link {
             broker,
             deliveries: None,
             generation: self.generation,
             ladder_declared: false,
-        };
-        if self.prefetch.is_some() {
-            declare_ladder(&link.broker, &self.name).map_err(|e| self.broken(e))?;
-            link.ladder_declared = true;
-        }
-        self.link = Some(link);
+        });
         self.backoff.reset();
         Ok(())
     }
@@ -1377,19 +1374,38 @@ impl QueueBackend for RabbitQueue {
 
     fn counts(&mut self, _now: i64) -> Result<Counts> {
         let name = self.name.clone();
+        let consumer = self.prefetch.is_some();
         let link = self.link()?;
         let due = link
             .broker
             .declare_queue(&name, true, Default::default())
             .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+        // The ladder's rungs. A consumer declares the ladder (its connection may hold
+        // leases, which a closed channel would hand out again); `status` asks without
+        // declaring it (a count changes nothing on the broker): a ladder nobody has
+        // published through yet is missing, and the first missing rung closes the
+        // channel, so that connection, which holds nothing, goes.
+        if consumer && !link.ladder_declared {
+            declare_ladder(&link.broker, &name).map_err(Error::Runtime)?;
+            link.ladder_declared = true;
+        }
         let mut delayed = 0;
-        if link.ladder_declared {
-            for bit in 0..LEVELS {
-                delayed += link
-                    .broker
-                    .declare_queue(&format!("{name}.delay.{bit}"), true, Default::default())
-                    .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+        let mut missing = false;
+        for bit in 0..LEVELS {
+            match link.broker.declare_queue(
+                &format!("{name}.delay.{bit}"),
+                true,
+                Default::default(),
+            ) {
+                Ok(n) => delayed += n,
+                Err(_) => {
+                    missing = true;
+                    break;
+                }
             }
+        }
+        if missing {
+            self.drop_link();
         }
         Ok(Counts {
             due: i64::from(due),

@@ -114,6 +114,12 @@ fn enqueue_run_show_and_what_rabbitmq_cannot_do() {
     assert_eq!(queue.waiting(""), 1);
     let status = enqueuer.ok(&with(&queue, &["status"]));
     assert!(status.contains("tasks due: at least 1"), "{status}");
+    assert!(status.contains("tasks delayed: at least 0"), "{status}");
+    // A delayed task waits in the ladder, which its enqueue declared: status counts it.
+    enqueuer.ok(&with(&queue, &["enqueue", "noop", "--delay", "3600"]));
+    let status = enqueuer.ok(&with(&queue, &["status"]));
+    assert!(status.contains("tasks due: at least 1"), "{status}");
+    assert!(status.contains("tasks delayed: at least 1"), "{status}");
     let _foreman = start(&worker, &queue, &[]);
     assert!(wait_until(Duration::from_secs(10), || read_lines(&out) == ["hello"]));
     assert!(wait_until(
