@@ -199,6 +199,8 @@ struct Link {
     /// Which connection of this handle it is: a delivery is acknowledged only on the
     /// connection that brought it.
     generation: u64,
+    /// Whether this connection has declared the delay ladder: the first publish through
+    /// it does (`publish`), or a consumer's count.
     ladder_declared: bool,
 }
 
