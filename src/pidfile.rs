@@ -5,14 +5,20 @@
 //! a live foreman, with no race between two foremen starting at once. An unlocked file is
 //! left over; it is still refused if it names a live snapq process (one that holds no lock
 //! on it, e.g. started with another pid-file path), and otherwise replaced with a warning.
+//! A lock held while the file names no running foreman is waited for, briefly: the holder
+//! is a command the dead foreman was starting (`acquire`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+
+/// How long a pid file locked by no running foreman is waited for (see `acquire`).
+const LEFTOVER_HOLDER_WAIT: Duration = Duration::from_secs(2);
 
 /// A held pid file; dropping it removes the file and releases the lock.
 #[derive(Debug)]
@@ -49,17 +55,28 @@ impl PidFile {
                 ))
             })?;
         let mut content = String::new();
-        // SAFETY: flock(2) on a descriptor this function owns; no memory is passed.
-        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        let mut locked = try_lock(&file);
         let _ = file.read_to_string(&mut content);
         let recorded: Option<i32> = content.trim().parse().ok();
+        let me = std::process::id() as i32;
+        // Held, but not by the foreman the file names: a command that a foreman killed
+        // with -9 was starting holds the lock too (between its clone and its exec the child
+        // has the foreman's descriptors, src/spawn.rs) until its parent-death signal ends
+        // it or its exec closes the file, moments later. A restart right after the kill
+        // (systemd's, a test's) waits for that rather than report a foreman that is gone.
+        if !locked && recorded.is_none_or(|pid| pid != me && !is_snapq_foreman(pid)) {
+            let until = Instant::now() + LEFTOVER_HOLDER_WAIT;
+            while !locked && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+                locked = try_lock(&file);
+            }
+        }
         if !locked {
             return Err(Error::ForemanRunning {
                 pid: recorded.unwrap_or(0),
                 path: path.to_owned(),
             });
         }
-        let me = std::process::id() as i32;
         match recorded {
             Some(pid) if pid != me && is_snapq_foreman(pid) => {
                 return Err(Error::ForemanRunning {
@@ -101,6 +118,12 @@ impl Drop for PidFile {
             tracing::warn!(path = %self.path.display(), "could not remove the pid file: {e}");
         }
     }
+}
+
+/// Takes the exclusive lock on `file` if no other open file description holds it.
+fn try_lock(file: &File) -> bool {
+    // SAFETY: flock(2) on a descriptor the caller owns; no memory is passed.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 /// Whether a process with this pid exists (EPERM: it exists but is another user's).
