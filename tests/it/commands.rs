@@ -10,11 +10,6 @@ use serde_json::Value;
 
 use crate::support::{Home, wait_until};
 
-/// Writes `text` as HOME/tasks.toml, readable by all and writable by its owner only.
-fn tasks_file(home: &Home, text: &str) {
-    write_mode(&home.file("tasks.toml"), text, 0o644);
-}
-
 fn write_mode(path: &Path, text: &str, mode: u32) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -65,8 +60,7 @@ fn arguments_arrive_as_single_literal_arguments_with_env_and_cwd() {
          printf '%s|%s|%s|%s|%s\\n' \"$APP_ENV\" \"$SNAPQ_TASK_ID\" \"$SNAPQ_TASK_NAME\" \
          \"$SNAPQ_ATTEMPT\" \"$(pwd)\" >> \"$out\"\n",
     );
-    tasks_file(
-        &home,
+    home.tasks_file(
         &format!(
             "[tasks.args]\n\
              summary = \"prints its arguments\"\n\
@@ -148,8 +142,7 @@ fn arguments_arrive_as_single_literal_arguments_with_env_and_cwd() {
 #[test]
 fn exit_codes_signals_and_output_are_recorded() {
     let home = Home::new();
-    tasks_file(
-        &home,
+    home.tasks_file(
         "[tasks.exit3]\ncommand = [\"/bin/sh\", \"-c\", \"echo to stdout; echo to stderr >&2; exit 3\"]\n\
          [tasks.usr1]\ncommand = [\"/bin/sh\", \"-c\", \"kill -USR1 $$\"]\n\
          [tasks.missing]\ncommand = [\"/no/such/program\"]\n\
@@ -206,15 +199,12 @@ fn a_timed_out_command_and_its_grandchild_are_killed() {
     let home = Home::new();
     let pidfile = home.file("pids");
     // The shell ignores SIGTERM, so only the SIGKILL `kill_after` later ends it.
-    tasks_file(
-        &home,
-        &format!(
-            "[tasks.hang]\n\
+    home.tasks_file(&format!(
+        "[tasks.hang]\n\
              command = [\"/bin/sh\", \"-c\", \"trap '' TERM; sleep 100 & echo $! > {}; wait\"]\n\
              timeout = 1\nkill_after = 1\n",
-            pidfile.display()
-        ),
-    );
+        pidfile.display()
+    ));
     let id = home.enqueue(&["hang"]);
     let started = Instant::now();
     let burst = home.snapq(&["run", "--burst"]);
@@ -236,8 +226,7 @@ fn a_timed_out_command_and_its_grandchild_are_killed() {
 fn sigterm_past_the_graceful_deadline_stops_commands_and_records_them_abandoned() {
     let home = Home::new();
     let pidfile = home.file("pids");
-    tasks_file(
-        &home,
+    home.tasks_file(
         &format!(
             "[tasks.long]\n\
              command = [\"/bin/sh\", \"-c\", \"echo $$ >> {p}; sleep 100 & echo $! >> {p}; wait\"]\n\
@@ -275,13 +264,10 @@ fn sigterm_past_the_graceful_deadline_stops_commands_and_records_them_abandoned(
 fn kill_9_of_the_foreman_leaves_no_command_running() {
     let home = Home::new();
     let pidfile = home.file("pids");
-    tasks_file(
-        &home,
-        &format!(
-            "[tasks.long]\ncommand = [\"/bin/sh\", \"-c\", \"echo $$ > {}; exec sleep 100\"]\n",
-            pidfile.display()
-        ),
-    );
+    home.tasks_file(&format!(
+        "[tasks.long]\ncommand = [\"/bin/sh\", \"-c\", \"echo $$ > {}; exec sleep 100\"]\n",
+        pidfile.display()
+    ));
     let mut foreman = home.start(&[]);
     home.enqueue(&["long"]);
     let pid = pids(&pidfile, 1).remove(0);
@@ -296,8 +282,7 @@ fn kill_9_of_the_foreman_leaves_no_command_running() {
 #[test]
 fn a_flood_of_output_keeps_only_its_tail() {
     let home = Home::new();
-    tasks_file(
-        &home,
+    home.tasks_file(
         "[tasks.flood]\n\
          command = [\"/bin/sh\", \"-c\", \"head -c 1048576 /dev/zero | tr '\\\\0' a; echo END\"]\n\
          output_bytes = 1000\n",
@@ -325,13 +310,10 @@ fn a_flood_of_output_keeps_only_its_tail() {
 fn a_thousand_command_tasks_run_exactly_once_on_bounded_threads() {
     let home = Home::new();
     let out = home.file("ran.txt");
-    tasks_file(
-        &home,
-        &format!(
-            "[tasks.mark]\ncommand = [\"/bin/sh\", \"-c\", \"echo $SNAPQ_TASK_ID >> {}\"]\n",
-            out.display()
-        ),
-    );
+    home.tasks_file(&format!(
+        "[tasks.mark]\ncommand = [\"/bin/sh\", \"-c\", \"echo $SNAPQ_TASK_ID >> {}\"]\n",
+        out.display()
+    ));
     let workers = 4;
     let foreman = home.start(&["--workers", &workers.to_string()]);
     let lines = "{\"task\": \"mark\"}\n".repeat(1000);
@@ -381,7 +363,7 @@ fn a_tasks_file_others_can_write_or_that_is_malformed_is_refused() {
             "{args:?}: {stderr}"
         );
     }
-    tasks_file(&home, "[tasks.hi]\ncommand = [\"/bin/echo\", \"hi\"\n");
+    home.tasks_file("[tasks.hi]\ncommand = [\"/bin/echo\", \"hi\"\n");
     let out = home.snapq(&["enqueue", "hi"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
@@ -405,7 +387,7 @@ fn sighup_picks_up_a_new_task_and_keeps_the_old_ones_on_a_bad_file() {
             out.display()
         )
     };
-    tasks_file(&home, &task("one"));
+    home.tasks_file(&task("one"));
     let foreman = home.start(&[]);
     let ran = |expected: &str| {
         wait_until(Duration::from_secs(10), || {
@@ -416,7 +398,7 @@ fn sighup_picks_up_a_new_task_and_keeps_the_old_ones_on_a_bad_file() {
     assert!(ran("one\n"), "{}", foreman.log_text());
 
     let both = task("one") + &task("two");
-    tasks_file(&home, &both);
+    home.tasks_file(&both);
     foreman.signal(libc::SIGHUP);
     assert!(
         wait_until(Duration::from_secs(5), || foreman
@@ -428,7 +410,7 @@ fn sighup_picks_up_a_new_task_and_keeps_the_old_ones_on_a_bad_file() {
     assert!(ran("one\ntwo\n"), "{}", foreman.log_text());
 
     // A bad file: the foreman says so and keeps running `one` and `two`.
-    tasks_file(&home, "[tasks.three\n");
+    home.tasks_file("[tasks.three\n");
     foreman.signal(libc::SIGHUP);
     assert!(
         wait_until(Duration::from_secs(5), || foreman
@@ -457,7 +439,7 @@ fn the_readme_example_works_as_written() {
         .map(|(block, _)| block)
         .unwrap();
     let home = Home::new();
-    tasks_file(&home, toml);
+    home.tasks_file(toml);
     let listed = home.ok(&["tasks"]);
     assert!(
         listed.contains("compress") && listed.contains("\"level\"?: integer"),
@@ -486,8 +468,7 @@ fn the_readme_example_works_as_written() {
 #[test]
 fn output_lines_stream_to_the_live_view_as_progress() {
     let home = Home::new();
-    tasks_file(
-        &home,
+    home.tasks_file(
         "[tasks.talk]\n\
          command = [\"/bin/sh\", \"-c\", \"echo first; sleep 0.2; echo second >&2; sleep 0.2; echo third\"]\n",
     );

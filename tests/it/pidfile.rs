@@ -1,6 +1,5 @@
 //! Invariant 4: a live foreman's pid file refuses a second one; a stale one is replaced.
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use crate::support::Home;
@@ -69,13 +68,7 @@ fn no_pid_file_writes_none() {
 #[test]
 fn a_foreman_killed_while_it_starts_commands_restarts_at_once() {
     let home = Home::new();
-    let tasks = home.file("tasks.toml");
-    std::fs::write(
-        &tasks,
-        "[tasks.t]\ncommand = [\"/bin/sh\", \"-c\", \"true\"]\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&tasks, std::fs::Permissions::from_mode(0o644)).unwrap();
+    home.tasks_file("[tasks.t]\ncommand = [\"/bin/sh\", \"-c\", \"true\"]\n");
     home.enqueue_lines(&"{\"task\":\"t\"}\n".repeat(50_000));
     let mut foreman = home.start(&["--workers", "4"]);
     for _ in 0..40 {

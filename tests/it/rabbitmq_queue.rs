@@ -3,7 +3,6 @@
 //! real `kill -9`, SIGTERM and a connection closed by the broker.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -230,16 +229,12 @@ fn three_foremen_and_a_kill_9_lose_no_at_least_once_task() {
     let homes = [Home::new(), Home::new(), Home::new()];
     let out = homes[0].file("out.txt");
     for home in &homes {
-        let tasks = home.file("tasks.toml");
-        std::fs::write(
-            &tasks,
+        home.tasks_file(
             "[tasks.append_alo]\n\
              command = [\"/bin/sh\", \"-c\", \"echo \\\"$1\\\" >> \\\"$2\\\"\", \"sh\", \"{line}\", \"{path}\"]\n\
              params = { line = \"string\", path = \"string\" }\n\
              retries = 5\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&tasks, std::fs::Permissions::from_mode(0o644)).unwrap();
+        );
     }
     let total = 3_000;
     let lines: String = (0..total)
@@ -452,13 +447,7 @@ fn delays_run_within_a_second_of_due() {
 fn a_task_out_of_attempts_lands_in_the_dead_queue_and_retry_runs_it_again() {
     let queue = Queue::new("dead");
     let home = Home::new();
-    let tasks = home.file("tasks.toml");
-    std::fs::write(
-        &tasks,
-        "[tasks.doomed]\ncommand = [\"/bin/false\"]\nretries = 1\nbackoff = 0.5\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&tasks, std::fs::Permissions::from_mode(0o644)).unwrap();
+    home.tasks_file("[tasks.doomed]\ncommand = [\"/bin/false\"]\nretries = 1\nbackoff = 0.5\n");
     let _foreman = start(&home, &queue, &[]);
     let id: i64 = home
         .ok(&with(&queue, &["enqueue", "doomed"]))
@@ -475,7 +464,7 @@ fn a_task_out_of_attempts_lands_in_the_dead_queue_and_retry_runs_it_again() {
         // The foreman writes the record once the broker has confirmed the dead queue's
         // copy and taken the ack (src/backend/rabbitmq.rs, `settle_leases`): it may trail
         // the count by a moment (a CI run read `running` here once).
-        let mut record = show(&home, id);
+        let mut record = Value::Null;
         wait_until(Duration::from_secs(5), || {
             record = show(&home, id);
             record["state"] != "running"

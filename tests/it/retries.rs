@@ -12,12 +12,6 @@ use serde_json::Value;
 
 use crate::support::{Home, read_lines, wait_until};
 
-fn tasks_file(home: &Home, text: &str) {
-    let path = home.file("tasks.toml");
-    std::fs::write(&path, text).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-}
-
 /// An executable script that appends "<attempt> <unix time>" to `runs`, then fails with
 /// exit 3 until the run numbered `succeed_on` (never, if 0).
 fn flaky_script(home: &Home, runs: &Path, succeed_on: usize) -> String {
@@ -63,12 +57,9 @@ fn a_command_that_fails_twice_then_succeeds_runs_three_times_with_growing_gaps()
     let home = Home::new();
     let runs_file = home.file("runs.txt");
     let flaky = flaky_script(&home, &runs_file, 3);
-    tasks_file(
-        &home,
-        &format!(
-            "[tasks.flaky]\ncommand = [\"{flaky}\"]\nretries = 4\nbackoff = 0.5\nbackoff_max = 60\n"
-        ),
-    );
+    home.tasks_file(&format!(
+        "[tasks.flaky]\ncommand = [\"{flaky}\"]\nretries = 4\nbackoff = 0.5\nbackoff_max = 60\n"
+    ));
     let _foreman = home.start(&[]);
     let id = home.enqueue(&["flaky"]);
     assert!(
@@ -102,10 +93,9 @@ fn a_task_that_always_fails_is_dead_after_its_retries_and_retry_runs_it_again() 
     let home = Home::new();
     let runs_file = home.file("runs.txt");
     let flaky = flaky_script(&home, &runs_file, 0);
-    tasks_file(
-        &home,
-        &format!("[tasks.doomed]\ncommand = [\"{flaky}\"]\nretries = 2\nbackoff = 1\n"),
-    );
+    home.tasks_file(&format!(
+        "[tasks.doomed]\ncommand = [\"{flaky}\"]\nretries = 2\nbackoff = 1\n"
+    ));
     let foreman = home.start(&[]);
     let id = home.enqueue(&["doomed"]);
 
@@ -214,8 +204,7 @@ fn running_ids(home: &Home) -> HashSet<i64> {
 fn kill_9_during_an_at_least_once_drain_loses_nothing_and_repeats_only_running_tasks() {
     let home = Home::new();
     let out = home.file("out.txt");
-    tasks_file(
-        &home,
+    home.tasks_file(
         "[tasks.append_alo]\n\
          command = [\"/bin/sh\", \"-c\", \"echo \\\"$1\\\" >> \\\"$2\\\"\", \"sh\", \"{line}\", \"{path}\"]\n\
          params = { line = \"string\", path = \"string\" }\n\
@@ -310,8 +299,7 @@ fn kill_9_during_an_at_least_once_drain_loses_nothing_and_repeats_only_running_t
 fn a_lease_of_a_live_foreman_is_not_rescued_by_another_foreman() {
     let home = Home::new();
     let runs_file = home.file("runs.txt");
-    tasks_file(
-        &home,
+    home.tasks_file(
         &format!(
             "[tasks.long]\ncommand = [\"/bin/sh\", \"-c\", \"echo $$ >> '{}'; sleep 20\"]\nretries = 3\n",
             runs_file.display()

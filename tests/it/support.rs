@@ -33,6 +33,15 @@ impl Home {
         self.dir.path().join(name)
     }
 
+    /// Writes `text` as HOME/tasks.toml, readable by all and writable by its owner only
+    /// (snapq refuses a tasks file others can write).
+    pub fn tasks_file(&self, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.file("tasks.toml");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.file("snapq.sqlite3")
     }
