@@ -378,6 +378,14 @@ pub fn run_with_sink(
         telemetry.as_ref().map(|t| Arc::clone(t.telemetry())),
         live.as_ref().map(Live::publisher),
     )?;
+    // While a claim waits for a broker's answer, workers polling for its jobs only take
+    // the CPU from the broker and lapin's threads: one polls, the others sleep
+    // (src/pool.rs). A SQLite claim comes back in microseconds: every idle worker polls.
+    pool.set_pollers(if queue.capabilities().claims_wait_for_round_trip {
+        1
+    } else {
+        config.workers
+    });
     tracing::info!(
         pid,
         workers = config.workers,
@@ -634,7 +642,10 @@ impl Foreman<'_> {
                 self.prune_records();
             }
             self.notifier.watchdog();
-            match self.next_event(self.deadline()) {
+            // Jobs queued behind a running one that seemed tiny get a worker (src/pool.rs).
+            let attend = self.pool.as_ref().and_then(Pool::attend);
+            let deadline = attend.map_or(self.deadline(), |t| t.min(self.deadline()));
+            match self.next_event(deadline) {
                 LoopEvent::Wake => {
                     self.maybe_due = true;
                     self.rounds.poke();

@@ -5,14 +5,27 @@
 //! under a `Slot` guard whose `Drop` reports the outcome back to the foreman: a panic
 //! never leaks a slot (invariant 7).
 //! Workers never touch the queue (invariant 8): they get rows already claimed.
+//!
+//! Idle workers do not wait on the job channel itself: a receiver blocked there is woken
+//! by every send, and waking a sleeping thread costs tens of µs on these VMs. Up to
+//! `Pool::set_pollers` idle workers poll the channel while the foreman has a backlog; the
+//! others sleep until a wake token (`Idle`) comes. A job sent while fewer poll wakes a
+//! sleeper; a worker that takes a job and sees more queued wakes one more, so a queued job
+//! does not wait for a running one while a worker sleeps. Except while jobs take less than
+//! `TINY_JOB` lately (a drain of noops): then the worker runs the queued ones itself, one
+//! after the other, which costs less than waking a helper; should its job run long after
+//! all, the foreman's loop wakes a sleeper once jobs have sat queued for
+//! `Pool::QUEUED_GRACE` (`Pool::attend`). The foreman lets every idle worker poll on
+//! SQLite, whose claims come back in microseconds, and one on a broker, whose claims wait
+//! for a round trip during which pollers would only take the CPU the broker needs.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded};
 use serde_json::Value;
 
 use crate::clock::now_micros;
@@ -114,11 +127,16 @@ pub(crate) struct Pool {
 }
 
 /// How long an idle worker polls (yielding the CPU) for its next job while the foreman has
-/// a backlog, before it sleeps on the channel. Waking a sleeping thread costs tens of µs on
+/// a backlog, before it sleeps. Waking a sleeping thread costs tens of µs on
 /// these VMs; polling for the next claim instead took the 4-worker drain of noops from
 /// ~55k to ~65k tasks/s with `normal`, and from ~11k to ~16k with `full` (BENCHMARKS.md;
 /// 100 µs gave the lower figures).
 const WORKER_SPIN: Duration = Duration::from_millis(1);
+
+/// Jobs shorter than this lately (a moving average) are run back to back by the worker
+/// that finds them queued: about what waking a sleeping worker costs on these VMs. A
+/// helper woken for each batch of noops took the SQLite drain from 85k to 55k tasks/s.
+const TINY_JOB: Duration = Duration::from_micros(50);
 
 impl Pool {
     /// Starts `workers` threads named `snapq-worker-N`; each reports finished tasks on
@@ -143,6 +161,7 @@ impl Pool {
             live,
             stop: Arc::new(AtomicBool::new(false)),
             commands_running: AtomicUsize::new(0),
+            idle: Idle::new(workers),
         });
         for n in 0..workers {
             let jobs = jobs_rx.clone();
@@ -188,6 +207,34 @@ impl Pool {
         self.shared.stop.store(true, Ordering::Relaxed);
     }
 
+    /// How long jobs may sit queued with nobody taking them before `attend` wakes a
+    /// sleeping worker for them.
+    pub const QUEUED_GRACE: Duration = Duration::from_millis(1);
+
+    /// Wakes a sleeping worker for jobs queued behind a running one for `QUEUED_GRACE`
+    /// (one that seemed tiny and runs long). Returns when to call it again while jobs
+    /// are queued, None if none are.
+    pub fn attend(&self) -> Option<Instant> {
+        let jobs = self.jobs.as_ref()?;
+        if jobs.is_empty() {
+            return None;
+        }
+        let taken = self.shared.idle.last_take.load(Ordering::Relaxed);
+        let grace = Self::QUEUED_GRACE.as_micros() as i64;
+        if now_micros().saturating_sub(taken) >= grace {
+            self.shared.idle.wake_one();
+        }
+        Some(Instant::now() + Self::QUEUED_GRACE)
+    }
+
+    /// How many idle workers may poll for jobs at once.
+    pub fn set_pollers(&self, most: usize) {
+        self.shared
+            .idle
+            .most_polling
+            .store(most.max(1), Ordering::Relaxed);
+    }
+
     /// Tells idle workers whether a next job is likely to come soon (`WORKER_SPIN`).
     pub fn set_backlog(&self, backlog: bool) {
         self.backlog.store(backlog, Ordering::Relaxed);
@@ -203,12 +250,18 @@ impl Pool {
             Error::Runtime(format!(
                 "no free worker although a slot was counted free: {e}"
             ))
-        })
+        })?;
+        // Pairs with the fence a poller passes before its last look (`next_job`): either it
+        // sees this job or this sees it gone and wakes a sleeper.
+        fence(Ordering::SeqCst);
+        self.shared.idle.wake_one();
+        Ok(())
     }
 
     /// Closes the job channel and joins every worker. Call it only when no task runs.
     pub fn join(mut self) {
         self.jobs = None;
+        self.shared.idle.wake_all();
         for handle in self.handles.drain(..) {
             let _ = handle.join();
         }
@@ -241,6 +294,67 @@ struct Shared {
     /// Command tasks running now: counted up and down by the workers around each one,
     /// read by the foreman when it stops. Relaxed: a count, no data hangs on it.
     commands_running: AtomicUsize,
+    idle: Idle,
+}
+
+/// How idle workers wait for their next job (the module's comment).
+struct Idle {
+    /// Idle workers polling the job channel, plus wake tokens sent with `true` and not yet
+    /// taken (a token passes its count to the worker that takes it): at most
+    /// `most_polling`. Changed
+    /// with compare-exchange or fetch-sub, SeqCst: with the fences in `Pool::submit` and
+    /// `next_job` it makes sure a job sent as the last poller leaves is either seen by it
+    /// or wakes a sleeper.
+    polling: AtomicUsize,
+    /// Wake tokens to sleeping workers: `true` to poll (counted in `polling`), `false` to
+    /// look once (the pool is closing). Capacity: one a worker, beside the one counted.
+    tokens_tx: Sender<bool>,
+    tokens_rx: Receiver<bool>,
+    /// When a worker last took a job (Unix µs), for `Pool::attend`; and how long jobs take
+    /// lately (µs, a moving average of about the last eight), for `TINY_JOB`. Hints that
+    /// guard no data: Relaxed.
+    last_take: AtomicI64,
+    typical_us: AtomicU64,
+    /// How many idle workers may poll at once (`Pool::set_pollers`); a hint: Relaxed.
+    most_polling: AtomicUsize,
+}
+
+impl Idle {
+    fn new(workers: usize) -> Idle {
+        let (tokens_tx, tokens_rx) = bounded(workers + 1);
+        Idle {
+            polling: AtomicUsize::new(0),
+            tokens_tx,
+            tokens_rx,
+            last_take: AtomicI64::new(0),
+            most_polling: AtomicUsize::new(workers),
+            // Not tiny until jobs show it: a pool that starts with long jobs wakes helpers.
+            typical_us: AtomicU64::new(8 * TINY_JOB.as_micros() as u64),
+        }
+    }
+
+    /// Wakes a sleeping worker to poll for jobs, unless `most_polling` workers poll or are
+    /// woken to already.
+    fn wake_one(&self) {
+        let most = self.most_polling.load(Ordering::Relaxed);
+        if self
+            .polling
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < most).then_some(n + 1)
+            })
+            .is_ok()
+            && self.tokens_tx.try_send(true).is_err()
+        {
+            // Unreachable with the capacity above; give the count back rather than leave
+            // nobody polling while the count says somebody does.
+            self.polling.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Wakes every sleeping worker once (the job channel is closed: they leave).
+    fn wake_all(&self) {
+        while self.tokens_tx.try_send(false).is_ok() {}
+    }
 }
 
 /// The registry the workers run tasks from, with its telemetry labels.
@@ -307,22 +421,74 @@ impl Timing {
     }
 }
 
-/// The next job: polled for (yielding the CPU) while there is a backlog, then waited for.
-fn next_job(jobs: &Receiver<Job>, backlog: &AtomicBool) -> Option<Job> {
-    let until = Instant::now() + WORKER_SPIN;
-    while backlog.load(Ordering::Relaxed) && Instant::now() < until {
-        if let Ok(task) = jobs.try_recv() {
-            return Some(task);
+/// The next job, or None once the pool is closed: taken if one waits; else polled for
+/// (yielding the CPU) while the foreman has a backlog, by one worker at a time; else slept
+/// for until a wake token comes (`Idle`). `polling` says whether this worker is counted in
+/// `Idle::polling`.
+fn next_job(jobs: &Receiver<Job>, shared: &Shared, polling: &mut bool) -> Option<Job> {
+    let idle = &shared.idle;
+    let backlog = || shared.backlog.load(Ordering::Relaxed);
+    loop {
+        let most = idle.most_polling.load(Ordering::Relaxed);
+        if !*polling
+            && backlog()
+            && idle
+                .polling
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < most).then_some(n + 1)
+                })
+                .is_ok()
+        {
+            *polling = true;
         }
-        std::thread::yield_now();
+        if *polling {
+            let until = Instant::now() + WORKER_SPIN;
+            loop {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        idle.polling.fetch_sub(1, Ordering::SeqCst);
+                        *polling = false;
+                        return Some(job);
+                    }
+                    Err(TryRecvError::Disconnected) => return None,
+                    Err(TryRecvError::Empty) => {}
+                }
+                if !backlog() || Instant::now() >= until {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            idle.polling.fetch_sub(1, Ordering::SeqCst);
+            *polling = false;
+        }
+        // The last look before sleeping: pairs with the fence in `Pool::submit`.
+        fence(Ordering::SeqCst);
+        match jobs.try_recv() {
+            Ok(job) => return Some(job),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) => {}
+        }
+        match idle.tokens_rx.recv() {
+            Ok(to_poll) => *polling = to_poll,
+            Err(_) => return None,
+        }
     }
-    jobs.recv().ok()
 }
 
 /// One job path: a task or a monitor round runs under a `Slot` guard, whose drop reports
 /// it to the foreman however it ends, unwinding included.
 fn work(jobs: &Receiver<Job>, shared: &Shared) {
-    while let Some(job) = next_job(jobs, &shared.backlog) {
+    let idle = &shared.idle;
+    let mut polling = false;
+    while let Some(job) = next_job(jobs, shared, &mut polling) {
+        idle.last_take.store(now_micros(), Ordering::Relaxed);
+        // More queued behind this one and nobody polling: a sleeper takes them, rather
+        // than wait for this job to end, unless jobs are tiny lately (`TINY_JOB`).
+        let typical = idle.typical_us.load(Ordering::Relaxed);
+        if !jobs.is_empty() && typical >= TINY_JOB.as_micros() as u64 {
+            idle.wake_one();
+        }
+        let began = Instant::now();
         let key = match &job {
             Job::Task(task) => JobKey::Task(task.id),
             Job::Round(round) => JobKey::Round(round.name.clone(), round.version),
@@ -343,6 +509,10 @@ fn work(jobs: &Receiver<Job>, shared: &Shared) {
             Job::Task(task) => run_one(&task, shared, &mut slot),
             Job::Round(round) => run_round(round, shared),
         };
+        let took = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let typical = idle.typical_us.load(Ordering::Relaxed);
+        idle.typical_us
+            .store(typical / 8 * 7 + took / 8, Ordering::Relaxed);
     }
 }
 
@@ -675,6 +845,134 @@ impl Slot<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn job(id: i64, task: &str, args: &str) -> Job {
+        Job::Task(Claimed {
+            id,
+            task_name: task.into(),
+            args: args.into(),
+            kwargs: "{}".into(),
+            created_at: now_micros(),
+            due: now_micros(),
+            attempt: 1,
+            unreadable: None,
+        })
+    }
+
+    fn pool(workers: usize) -> (Pool, Receiver<Done>) {
+        let (done_tx, done_rx) = bounded(workers);
+        let pool = Pool::start(
+            workers,
+            Arc::new(Registry::with_builtins()),
+            done_tx,
+            None,
+            None,
+        )
+        .unwrap();
+        (pool, done_rx)
+    }
+
+    #[test]
+    fn jobs_sent_together_run_side_by_side_whether_workers_poll_or_sleep() {
+        for (backlog, pollers) in [(false, 4), (true, 1), (true, 4)] {
+            let (pool, done) = pool(4);
+            pool.set_backlog(backlog);
+            pool.set_pollers(pollers);
+            // Let the workers settle: asleep, or one of them polling.
+            std::thread::sleep(Duration::from_millis(20));
+            let started = Instant::now();
+            for id in 0..4 {
+                pool.submit(job(id, "sleep", "[0.3]")).unwrap();
+            }
+            for _ in 0..4 {
+                let d = done.recv_timeout(Duration::from_secs(5)).unwrap();
+                assert_eq!(d.outcome, Outcome::Succeeded);
+            }
+            // One after another would take 1.2 s: each queued job woke a sleeper.
+            let took = started.elapsed();
+            assert!(
+                took < Duration::from_millis(900),
+                "4 jobs of 0.3 s took {took:?} (backlog {backlog}, {pollers} polling)"
+            );
+            pool.join();
+        }
+    }
+
+    #[test]
+    fn a_job_sent_as_the_poller_gives_up_is_never_left_waiting() {
+        // Jobs sent at moments around the end of the polling window (WORKER_SPIN), when
+        // the last poller leaves for sleep: each must be taken at once, not at the next job.
+        let (pool, done) = pool(2);
+        pool.set_backlog(true);
+        pool.set_pollers(1);
+        for round in 0..300u64 {
+            let pause = WORKER_SPIN + Duration::from_micros((round * 37) % 400);
+            std::thread::sleep(if round % 3 == 0 {
+                Duration::ZERO
+            } else {
+                pause
+            });
+            pool.submit(job(round as i64, "noop", "[]")).unwrap();
+            let d = done
+                .recv_timeout(Duration::from_secs(2))
+                .expect("a job sent to idle workers was not taken");
+            assert_eq!(d.key, JobKey::Task(round as i64));
+        }
+        pool.join();
+    }
+
+    #[test]
+    fn jobs_queued_behind_a_long_one_after_tiny_ones_get_a_worker_from_attend() {
+        let (pool, done) = pool(4);
+        pool.set_backlog(true);
+        pool.set_pollers(1);
+        // Tiny jobs lately: a worker that finds more queued runs them itself.
+        for id in 0..200 {
+            pool.submit(job(id, "noop", "[]")).unwrap();
+            done.recv_timeout(Duration::from_secs(2)).unwrap();
+        }
+        let started = Instant::now();
+        pool.submit(job(1_000, "sleep", "[0.5]")).unwrap();
+        for id in 1_001..1_004 {
+            pool.submit(job(id, "noop", "[]")).unwrap();
+        }
+        // What the foreman's loop does each turn while jobs are queued.
+        let mut ended = Vec::new();
+        while ended.len() < 3 {
+            let next = pool
+                .attend()
+                .unwrap_or_else(|| Instant::now() + Pool::QUEUED_GRACE);
+            if let Ok(d) = done.recv_deadline(next) {
+                ended.push((d.key, started.elapsed()));
+            }
+        }
+        for (key, at) in &ended {
+            assert_ne!(key, &JobKey::Task(1_000), "the long job ended first");
+            assert!(
+                *at < Duration::from_millis(250),
+                "{key:?} waited {at:?} behind the 0.5 s job"
+            );
+        }
+        done.recv_timeout(Duration::from_secs(2)).unwrap();
+        pool.join();
+    }
+
+    #[test]
+    fn join_ends_workers_asleep_and_polling() {
+        for backlog in [false, true] {
+            let (pool, done) = pool(3);
+            pool.set_backlog(backlog);
+            pool.submit(job(1, "noop", "[]")).unwrap();
+            done.recv_timeout(Duration::from_secs(2)).unwrap();
+            let (tx, rx) = bounded(1);
+            std::thread::spawn(move || {
+                pool.join();
+                let _ = tx.send(());
+            });
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("join did not return");
+        }
+    }
 
     #[test]
     fn signals_are_named_as_spec_has_them() {

@@ -51,6 +51,8 @@ pub struct Capabilities {
     /// Whether claims come in due order (then id). A broker's consumers take what it
     /// hands out, about first in, first out.
     pub due_order: bool,
+    /// Whether each claim waits for an answer over the network (a broker's round trip).
+    pub claims_wait_for_round_trip: bool,
 }
 
 /// A claimed task: the foreman runs it, then settles it (`QueueBackend::settle`) or, if

@@ -1075,6 +1075,7 @@ impl QueueBackend for RabbitQueue {
             priorities: false,
             due_order: false,
             shows_queued: false,
+            claims_wait_for_round_trip: true,
         }
     }
 

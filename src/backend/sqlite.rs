@@ -99,6 +99,7 @@ impl QueueBackend for SqliteQueue {
             priorities: false,
             due_order: true,
             shows_queued: true,
+            claims_wait_for_round_trip: false,
         }
     }
 
