@@ -22,7 +22,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::verdict;
+use common::{run_ok, verdict};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -206,18 +206,11 @@ fn enqueue_figures(scratch: &Path) {
     let file = home.join("bulk.jsonl");
     std::fs::write(&file, "{\"task\":\"noop\"}\n".repeat(BULK)).unwrap();
     let run = |home: &Path, args: &[&str]| {
-        let started = Instant::now();
-        let out = Command::new(BIN)
-            .args(["--home", home.to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        started.elapsed()
+        run_ok(
+            Command::new(BIN)
+                .args(["--home", home.to_str().unwrap()])
+                .args(args),
+        )
     };
     for (sync, name) in [(Synchronous::Normal, "normal"), (Synchronous::Full, "full")] {
         let mut times: Vec<Duration> = (0..3)

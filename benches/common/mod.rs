@@ -15,3 +15,16 @@ pub fn verdict(value: f64, target: f64, higher_is_better: bool, unit: &str) -> S
         format!("[target {sign} {target} {unit}: MISSED by {gap:.0}%]")
     }
 }
+
+/// Runs `cmd` to its end, asserting it succeeded (its stderr in the message); how long it
+/// took.
+pub fn run_ok(cmd: &mut std::process::Command) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    started.elapsed()
+}
