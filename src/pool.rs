@@ -301,10 +301,9 @@ struct Shared {
 struct Idle {
     /// Idle workers polling the job channel, plus wake tokens sent with `true` and not yet
     /// taken (a token passes its count to the worker that takes it): at most
-    /// `most_polling`. Changed
-    /// with compare-exchange or fetch-sub, SeqCst: with the fences in `Pool::submit` and
-    /// `next_job` it makes sure a job sent as the last poller leaves is either seen by it
-    /// or wakes a sleeper.
+    /// `most_polling`. Changed with fetch-update or fetch-sub, SeqCst: with the fences in
+    /// `Pool::submit` and `next_job` it makes sure a job sent as the last poller leaves is
+    /// either seen by it or wakes a sleeper.
     polling: AtomicUsize,
     /// Wake tokens to sleeping workers: `true` to poll (counted in `polling`), `false` to
     /// look once (the pool is closing). Capacity: one a worker, beside the one counted.
@@ -422,7 +421,7 @@ impl Timing {
 }
 
 /// The next job, or None once the pool is closed: taken if one waits; else polled for
-/// (yielding the CPU) while the foreman has a backlog, by one worker at a time; else slept
+/// (yielding the CPU) while the foreman has a backlog, by `most_polling` workers at most; else slept
 /// for until a wake token comes (`Idle`). `polling` says whether this worker is counted in
 /// `Idle::polling`.
 fn next_job(jobs: &Receiver<Job>, shared: &Shared, polling: &mut bool) -> Option<Job> {
@@ -482,8 +481,9 @@ fn work(jobs: &Receiver<Job>, shared: &Shared) {
     let mut polling = false;
     while let Some(job) = next_job(jobs, shared, &mut polling) {
         idle.last_take.store(now_micros(), Ordering::Relaxed);
-        // More queued behind this one and nobody polling: a sleeper takes them, rather
-        // than wait for this job to end, unless jobs are tiny lately (`TINY_JOB`).
+        // More queued behind this one: a sleeper takes them (if fewer than the allowed
+        // pollers poll), rather than wait for this job to end, unless jobs are tiny
+        // lately (`TINY_JOB`).
         let typical = idle.typical_us.load(Ordering::Relaxed);
         if !jobs.is_empty() && typical >= TINY_JOB.as_micros() as u64 {
             idle.wake_one();
