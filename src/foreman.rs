@@ -1389,6 +1389,11 @@ impl Foreman<'_> {
             if let Some(watchdog) = self.notifier.next_watchdog() {
                 wake = wake.min(watchdog);
             }
+            // Claimed jobs still queued behind a long one get a worker here too: a job
+            // that never starts before the deadline would be a task lost (invariant 2).
+            if let Some(attend) = self.pool.as_ref().and_then(Pool::attend) {
+                wake = wake.min(attend);
+            }
             let wait = wake.saturating_duration_since(now);
             select! {
                 recv(self.done_rx) -> done => match done {
