@@ -643,8 +643,10 @@ impl Foreman<'_> {
             }
             self.notifier.watchdog();
             // Jobs queued behind a running one that seemed tiny get a worker (src/pool.rs).
-            let attend = self.pool.as_ref().and_then(Pool::attend);
-            let deadline = attend.map_or(self.deadline(), |t| t.min(self.deadline()));
+            let mut deadline = self.deadline();
+            if let Some(attend) = self.pool.as_ref().and_then(Pool::attend) {
+                deadline = deadline.min(attend);
+            }
             match self.next_event(deadline) {
                 LoopEvent::Wake => {
                     self.maybe_due = true;

@@ -19,8 +19,9 @@
 //! SQLite, whose claims come back in microseconds, and one on a broker, whose claims wait
 //! for a round trip during which pollers would only take the CPU the broker needs.
 
+use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -124,6 +125,9 @@ pub(crate) struct Pool {
     /// poll for their next job; a hint, so Relaxed.
     backlog: Arc<AtomicBool>,
     shared: Arc<Shared>,
+    /// When the foreman last sent a job (`attend` measures the grace from it). The
+    /// foreman's thread alone owns the pool: a Cell.
+    last_submit: Cell<Instant>,
 }
 
 /// How long an idle worker polls (yielding the CPU) for its next job while the foreman has
@@ -177,6 +181,7 @@ impl Pool {
             handles,
             backlog,
             shared,
+            last_submit: Cell::new(Instant::now()),
         })
     }
 
@@ -211,17 +216,15 @@ impl Pool {
     /// sleeping worker for them.
     pub const QUEUED_GRACE: Duration = Duration::from_millis(1);
 
-    /// Wakes a sleeping worker for jobs queued behind a running one for `QUEUED_GRACE`
-    /// (one that seemed tiny and runs long). Returns when to call it again while jobs
-    /// are queued, None if none are.
+    /// Wakes a sleeping worker for jobs still queued `QUEUED_GRACE` after the last was
+    /// sent (queued behind a running one that seemed tiny and runs long). Returns when to
+    /// call it again while jobs are queued, None if none are.
     pub fn attend(&self) -> Option<Instant> {
         let jobs = self.jobs.as_ref()?;
         if jobs.is_empty() {
             return None;
         }
-        let taken = self.shared.idle.last_take.load(Ordering::Relaxed);
-        let grace = Self::QUEUED_GRACE.as_micros() as i64;
-        if now_micros().saturating_sub(taken) >= grace {
+        if self.last_submit.get().elapsed() >= Self::QUEUED_GRACE {
             self.shared.idle.wake_one();
         }
         Some(Instant::now() + Self::QUEUED_GRACE)
@@ -251,6 +254,7 @@ impl Pool {
                 "no free worker although a slot was counted free: {e}"
             ))
         })?;
+        self.last_submit.set(Instant::now());
         // Pairs with the fence a poller passes before its last look (`next_job`): either it
         // sees this job or this sees it gone and wakes a sleeper.
         fence(Ordering::SeqCst);
@@ -309,10 +313,8 @@ struct Idle {
     /// look once (the pool is closing). Capacity: one a worker, beside the one counted.
     tokens_tx: Sender<bool>,
     tokens_rx: Receiver<bool>,
-    /// When a worker last took a job (Unix µs), for `Pool::attend`; and how long jobs take
-    /// lately (µs, a moving average of about the last eight), for `TINY_JOB`. Hints that
-    /// guard no data: Relaxed.
-    last_take: AtomicI64,
+    /// How long jobs take lately (µs, a moving average of about the last eight, tasks and
+    /// monitor rounds alike), for `TINY_JOB`. A hint that guards no data: Relaxed.
     typical_us: AtomicU64,
     /// How many idle workers may poll at once (`Pool::set_pollers`); a hint: Relaxed.
     most_polling: AtomicUsize,
@@ -325,7 +327,6 @@ impl Idle {
             polling: AtomicUsize::new(0),
             tokens_tx,
             tokens_rx,
-            last_take: AtomicI64::new(0),
             most_polling: AtomicUsize::new(workers),
             // Not tiny until jobs show it: a pool that starts with long jobs wakes helpers.
             typical_us: AtomicU64::new(8 * TINY_JOB.as_micros() as u64),
@@ -344,8 +345,8 @@ impl Idle {
             .is_ok()
             && self.tokens_tx.try_send(true).is_err()
         {
-            // Unreachable with the capacity above; give the count back rather than leave
-            // nobody polling while the count says somebody does.
+            // Only once `wake_all` has filled the channel (the pool is closing): give the
+            // count back rather than leave it saying somebody polls.
             self.polling.fetch_sub(1, Ordering::SeqCst);
         }
     }
@@ -480,7 +481,6 @@ fn work(jobs: &Receiver<Job>, shared: &Shared) {
     let idle = &shared.idle;
     let mut polling = false;
     while let Some(job) = next_job(jobs, shared, &mut polling) {
-        idle.last_take.store(now_micros(), Ordering::Relaxed);
         // More queued behind this one: a sleeper takes them (if fewer than the allowed
         // pollers poll), rather than wait for this job to end, unless jobs are tiny
         // lately (`TINY_JOB`).
