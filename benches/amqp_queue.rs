@@ -137,15 +137,10 @@ fn main() {
         median(results.iter().filter_map(f).collect()).unwrap_or(f64::NAN)
     };
     println!("\nmedians of {rounds} rounds:");
+    let enqueue = median(enqueue_rates).unwrap_or(0.0);
     println!(
-        "bulk enqueue through `snapq enqueue --file` (whole process, all confirmed): {:.0} tasks/s  {}",
-        median(enqueue_rates.clone()).unwrap_or(0.0),
-        verdict(
-            median(enqueue_rates).unwrap_or(0.0),
-            20_000.0,
-            true,
-            "tasks/s"
-        )
+        "bulk enqueue through `snapq enqueue --file` (whole process, all confirmed): {enqueue:.0} tasks/s  {}",
+        verdict(enqueue, 20_000.0, true, "tasks/s")
     );
     println!(
         "bare consumer (lapin, the foreman's prefetch of {}, an ack per delivery, from its \
