@@ -483,6 +483,77 @@ fn a_task_out_of_attempts_lands_in_the_dead_queue_and_retry_runs_it_again() {
     dead_after(2, 3);
 }
 
+/// A task that kills every foreman that runs it (an at-least-once command that sends
+/// SIGKILL to its parent, the foreman) comes back each time the broker sees that foreman's
+/// connection die. Once the broker has handed it out `DELIVERY_LIMIT` times it moves it to
+/// the dead queue (README, "Several machines"), and a foreman runs the next task as usual.
+/// (Tasks a killed foreman held unstarted are counted too: README says so; this queue
+/// holds the poison task alone.)
+#[test]
+fn a_task_that_kills_every_foreman_lands_in_the_dead_queue() {
+    use std::os::unix::process::ExitStatusExt;
+    let queue = Queue::new("poison");
+    let home = Home::new();
+    let out = home.file("out.txt");
+    home.tasks_file(
+        "[tasks.poison]\ncommand = [\"/bin/sh\", \"-c\", \"kill -9 $PPID\"]\nretries = 2\n",
+    );
+    home.ok(&with(&queue, &["enqueue", "poison"]));
+    let limit = snapq::backend::rabbitmq::DELIVERY_LIMIT as usize;
+    let mut killed = 0;
+    while queue.waiting(".dead") == 0 {
+        assert!(
+            killed <= limit + 1,
+            "still not in the dead queue after {killed} foremen were killed"
+        );
+        let mut cmd = home.cmd();
+        cmd.args(with(
+            &queue,
+            &["run", "--workers", "1", "--log-format", "json"],
+        ));
+        let mut foreman = crate::support::Foreman::spawn_unready(cmd);
+        let status = foreman
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("the foreman was not killed:\n{}", foreman.log_text()));
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "{}",
+            foreman.log_text()
+        );
+        // Each foreman after the first names the task its predecessor died running.
+        assert!(
+            killed == 0
+                || foreman
+                    .events("task abandoned here: it was running when its foreman ended; it has retries, and the broker hands it out again")
+                    .iter()
+                    .any(|e| e["task"] == "poison"),
+            "{}",
+            foreman.log_text()
+        );
+        killed += 1;
+    }
+    assert!(
+        killed >= limit,
+        "dead-lettered after only {killed} deliveries"
+    );
+    assert_eq!((queue.waiting(""), queue.waiting(".dead")), (0, 1));
+    let mut foreman = start(&home, &queue, &["--workers", "1"]);
+    let kwargs = format!(
+        "{{\"path\": {:?}, \"line\": \"after\"}}",
+        out.to_str().unwrap()
+    );
+    home.ok(&with(&queue, &["enqueue", "append", "--kwargs", &kwargs]));
+    assert!(
+        wait_until(Duration::from_secs(20), || read_lines(&out).len() == 1),
+        "{}",
+        foreman.log_text()
+    );
+    foreman.stop();
+    assert_eq!(read_lines(&out), ["after"]);
+    assert_eq!((queue.waiting(""), queue.waiting(".dead")), (0, 1));
+}
+
 /// The local port of `pid`'s connection to the broker, from `ss`.
 fn broker_connection_of(pid: u32) -> Option<String> {
     let out = std::process::Command::new("ss")
