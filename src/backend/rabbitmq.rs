@@ -22,7 +22,9 @@
 //! failure publishes its next attempt into the ladder (confirmed), then acks; its last
 //! failure publishes it to `N.dead`. A foreman that dies, or loses its connection, leaves
 //! its leases to the broker, which hands them out again: a redelivered message counts as
-//! its next attempt.
+//! its next attempt. Such a redelivered at-least-once task is a suspect (its holder may
+//! have died of it) and runs with nothing else held (`claim`), since RabbitMQ 3.10 counts
+//! every delivery a dying consumer held toward the delivery limit.
 //!
 //! - `N.events`: a topic exchange on which each foreman publishes the ends of the tasks it
 //!   ran (batched, not awaited: `tell`), and a stream queue of the same name that keeps
@@ -255,6 +257,10 @@ pub struct RabbitQueue {
     told_at: Instant,
     /// Whether the events stream could be declared (a consumer's, at its first connect).
     events: bool,
+    /// An at-least-once task handed out again (its last holder died or lost its
+    /// connection, perhaps because of it) that runs with no other delivery held and no
+    /// consumer: `claim`'s comment. Cleared, and the loop woken, when it ends.
+    suspect: Option<i64>,
 }
 
 impl RabbitQueue {
@@ -309,6 +315,7 @@ impl RabbitQueue {
             outcomes: Vec::new(),
             told_at: Instant::now(),
             events: true,
+            suspect: None,
         }
     }
 
@@ -640,6 +647,9 @@ impl RabbitQueue {
         let prefetch = self
             .prefetch
             .ok_or_else(|| Error::Runtime("an enqueuer's RabbitMQ handle cannot claim".into()))?;
+        if self.suspect.is_some() {
+            return Ok(Vec::new());
+        }
         let name = self.name.clone();
         let waker = self.waker.clone();
         let link = self.link()?;
@@ -672,9 +682,22 @@ impl RabbitQueue {
             .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
         // The broker sends nothing after its answer to the cancel: what came is here.
         let unclaimed = deliveries.take(usize::MAX, &mut Context::from_waker(Waker::noop()));
+        self.give_back(&unclaimed)?;
+        Ok(unclaimed.len())
+    }
+
+    /// Publishes `unclaimed`, received on the current connection and not started, back to
+    /// the queue (confirmed), then acknowledges them: they come again as new messages, not
+    /// as redeliveries, which RabbitMQ would count toward the delivery limit.
+    fn give_back(&mut self, unclaimed: &[Incoming]) -> Result<()> {
         if unclaimed.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
+        let Some(link) = self.link.as_mut() else {
+            return Err(Error::Runtime(
+                "RabbitMQ: the connection that brought the tasks to give back is gone".into(),
+            ));
+        };
         let name = self.name.clone();
         let bodies: Vec<String> = unclaimed
             .iter()
@@ -687,7 +710,7 @@ impl RabbitQueue {
         link.broker
             .publish_confirmed(&outgoing, CONFIRM_TIMEOUT)
             .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
-        for incoming in &unclaimed {
+        for incoming in unclaimed {
             link.broker
                 .ack(incoming)
                 .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
@@ -697,7 +720,7 @@ impl RabbitQueue {
             tasks = unclaimed.len(),
             "gave the tasks received and not started back to the queue"
         );
-        Ok(unclaimed.len())
+        Ok(())
     }
 
     /// Long tasks lately and a large prefetch, or short ones and a small prefetch: the
@@ -1116,7 +1139,43 @@ impl QueueBackend for RabbitQueue {
     ) -> Result<Vec<Lease>> {
         self.settle_leases()?;
         self.adapt_prefetch()?;
-        let deliveries = self.deliveries(limit)?;
+        let mut deliveries = self.deliveries(limit)?;
+        // An at-least-once task handed out again is a suspect: its last holder died or lost
+        // its connection, perhaps because of it (a task that kills its foreman). RabbitMQ
+        // 3.10 counts every delivery a dying consumer held toward the delivery limit, so
+        // while a suspect runs this foreman holds nothing else: the other deliveries go
+        // back to the queue as new messages and the consumer stops until it ends (`settle`).
+        // Should it kill this foreman too, only it comes back counted, and after
+        // `DELIVERY_LIMIT` deaths the broker moves it, alone, to the dead queue.
+        let suspect = deliveries.iter().position(|incoming| {
+            incoming.redelivered
+                && serde_json::from_slice::<Message>(&incoming.body)
+                    .is_ok_and(|m| policy(&m.task).is_some())
+        });
+        let mut isolating = None;
+        if let Some(at) = suspect {
+            let alone = deliveries.remove(at);
+            let gave_back = self
+                .give_back(&deliveries)
+                .and_then(|()| self.give_back_unclaimed());
+            if let Err(e) = gave_back {
+                // Closing the connection returns them all (counted once more).
+                self.drop_link();
+                self.waker.wake_by_ref();
+                return Err(e);
+            }
+            isolating = serde_json::from_slice::<Message>(&alone.body)
+                .ok()
+                .map(|m| m.id);
+            tracing::warn!(
+                queue = %self.name,
+                id = isolating,
+                "RabbitMQ: a task with retries was handed out again (a foreman died or lost its \
+                 connection while it held it): it runs with nothing else held, in case it \
+                 was the cause"
+            );
+            deliveries = vec![alone];
+        }
         let generation = self.generation;
         let mut claimed = Vec::with_capacity(deliveries.len());
         let mut at_most_once = Vec::new();
@@ -1241,6 +1300,7 @@ impl QueueBackend for RabbitQueue {
             self.started
                 .insert(task.id, (task.task_name.clone(), task.attempt, now));
         }
+        self.suspect = isolating.filter(|id| claimed.iter().any(|t| t.id == *id));
         self.tell(false);
         Ok(claimed
             .into_iter()
@@ -1256,6 +1316,11 @@ impl QueueBackend for RabbitQueue {
     }
 
     fn settle(&mut self, end: Finish) {
+        if self.suspect == Some(end.id) {
+            // It ended without taking the foreman along: consume again.
+            self.suspect = None;
+            self.waker.wake_by_ref();
+        }
         if let Some((_, _, started)) = self.started.get(&end.id) {
             let took = Duration::from_micros(u64::try_from(end.at - started).unwrap_or(0));
             self.typical_task = Some(self.typical_task.map_or(took, |t| (t * 3 + took) / 4));
