@@ -294,6 +294,17 @@ pub fn record_dead(conn: &Connection, f: &Finish, why: &str) -> Result<()> {
     Ok(())
 }
 
+/// The attempt a foreman of this database died running, if task `id`'s record says one
+/// did (`mark_lost_of_broker` left it `abandoned`, a lease that had started).
+pub fn died_running(conn: &Connection, id: i64) -> Result<Option<i64>> {
+    conn.prepare_cached(
+        "SELECT attempt FROM task_records WHERE id = ?1 AND state = 'abandoned' \
+         AND max_attempts IS NOT NULL AND started_at IS NOT NULL",
+    )
+    .and_then(|mut s| s.query_row([id], |r| r.get(0)).optional())
+    .map_err(Error::sqlite("reading a task's record"))
+}
+
 /// Marks task `id`'s record `queued` for its next attempt, due at `due`, keeping the last
 /// attempt's error (`why`) and output.
 pub fn record_waiting(

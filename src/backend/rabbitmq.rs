@@ -24,7 +24,9 @@
 //! its leases to the broker, which hands them out again: a redelivered message counts as
 //! its next attempt. Such a redelivered at-least-once task is a suspect (its holder may
 //! have died of it) and runs with nothing else held (`claim`), since RabbitMQ 3.10 counts
-//! every delivery a dying consumer held toward the delivery limit.
+//! every delivery a dying consumer held toward the delivery limit; a foreman of the same
+//! home reads from its records which attempt died, and after the last one moves the task
+//! to `N.dead` instead of running it (`bury`).
 //!
 //! - `N.events`: a topic exchange on which each foreman publishes the ends of the tasks it
 //!   ran (batched, not awaited: `tell`), and a stream queue of the same name that keeps
@@ -686,6 +688,52 @@ impl RabbitQueue {
         Ok(unclaimed.len())
     }
 
+    /// A suspect whose last attempt a foreman of this machine died running (`claim`): to
+    /// `N.dead` with why (confirmed), acked, recorded `dead`; the consumer starts again at
+    /// the next claim, which the loop is woken for.
+    fn bury(&mut self, incoming: Incoming, message: Message, ran: i64) -> Result<()> {
+        let why = format!(
+            "its foreman died while attempt {ran}, its last, ran (does it kill the process \
+             that runs it?)"
+        );
+        let id = message.id;
+        let task = message.task.clone();
+        let dead = Message {
+            attempt: ran,
+            error: Some(why.clone()),
+            ..message
+        };
+        self.publish(&[(String::new(), format!("{}.dead", self.name), dead)])?;
+        self.link()?
+            .broker
+            .ack(&incoming)
+            .map_err(|e| Error::Runtime(format!("RabbitMQ: {e}")))?;
+        let now = now_micros();
+        let end = Finish {
+            id,
+            state: "abandoned",
+            error: None,
+            at: now,
+            command: None,
+            retry: None,
+        };
+        records::record_dead(self.books()?, &end, &why)?;
+        tracing::warn!(queue = %self.name, id, task = %task, "RabbitMQ: {why}: moved to the dead queue");
+        self.written(vec![Outcome {
+            id,
+            task,
+            state: "dead".into(),
+            attempt: ran,
+            started_at: None,
+            finished_at: now,
+            error: Some(why),
+            exit_code: None,
+            signal: None,
+        }]);
+        self.waker.wake_by_ref();
+        Ok(())
+    }
+
     /// Publishes `unclaimed`, received on the current connection and not started, back to
     /// the queue (confirmed), then acknowledges them: they come again as new messages, not
     /// as redeliveries, which RabbitMQ would count toward the delivery limit.
@@ -1145,15 +1193,19 @@ impl QueueBackend for RabbitQueue {
         // 3.10 counts every delivery a dying consumer held toward the delivery limit, so
         // while a suspect runs this foreman holds nothing else: the other deliveries go
         // back to the queue as new messages and the consumer stops until it ends (`settle`).
-        // Should it kill this foreman too, only it comes back counted, and after
-        // `DELIVERY_LIMIT` deaths the broker moves it, alone, to the dead queue.
-        let suspect = deliveries.iter().position(|incoming| {
-            incoming.redelivered
-                && serde_json::from_slice::<Message>(&incoming.body)
-                    .is_ok_and(|m| policy(&m.task).is_some())
+        // Should it kill this foreman too, only it comes back counted: the next foreman of
+        // this machine finds the attempt that died in its record (and after the last one
+        // moves it to the dead queue itself, `bury`); on other machines, after
+        // `DELIVERY_LIMIT` deaths the broker moves it there, alone.
+        let suspect = deliveries.iter().enumerate().find_map(|(at, incoming)| {
+            if !incoming.redelivered {
+                return None;
+            }
+            let message = serde_json::from_slice::<Message>(&incoming.body).ok()?;
+            policy(&message.task).is_some().then_some((at, message))
         });
         let mut isolating = None;
-        if let Some(at) = suspect {
+        if let Some((at, message)) = suspect {
             let alone = deliveries.remove(at);
             let gave_back = self
                 .give_back(&deliveries)
@@ -1164,16 +1216,28 @@ impl QueueBackend for RabbitQueue {
                 self.waker.wake_by_ref();
                 return Err(e);
             }
-            isolating = serde_json::from_slice::<Message>(&alone.body)
-                .ok()
-                .map(|m| m.id);
+            // A foreman of this machine died running it: its record has the attempt, and
+            // after the last one the task is dead, as with SQLite (`records::mark_lost`).
+            // Elsewhere the redelivery only says that it was handed out before.
+            let ran = records::died_running(self.books()?, message.id)?;
+            let max = policy(&message.task).map_or(1, |p| p.max_attempts());
+            if let Some(ran) = ran.filter(|ran| *ran >= max) {
+                if let Err(e) = self.bury(alone, message, ran) {
+                    // Not left unacknowledged on a connection that goes on.
+                    self.drop_link();
+                    self.waker.wake_by_ref();
+                    return Err(e);
+                }
+                return Ok(Vec::new());
+            }
             tracing::warn!(
                 queue = %self.name,
-                id = isolating,
+                id = message.id,
                 "RabbitMQ: a task with retries was handed out again (a foreman died or lost its \
                  connection while it held it): it runs with nothing else held, in case it \
                  was the cause"
             );
+            isolating = Some((message.id, ran.map(|ran| ran + 1)));
             deliveries = vec![alone];
         }
         let generation = self.generation;
@@ -1185,7 +1249,10 @@ impl QueueBackend for RabbitQueue {
                 Ok(m) => {
                     // Handed out again: the consumer before died or lost its connection
                     // while it ran (or before it started): its next attempt.
-                    let attempt = m.attempt + i64::from(incoming.redelivered);
+                    let attempt = match isolating {
+                        Some((id, Some(next))) if id == m.id => next,
+                        _ => m.attempt + i64::from(incoming.redelivered),
+                    };
                     (
                         Claimed {
                             id: m.id,
@@ -1300,7 +1367,9 @@ impl QueueBackend for RabbitQueue {
             self.started
                 .insert(task.id, (task.task_name.clone(), task.attempt, now));
         }
-        self.suspect = isolating.filter(|id| claimed.iter().any(|t| t.id == *id));
+        self.suspect = isolating
+            .map(|(id, _)| id)
+            .filter(|id| claimed.iter().any(|t| t.id == *id));
         self.tell(false);
         Ok(claimed
             .into_iter()

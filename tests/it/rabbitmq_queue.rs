@@ -483,28 +483,80 @@ fn a_task_out_of_attempts_lands_in_the_dead_queue_and_retry_runs_it_again() {
     dead_after(2, 3);
 }
 
-/// A task that kills every foreman that runs it (an at-least-once command that sends
-/// SIGKILL to its parent, the foreman) comes back each time the broker sees that foreman's
-/// connection die. Once the broker has handed it out `DELIVERY_LIMIT` times it moves it to
-/// the dead queue (README, "Several machines"). RabbitMQ 3.10 counts every delivery a
+const POISON: &str =
+    "[tasks.poison]\ncommand = [\"/bin/sh\", \"-c\", \"kill -9 $PPID\"]\nretries = 2\n";
+
+/// Enqueues a task that kills the foreman that runs it (an at-least-once command that sends
+/// SIGKILL to its parent), then an `append` of "after" to `out`; returns the first's id.
+fn poison_then_append(home: &Home, queue: &Queue, out: &std::path::Path) -> i64 {
+    home.tasks_file(POISON);
+    let id = home
+        .ok(&with(queue, &["enqueue", "poison"]))
+        .trim()
+        .parse()
+        .unwrap();
+    let kwargs = format!(
+        "{{\"path\": {:?}, \"line\": \"after\"}}",
+        out.to_str().unwrap()
+    );
+    home.ok(&with(queue, &["enqueue", "append", "--kwargs", &kwargs]));
+    id
+}
+
+/// Runs a foreman of one worker in `home` and waits for it to be killed; returns its log.
+fn killed_foreman(home: &Home, queue: &Queue) -> crate::support::Foreman {
+    use std::os::unix::process::ExitStatusExt;
+    let mut cmd = home.cmd();
+    cmd.args(with(
+        queue,
+        &["run", "--workers", "1", "--log-format", "json"],
+    ));
+    let mut foreman = crate::support::Foreman::spawn_unready(cmd);
+    let status = foreman
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the foreman was not killed:\n{}", foreman.log_text()));
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "{}",
+        foreman.log_text()
+    );
+    foreman
+}
+
+/// After the poison task went to the dead queue, a foreman runs the `append` behind it once.
+fn the_append_runs_once_after(home: &Home, queue: &Queue, out: &std::path::Path) {
+    assert!(
+        read_lines(out).is_empty(),
+        "the append ran beside the poison task"
+    );
+    let mut foreman = start(home, queue, &["--workers", "1"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || read_lines(out).len() == 1),
+        "ran {:?}; {} waiting, {} in the dead queue:\n{}",
+        read_lines(out),
+        queue.waiting(""),
+        queue.waiting(".dead"),
+        foreman.log_text()
+    );
+    foreman.stop();
+    assert_eq!(read_lines(out), ["after"]);
+    assert_eq!((queue.waiting(""), queue.waiting(".dead")), (0, 1));
+}
+
+/// A task that kills every foreman that runs it, each foreman on a machine of its own (a
+/// home of its own: no record of the deaths before): the broker hands it out again each
+/// time it sees a foreman's connection die, and after `DELIVERY_LIMIT` deliveries moves it
+/// to the dead queue (README, "Several machines"). RabbitMQ 3.10 counts every delivery a
 /// dying consumer held, so the task queued behind it, which each of those foremen received
 /// too, would have followed it there unrun; a foreman runs a task handed out again with
 /// nothing else held, and that one runs once afterwards.
 #[test]
 fn a_task_that_kills_every_foreman_lands_in_the_dead_queue_alone() {
-    use std::os::unix::process::ExitStatusExt;
     let queue = Queue::new("poison");
-    let home = Home::new();
-    let out = home.file("out.txt");
-    home.tasks_file(
-        "[tasks.poison]\ncommand = [\"/bin/sh\", \"-c\", \"kill -9 $PPID\"]\nretries = 2\n",
-    );
-    home.ok(&with(&queue, &["enqueue", "poison"]));
-    let kwargs = format!(
-        "{{\"path\": {:?}, \"line\": \"after\"}}",
-        out.to_str().unwrap()
-    );
-    home.ok(&with(&queue, &["enqueue", "append", "--kwargs", &kwargs]));
+    let first = Home::new();
+    let out = first.file("out.txt");
+    poison_then_append(&first, &queue, &out);
     let limit = snapq::backend::rabbitmq::DELIVERY_LIMIT as usize;
     let mut killed = 0;
     while queue.waiting(".dead") == 0 {
@@ -512,48 +564,64 @@ fn a_task_that_kills_every_foreman_lands_in_the_dead_queue_alone() {
             killed <= limit + 1,
             "still not in the dead queue after {killed} foremen were killed"
         );
-        let mut cmd = home.cmd();
-        cmd.args(with(
-            &queue,
-            &["run", "--workers", "1", "--log-format", "json"],
-        ));
-        let mut foreman = crate::support::Foreman::spawn_unready(cmd);
-        let status = foreman
-            .wait_exit(Duration::from_secs(20))
-            .unwrap_or_else(|| panic!("the foreman was not killed:\n{}", foreman.log_text()));
-        assert_eq!(
-            status.signal(),
-            Some(libc::SIGKILL),
-            "{}",
-            foreman.log_text()
-        );
-        // Each foreman after the first names the task its predecessor died running.
-        let abandoned = foreman.events(
-            "task abandoned here: it was running when its foreman ended; it has retries, and \
-             the broker hands it out again",
-        );
-        assert!(
-            killed == 0 || abandoned.iter().any(|e| e["task"] == "poison"),
-            "{}",
-            foreman.log_text()
-        );
+        let home = Home::new();
+        home.tasks_file(POISON);
+        killed_foreman(&home, &queue);
         killed += 1;
     }
     assert!(
         killed >= limit,
         "dead-lettered after only {killed} deliveries"
     );
-    assert!(
-        read_lines(&out).is_empty(),
-        "the append ran beside the poison"
-    );
+    the_append_runs_once_after(&first, &queue, &out);
+}
+
+/// The same task with foremen of one machine (one home): each foreman finds in its record
+/// which attempt its predecessor died running and logs it, and after the last of its 3
+/// attempts the next foreman moves it to the dead queue itself, with why, instead of
+/// running it again, and runs the task behind it, once.
+#[test]
+fn a_task_that_kills_its_foreman_on_each_attempt_is_dead_after_the_last() {
+    let queue = Queue::new("poison-here");
+    let home = Home::new();
+    let out = home.file("out.txt");
+    let id = poison_then_append(&home, &queue, &out);
+    for attempt in 1..=3 {
+        let foreman = killed_foreman(&home, &queue);
+        // Each foreman after the first names the task its predecessor died running.
+        let abandoned = foreman.events(
+            "task abandoned here: it was running when its foreman ended; it has retries, and \
+             the broker hands it out again",
+        );
+        assert!(
+            attempt == 1 || abandoned.iter().any(|e| e["task"] == "poison"),
+            "{}",
+            foreman.log_text()
+        );
+    }
     let mut foreman = start(&home, &queue, &["--workers", "1"]);
     assert!(
+        wait_until(Duration::from_secs(20), || queue.waiting(".dead") == 1),
+        "{}",
+        foreman.log_text()
+    );
+    assert!(foreman.try_exit().is_none(), "{}", foreman.log_text());
+    let record = show(&home, id);
+    assert_eq!(
+        (record["state"].as_str(), record["attempt"].as_i64()),
+        (Some("dead"), Some(3)),
+        "{record}"
+    );
+    assert!(
+        record["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("its foreman died while attempt 3, its last, ran")),
+        "{record}"
+    );
+    // That foreman goes on with the task behind it, once.
+    assert!(
         wait_until(Duration::from_secs(20), || read_lines(&out).len() == 1),
-        "ran {:?}; {} waiting, {} in the dead queue:\n{}",
-        read_lines(&out),
-        queue.waiting(""),
-        queue.waiting(".dead"),
+        "{}",
         foreman.log_text()
     );
     foreman.stop();
