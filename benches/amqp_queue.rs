@@ -72,16 +72,17 @@ struct Round {
 fn main() {
     let url = std::env::var("SNAPQ_BENCH_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let rounds = std::env::var("SNAPQ_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(ROUNDS)
-        .max(1);
-    let pairs = std::env::var("SNAPQ_BENCH_PAIRS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(PAIRS)
-        .max(1);
+    let count = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+            .max(1)
+    };
+    let (rounds, pairs) = (
+        count("SNAPQ_BENCH_ROUNDS", ROUNDS),
+        count("SNAPQ_BENCH_PAIRS", PAIRS),
+    );
     let scratch = tempfile::Builder::new()
         .prefix("snapq-bench-amqp-queue-")
         .tempdir()

@@ -333,18 +333,20 @@ impl Idle {
         }
     }
 
-    /// Wakes a sleeping worker to poll for jobs, unless `most_polling` workers poll or are
-    /// woken to already.
-    fn wake_one(&self) {
+    /// Counts one more poller in `polling` unless `most_polling` are counted already.
+    fn take_poll(&self) -> bool {
         let most = self.most_polling.load(Ordering::Relaxed);
-        if self
-            .polling
+        self.polling
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < most).then_some(n + 1)
             })
             .is_ok()
-            && self.tokens_tx.try_send(true).is_err()
-        {
+    }
+
+    /// Wakes a sleeping worker to poll for jobs, unless `most_polling` workers poll or are
+    /// woken to already.
+    fn wake_one(&self) {
+        if self.take_poll() && self.tokens_tx.try_send(true).is_err() {
             // Only once `wake_all` has filled the channel (the pool is closing): give the
             // count back rather than leave it saying somebody polls.
             self.polling.fetch_sub(1, Ordering::SeqCst);
@@ -429,16 +431,7 @@ fn next_job(jobs: &Receiver<Job>, shared: &Shared, polling: &mut bool) -> Option
     let idle = &shared.idle;
     let backlog = || shared.backlog.load(Ordering::Relaxed);
     loop {
-        let most = idle.most_polling.load(Ordering::Relaxed);
-        if !*polling
-            && backlog()
-            && idle
-                .polling
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                    (n < most).then_some(n + 1)
-                })
-                .is_ok()
-        {
+        if !*polling && backlog() && idle.take_poll() {
             *polling = true;
         }
         if *polling {
@@ -497,7 +490,7 @@ fn work(jobs: &Receiver<Job>, shared: &Shared) {
             done: &shared.done,
             key,
             name: None,
-            started: Instant::now(),
+            started: began,
             // Stays Panicked only if something below unwinds past catch_unwind.
             outcome: Outcome::Panicked("the worker unwound outside the task".into()),
             timing: None,

@@ -688,6 +688,35 @@ impl RabbitQueue {
         Ok(unclaimed.len())
     }
 
+    /// `claim`'s suspect `alone`, of `max` attempts: gives back `others` and what the
+    /// consumer holds, cancelling it. A foreman of this home that died running it left the
+    /// attempt in its record (as SQLite's `records::mark_lost` reads it; elsewhere the
+    /// redelivery only says that it was handed out before): after the last, the task is
+    /// buried (None); else it is returned to run alone, with its attempt if known.
+    fn isolate(
+        &mut self,
+        others: &[Incoming],
+        alone: Incoming,
+        message: Message,
+        max: i64,
+    ) -> Result<Option<(Incoming, Option<i64>)>> {
+        self.give_back(others)?;
+        self.give_back_unclaimed()?;
+        let ran = records::died_running(self.books()?, message.id)?;
+        if let Some(ran) = ran.filter(|ran| *ran >= max) {
+            self.bury(alone, message, ran)?;
+            return Ok(None);
+        }
+        tracing::warn!(
+            queue = %self.name,
+            id = message.id,
+            "RabbitMQ: a task with retries was handed out again (a foreman died or lost its \
+             connection while it held it): it runs with nothing else held, in case it was \
+             the cause"
+        );
+        Ok(Some((alone, ran.map(|ran| ran + 1))))
+    }
+
     /// A suspect whose last attempt a foreman of this machine died running (`claim`): to
     /// `N.dead` with why (confirmed), acked, recorded `dead`; the consumer starts again at
     /// the next claim, which the loop is woken for.
@@ -1207,38 +1236,22 @@ impl QueueBackend for RabbitQueue {
         let mut isolating = None;
         if let Some((at, message)) = suspect {
             let alone = deliveries.remove(at);
-            let gave_back = self
-                .give_back(&deliveries)
-                .and_then(|()| self.give_back_unclaimed());
-            if let Err(e) = gave_back {
-                // Closing the connection returns them all (counted once more).
-                self.drop_link();
-                self.waker.wake_by_ref();
-                return Err(e);
-            }
-            // A foreman of this machine died running it: its record has the attempt, and
-            // after the last one the task is dead, as with SQLite (`records::mark_lost`).
-            // Elsewhere the redelivery only says that it was handed out before.
-            let ran = records::died_running(self.books()?, message.id)?;
             let max = policy(&message.task).map_or(1, |p| p.max_attempts());
-            if let Some(ran) = ran.filter(|ran| *ran >= max) {
-                if let Err(e) = self.bury(alone, message, ran) {
-                    // Not left unacknowledged on a connection that goes on.
+            let id = message.id;
+            match self.isolate(&deliveries, alone, message, max) {
+                Ok(Some((alone, next))) => {
+                    isolating = Some((id, next));
+                    deliveries = vec![alone];
+                }
+                Ok(None) => return Ok(Vec::new()),
+                Err(e) => {
+                    // Closing the connection returns what is still unacknowledged (counted
+                    // once more) rather than leave it on a connection that goes on.
                     self.drop_link();
                     self.waker.wake_by_ref();
                     return Err(e);
                 }
-                return Ok(Vec::new());
             }
-            tracing::warn!(
-                queue = %self.name,
-                id = message.id,
-                "RabbitMQ: a task with retries was handed out again (a foreman died or lost its \
-                 connection while it held it): it runs with nothing else held, in case it \
-                 was the cause"
-            );
-            isolating = Some((message.id, ran.map(|ran| ran + 1)));
-            deliveries = vec![alone];
         }
         let generation = self.generation;
         let mut claimed = Vec::with_capacity(deliveries.len());
